@@ -1,0 +1,5 @@
+"""The `launch` command line (see launch.cli)."""
+
+from launch.cli import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,223 @@
+"""`launch`: the command line. Each command parses, builds a config, calls one library function.
+
+TensorFlow is imported only inside commands that need it (so `--help` is instant), with
+its start-up notices hidden unless `--verbose`. User mistakes (`TrainerError`) become one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from trainer.errors import RuntimeSetupError, TrainerError
+
+_INSTALL_HINT = (
+    "TensorFlow is not installed: run pip install -e '.[cpu]' (CPU only), '.[gpu]' (NVIDIA GPUs) "
+    "or '.[tpu]' (Cloud TPU VM)"
+)
+
+
+class _Group(click.Group):
+    """Turns user mistakes into one clean line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TrainerError as err:
+            click.echo(f"Error: {err}", err=True)
+            ctx.exit(2)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.split(".")[0] in ("tensorflow", "keras"):
+                click.echo(f"Error: {_INSTALL_HINT}", err=True)
+                ctx.exit(2)
+            raise
+
+
+def _load(module: str, verbose: bool):
+    """Import a library module that needs TensorFlow, quietly unless `verbose`."""
+    if importlib.util.find_spec("tensorflow") is None:
+        raise RuntimeSetupError(_INSTALL_HINT)
+    if verbose or "tensorflow" in sys.modules:
+        return importlib.import_module(module)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # oneDNN/CPU-feature notices are printed at import, before TF's log level applies;
+    # hold stderr while importing and replay it only if the import fails.
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            return importlib.import_module(module)
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _config(path: str | None, overrides: tuple[str, ...]):
+    from trainer.config import load_config
+
+    return load_config(path, overrides)
+
+
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set data.batch_size=256 (repeatable).",
+)
+_workdir_required = click.option(
+    "--workdir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Training workdir (holds config.yaml and checkpoints/).",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show TensorFlow's own start-up logs.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Train, evaluate, predict with and export Keras CNNs under tf.distribute."""
+    ctx.obj = {"verbose": verbose}
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Experiment YAML, e.g. configs/quickstart.yaml.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where checkpoints, logs and config.yaml go [default: runs/<config name>].",
+)
+@_set_option
+@click.option("--fresh", is_flag=True, help="Delete this workdir's checkpoints and logs and start over.")
+@click.pass_obj
+def train(obj, config_path: str, workdir: Path | None, overrides: tuple[str, ...], fresh: bool) -> None:
+    """Train a model; resumes from WORKDIR's latest checkpoint if there is one."""
+    config = _config(config_path, overrides)
+    training = _load("trainer.training", obj["verbose"])
+    workdir = workdir or Path("runs") / Path(config_path).stem
+    training.train(config, workdir, fresh=fresh, echo=click.echo)
+
+
+@cli.command()
+@_workdir_required
+@_set_option
+@click.pass_obj
+def evaluate(obj, workdir: Path, overrides: tuple[str, ...]) -> None:
+    """Test accuracy and per-class accuracy of the latest checkpoint; writes WORKDIR/metrics.json."""
+    inference = _load("trainer.inference", obj["verbose"])
+    evaluation = _load("trainer.evaluation", obj["verbose"])
+    metrics = inference.evaluate(workdir, overrides)
+    click.echo(evaluation.format_metrics(metrics))
+    click.echo(f"Wrote {workdir / 'metrics.json'}")
+
+
+@cli.command()
+@_workdir_required
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image with all class probabilities.")
+@click.pass_obj
+def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool) -> None:
+    """Classify image files: one line per image with path, class and probability."""
+    inference = _load("trainer.inference", obj["verbose"])
+    for prediction in inference.predict(workdir, images):
+        if as_json:
+            click.echo(json.dumps(vars(prediction)))
+        else:
+            click.echo(f"{prediction.path}\t{prediction.label}\t{prediction.probability:.4f}")
+
+
+@cli.command()
+@_workdir_required
+@click.pass_obj
+def export(obj, workdir: Path) -> None:
+    """Write WORKDIR/export/model.keras and a SavedModel that tf.saved_model.load serves."""
+    inference = _load("trainer.inference", obj["verbose"])
+    paths = inference.export(workdir)
+    click.echo(
+        f"Exported step {paths['step']}: {paths['keras']} and {paths['saved_model']} (labels in {paths['labels']})"
+    )
+
+
+@cli.group()
+def data() -> None:
+    """Look at the data a config feeds."""
+
+
+@data.command("show")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
+@click.option("--augmented", is_flag=True, help="Show the images after training augmentation (epoch 0).")
+@click.option("--count", default=32, show_default=True, type=click.IntRange(1, 1024), help="How many images.")
+@_set_option
+@click.pass_obj
+def data_show(obj, config_path: str, out: Path, augmented: bool, count: int, overrides: tuple[str, ...]) -> None:
+    """Write a labelled grid of training images (the seed paper's "plot some images")."""
+    config = _config(config_path, overrides)
+    visualize = _load("trainer.visualize", obj["verbose"])
+    click.echo(f"Wrote {visualize.show_samples(config, out, count=count, augmented=augmented)}")
+
+
+@cli.command()
+@_set_option
+@click.pass_obj
+def devices(obj, overrides: tuple[str, ...]) -> None:
+    """What TensorFlow sees, and the strategy, replicas and precision `auto` picks."""
+    config = _config(None, overrides)
+    runtime = _load("trainer.runtime", obj["verbose"])
+    report = runtime.describe_devices(config.runtime)
+    click.echo(f"TensorFlow {report['tensorflow']}, Keras {report['keras']}")
+    for device in report["devices"]:
+        extra = ", ".join(f"{k}={v}" for k, v in device.items() if k not in ("name", "type"))
+        click.echo(f"  {device['type']:<4} {device['name']}" + (f" ({extra})" if extra else ""))
+    click.echo(f"Strategy: {report['strategy']} with {report['replicas']} replica(s); precision {report['precision']}")
+    click.echo(f"Why: {report['reason']}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect configs."""
+
+
+@config_group.command("show")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="Experiment YAML [default: built-in defaults]."
+)
+@_set_option
+def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config (YAML) after overrides."""
+    from trainer.config import to_yaml
+
+    click.echo(to_yaml(_config(config_path, overrides)), nl=False)
+
+
+@config_group.command("keys")
+def config_keys() -> None:
+    """List every config key with its type and default."""
+    from trainer.config import describe_keys
+
+    for key, kind, default in describe_keys():
+        click.echo(f"{key:<28} {kind:<40} {default!r}")
+
+
+def main() -> None:
+    cli(prog_name="launch")

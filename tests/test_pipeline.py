@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.data.pipeline import (
+    InputSpec,
+    augment_batch,
+    check_batch_divides,
+    eval_dataset_fn,
+    steps_per_epoch,
+    train_dataset_fn,
+)
+from trainer.errors import ConfigError
+
+N = 40
+IMAGES = np.arange(N * 8 * 8 * 3, dtype=np.int64).reshape(N, 8, 8, 3).__mod__(251).astype(np.uint8)
+LABELS = np.arange(N, dtype=np.int32)  # label == index, so batches reveal which examples they hold
+
+
+def _augment(indices, epoch, seed=0, padding=2):
+    return augment_batch(
+        tf.gather(IMAGES, indices),
+        tf.constant(indices, tf.int64),
+        tf.constant(epoch, tf.int64),
+        seed=seed,
+        num_examples=N,
+        crop_padding=padding,
+    ).numpy()
+
+
+def _stream(replicas, spec, start=0, total=8):
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    dataset = strategy.distribute_datasets_from_function(train_dataset_fn(IMAGES, LABELS, spec, start, total))
+    steps = []
+    for batch in dataset:
+        labels = strategy.experimental_local_results(batch[1])
+        images = strategy.experimental_local_results(batch[0])
+        steps.append((np.concatenate([t.numpy() for t in labels]), np.concatenate([t.numpy() for t in images])))
+    return steps
+
+
+def test_augmentation_is_deterministic_given_seed_epoch_index():
+    np.testing.assert_array_equal(_augment([3, 7, 9], 1), _augment([3, 7, 9], 1))
+
+
+def test_augmentation_of_an_example_does_not_depend_on_its_batch():
+    alone = _augment([7], 2)
+    in_batch = _augment([1, 2, 7, 30], 2)[2:3]
+    np.testing.assert_array_equal(alone, in_batch)
+
+
+def test_augmentation_changes_with_epoch_and_seed():
+    indices = list(range(16))
+    base = _augment(indices, 0)
+    assert not np.array_equal(base, _augment(indices, 1))
+    assert not np.array_equal(base, _augment(indices, 0, seed=1))
+
+
+def test_augmentation_is_a_crop_of_the_padded_image_or_its_mirror():
+    out = _augment(list(range(N)), 0, padding=2)
+    padded = np.pad(IMAGES, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    for i in range(N):
+        windows = [padded[i, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+        candidates = windows + [w[:, ::-1] for w in windows]
+        assert any(np.array_equal(out[i], c) for c in candidates)
+
+
+def test_each_epoch_uses_every_example_once():
+    spec = InputSpec(global_batch=8, seed=1)
+    steps = _stream(1, spec, total=2 * steps_per_epoch(N, 8))
+    for epoch in range(2):
+        labels = np.concatenate([s[0] for s in steps[epoch * 5 : (epoch + 1) * 5]])
+        assert sorted(labels.tolist()) == list(range(N))
+    assert not np.array_equal(steps[0][0], steps[5][0])  # reshuffled per epoch
+
+
+def test_replicas_share_the_same_global_batch():
+    spec = InputSpec(global_batch=8, seed=5, augment=True, crop_padding=2)
+    one, two = _stream(1, spec), _stream(2, spec)
+    for (labels1, images1), (labels2, images2) in zip(one, two, strict=True):
+        np.testing.assert_array_equal(labels1, labels2)
+        np.testing.assert_array_equal(images1, images2)
+
+
+def test_stream_rebuilt_at_a_step_matches_the_uninterrupted_stream():
+    spec = InputSpec(global_batch=8, seed=2, augment=True, crop_padding=2)
+    full, resumed = _stream(1, spec, total=12), _stream(1, spec, start=7, total=12)
+    assert len(resumed) == 5
+    for (labels_a, images_a), (labels_b, images_b) in zip(full[7:], resumed, strict=True):
+        np.testing.assert_array_equal(labels_a, labels_b)
+        np.testing.assert_array_equal(images_a, images_b)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_eval_sees_every_example_exactly_once(replicas):
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    dataset = strategy.distribute_datasets_from_function(eval_dataset_fn(IMAGES[:37], LABELS[:37], 8))
+    seen = []
+    for _, labels in dataset:
+        seen += [x for t in strategy.experimental_local_results(labels) for x in t.numpy().tolist()]
+    assert sorted(seen) == list(range(37))
+
+
+def test_batch_must_divide_over_replicas():
+    with pytest.raises(ConfigError, match="data.batch_size=10 must be divisible by the 4 replicas"):
+        check_batch_divides(10, 4)
+
+
+def test_batch_larger_than_dataset():
+    with pytest.raises(ConfigError, match="larger than the 40 training examples"):
+        steps_per_epoch(40, 64)

@@ -1,0 +1,102 @@
+import json
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util.tensor_util import make_ndarray
+
+from tests.conftest import smoke_config
+from trainer.errors import ConfigError
+from trainer.training import train
+
+
+def _scalars(folder, tag):
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    events.Reload()
+    return [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+
+
+def test_two_replicas_learn_synthetic_data(tmp_path):
+    config = smoke_config("runtime.cpu_replicas=2", "train.epochs=3")
+    result = train(config, tmp_path, echo=lambda _: None)
+    assert result.step == 3 * (1024 // 64)
+    losses = _scalars(tmp_path / "tensorboard" / "train", "loss")
+    accuracy = _scalars(tmp_path / "tensorboard" / "train", "accuracy")
+    assert losses[-1][1] < 0.6 * losses[0][1]
+    assert accuracy[-1][1] > accuracy[0][1] + 0.3
+    assert result.final_eval.accuracy > 0.8
+    assert result.final_eval.examples == 256
+    assert (tmp_path / "config.yaml").is_file()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == result.step and metrics["accuracy"] == pytest.approx(result.final_eval.accuracy)
+
+
+def test_tensorboard_has_train_and_eval_scalars_by_global_step(tmp_path):
+    train(smoke_config("train.epochs=1"), tmp_path, echo=lambda _: None)
+    train_steps = [step for step, _ in _scalars(tmp_path / "tensorboard" / "train", "loss")]
+    assert train_steps == [8, 16]  # steps_per_loop=8, 16 steps per epoch
+    for tag in ("accuracy", "learning_rate", "images_per_second", "epoch"):
+        assert len(_scalars(tmp_path / "tensorboard" / "train", tag)) == 2
+    assert [step for step, _ in _scalars(tmp_path / "tensorboard" / "eval", "accuracy")] == [16]
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    lines: list[str] = []
+    train(smoke_config("train.epochs=2", "train.max_steps=24"), tmp_path, echo=lines.append)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.index")) == [
+        "ckpt-16.index",
+        "ckpt-24.index",
+        "ckpt-8.index",
+    ]
+    lines.clear()
+    result = train(smoke_config("train.epochs=2"), tmp_path, echo=lines.append)
+    assert any("Resuming from" in line and "step 24" in line for line in lines)
+    assert result.step == 32
+    steps = [step for step, _ in _scalars(tmp_path / "tensorboard" / "train", "loss")]
+    assert steps == [8, 16, 24, 32]  # the resumed run continues the curve, no restart at 0
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    overrides = ("runtime.deterministic=true", "train.epochs=2")
+    straight = train(smoke_config(*overrides), tmp_path / "a", echo=lambda _: None)
+    train(smoke_config(*overrides, "train.max_steps=12"), tmp_path / "b", echo=lambda _: None)
+    resumed = train(smoke_config(*overrides), tmp_path / "b", echo=lambda _: None)
+    assert resumed.step == straight.step
+    assert resumed.final_eval.loss == pytest.approx(straight.final_eval.loss, rel=1e-5)
+
+
+def test_fresh_starts_over(tmp_path):
+    train(smoke_config("train.max_steps=8"), tmp_path, echo=lambda _: None)
+    lines: list[str] = []
+    result = train(smoke_config("train.max_steps=8"), tmp_path, fresh=True, echo=lines.append)
+    assert not any("Resuming" in line for line in lines)
+    assert result.step == 8
+
+
+def test_already_finished_run_says_so(tmp_path):
+    train(smoke_config("train.max_steps=8"), tmp_path, echo=lambda _: None)
+    lines: list[str] = []
+    result = train(smoke_config("train.max_steps=8"), tmp_path, echo=lines.append)
+    assert result.step == 8
+    assert any("nothing to do" in line for line in lines)
+
+
+def test_global_batch_must_divide_over_replicas(tmp_path):
+    with pytest.raises(ConfigError, match="divisible by the 2 replicas"):
+        train(smoke_config("runtime.cpu_replicas=2", "data.batch_size=63"), tmp_path, echo=lambda _: None)
+
+
+@pytest.mark.parametrize("model", ["paper_cnn", "resnet_small"])
+def test_models_train_under_mixed_bfloat16(tmp_path, model):
+    config = smoke_config(
+        f"model.name={model}", "model.width=8", "runtime.precision=mixed_bfloat16", "train.max_steps=8"
+    )
+    result = train(config, tmp_path, echo=lambda _: None)
+    assert np.isfinite(result.final_eval.loss)
+
+
+def test_mixed_float16_uses_loss_scaling(tmp_path):
+    config = smoke_config("runtime.precision=mixed_float16", "train.max_steps=8", "model.width=8")
+    result = train(config, tmp_path, echo=lambda _: None)
+    assert np.isfinite(result.final_eval.loss)
+    assert _scalars(tmp_path / "tensorboard" / "train", "loss")[-1][1] < 10

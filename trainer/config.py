@@ -1,0 +1,336 @@
+"""Experiment configuration: nested dataclasses loaded from YAML, overridden by `--set`.
+
+Every key has one home here, with its default and meaning, so that configs, the CLI and
+the README agree. Unknown keys and wrong types fail early with the key's name, the value
+received and what would be valid, before any TensorFlow work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import ConfigError
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are fed."""
+
+    source: str = _choice("cifar10", "cifar10", "folder", "synthetic")
+    # Dataset folder; for cifar10 it is searched first, then $CIFAR10_DIR, then the Keras cache.
+    path: str = ""
+    # The GLOBAL batch: split evenly over all replicas, so results do not depend on them.
+    batch_size: int = 128
+    # Pad-and-random-crop plus horizontal flip on training images.
+    augment: bool = True
+    # Pixels of zero padding before the random crop (0 = flip only).
+    crop_padding: int = 4
+    # Use only the first N training / test examples (0 = all): for tests and smoke runs.
+    train_examples: int = 0
+    test_examples: int = 0
+    # Synthetic source only: examples per split and number of classes.
+    synthetic_train_size: int = 2048
+    synthetic_test_size: int = 512
+    synthetic_classes: int = 10
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (see trainer.models for the registry)."""
+
+    name: str = _choice("paper_cnn", "paper_cnn", "resnet_small")
+    # Channels of the first convolution; later stages scale from it.
+    width: int = 32
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule and loss regularisation."""
+
+    name: str = _choice("sgd", "sgd", "adam", "adamw")
+    # Peak learning rate for the global batch.
+    learning_rate: float = 0.05
+    schedule: str = _choice("cosine", "constant", "cosine")
+    # Linear warm-up from 0 to learning_rate, in epochs (fractions allowed).
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    # Decoupled weight decay (Keras optimizers' `weight_decay`), per step, times the LR.
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """How long to train and how often the controller looks up."""
+
+    epochs: int = 10
+    # Stop after this many global steps (0 = no limit): for tests and smoke runs.
+    max_steps: int = 0
+    # Steps run inside one compiled call; logging and checkpoints happen between calls.
+    steps_per_loop: int = 20
+    # Evaluate on the test split every N epochs (and always at the end).
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class RuntimeConfig:
+    """Devices, distribution strategy and numeric precision."""
+
+    strategy: str = _choice("auto", "auto", "cpu", "gpu", "mirrored")
+    precision: str = _choice("auto", "auto", "float32", "mixed_float16", "mixed_bfloat16")
+    # Split the CPU into N logical devices and mirror across them (tests, no GPU needed).
+    cpu_replicas: int = 1
+    # Turn on TensorFlow op determinism (bit-identical reruns on CPU; slower on GPU).
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written under WORKDIR/checkpoints."""
+
+    # Save every N global steps as well as at each epoch end (0 = epoch ends only).
+    every_steps: int = 0
+    # How many recent checkpoints to keep on disk.
+    keep: int = 3
+
+
+@dataclass
+class Config:
+    """One experiment: everything `launch train` needs besides the workdir."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# Lower bounds checked after loading: key -> (minimum, inclusive).
+_MINIMUMS: dict[str, tuple[float, bool]] = {
+    "data.batch_size": (1, True),
+    "data.crop_padding": (0, True),
+    "data.train_examples": (0, True),
+    "data.test_examples": (0, True),
+    "data.synthetic_train_size": (1, True),
+    "data.synthetic_test_size": (1, True),
+    "data.synthetic_classes": (2, True),
+    "model.width": (1, True),
+    "optimizer.learning_rate": (0, False),
+    "optimizer.warmup_epochs": (0, True),
+    "optimizer.momentum": (0, True),
+    "optimizer.weight_decay": (0, True),
+    "optimizer.label_smoothing": (0, True),
+    "train.epochs": (1, True),
+    "train.max_steps": (0, True),
+    "train.steps_per_loop": (1, True),
+    "train.eval_every_epochs": (1, True),
+    "runtime.cpu_replicas": (1, True),
+    "checkpoint.every_steps": (0, True),
+    "checkpoint.keep": (1, True),
+}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply `key=value` overrides, validate.
+
+    Args:
+        path: YAML file; None starts from the dataclass defaults.
+        overrides: strings like `"data.batch_size=256"`, applied in order.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    config = _from_dict(Config, raw, prefix="")
+    for override in overrides:
+        apply_override(config, override)
+    validate(config)
+    return config
+
+
+def apply_override(config: Config, override: str) -> None:
+    """Apply one `section.key=value`, coercing the text to the field's type."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.key=value, got {override!r}")
+    target: Any = config
+    parts = key.split(".")
+    for depth, name in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        f = _field_named(target, name, prefix)
+        full_key = ".".join(parts[: depth + 1])
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(_resolved_type(target, f)):
+                example = f"{full_key}.{_first_key(target, f)}"
+                raise ConfigError(f"{full_key} is a section; set one of its keys, e.g. {example}=...")
+            setattr(target, name, _coerce_text(full_key, text.strip(), _resolved_type(target, f), f))
+        else:
+            target = getattr(target, name)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"{full_key} is a key, not a section; use --set {full_key}=VALUE")
+
+
+def validate(config: Config) -> None:
+    """Check ranges and cross-key rules that single fields cannot express."""
+    flat = to_dict(config)
+    for key, (minimum, inclusive) in _MINIMUMS.items():
+        section, name = key.split(".")
+        value = flat[section][name]
+        if value < minimum or (not inclusive and value == minimum):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key} must be {relation} {minimum}, got {value}")
+    if config.optimizer.label_smoothing >= 1:
+        raise ConfigError(f"optimizer.label_smoothing must be < 1, got {config.optimizer.label_smoothing}")
+    if config.data.source == "folder" and not config.data.path:
+        raise ConfigError("data.source=folder needs data.path (a folder with train/<class>/ and test/<class>/)")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config, so a run can be understood and repeated later."""
+    Path(path).write_text(to_yaml(config))
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(key, type name, default) for every leaf key: used by `launch config keys`."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                rows.append((f"{section.name}.{f.name}", _type_name(value, f), getattr(value, f.name)))
+        else:
+            rows.append((section.name, _type_name(Config(), section), value))
+    return rows
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        where = prefix or "the config"
+        raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
+    instance = cls()
+    for name, value in raw.items():
+        f = _field_named(instance, str(name), prefix)
+        key = f"{prefix}.{name}" if prefix else str(name)
+        ftype = _resolved_type(instance, f)
+        if dataclasses.is_dataclass(ftype):
+            setattr(instance, f.name, _from_dict(ftype, value or {}, key))
+        else:
+            setattr(instance, f.name, _coerce_value(key, value, ftype, f))
+    return instance
+
+
+def _field_named(instance: Any, name: str, prefix: str) -> dataclasses.Field:
+    fields = {f.name: f for f in dataclasses.fields(instance)}
+    if name in fields:
+        return fields[name]
+    where = f"in section '{prefix}'" if prefix else "at the top level"
+    full = f"{prefix}.{name}" if prefix else name
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"unknown key '{full}' {where}: {hint}valid keys: {', '.join(fields)}")
+
+
+def _resolved_type(instance: Any, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(type(instance))
+    return hints[f.name]
+
+
+def _first_key(instance: Any, f: dataclasses.Field) -> str:
+    return dataclasses.fields(getattr(instance, f.name))[0].name
+
+
+def _type_name(instance: Any, f: dataclasses.Field) -> str:
+    choices = f.metadata.get("choices")
+    if choices:
+        return " | ".join(choices)
+    t = _resolved_type(instance, f)
+    return getattr(t, "__name__", str(t))
+
+
+def _check_choice(key: str, value: Any, f: dataclasses.Field) -> Any:
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
+    return value
+
+
+def _coerce_value(key: str, value: Any, ftype: Any, f: dataclasses.Field) -> Any:
+    """Check a YAML value against the field type; ints are accepted where floats are."""
+    if ftype is bool:
+        ok = isinstance(value, bool)
+    elif ftype is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ftype is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif ftype is str:
+        ok = isinstance(value, str)
+        if value is None:
+            value, ok = "", True
+    else:  # pragma: no cover - only the types above are used in the dataclasses
+        raise TypeError(f"unsupported config type {ftype} for {key}")
+    if not ok:
+        raise ConfigError(f"{key} must be {_article(ftype)}, got {value!r}")
+    return _check_choice(key, value, f)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce_text(key: str, text: str, ftype: Any, f: dataclasses.Field) -> Any:
+    """Turn `--set` text into the field's type."""
+    try:
+        if ftype is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if ftype is int:
+            return int(text)
+        if ftype is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be {_article(ftype)}, got {text!r}") from None
+    return _check_choice(key, text, f)
+
+
+def _article(ftype: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(ftype, str(ftype))

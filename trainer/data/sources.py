@@ -1,0 +1,251 @@
+"""Dataset sources: each turns `data.*` settings into decoded uint8 arrays in memory.
+
+Decoding once up front (CIFAR-10 is 180 MB of pixels) keeps the input pipeline a cheap
+gather from memory, and lets it rebuild the stream at any step without touching files.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from trainer.config import DataConfig
+from trainer.errors import DataError
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_OFFLINE_HINT = (
+    "set CIFAR10_DIR or data.path to a folder holding cifar-10-batches-py or train/<class>/ "
+    "and test/<class>/ images, or use data.source=synthetic"
+)
+
+
+@dataclass
+class Split:
+    """One split: images uint8 [N, H, W, C] and integer labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    class_names: list[str]
+    origin: str  # where the data came from, for the console and the logs
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+def load_dataset(config: DataConfig, seed: int) -> Dataset:
+    """Load the dataset `config.source` names, limited to `*_examples` if set."""
+    if config.source == "synthetic":
+        dataset = synthetic_dataset(
+            config.synthetic_train_size, config.synthetic_test_size, config.synthetic_classes, seed
+        )
+    elif config.source == "folder":
+        dataset = read_image_folder(Path(config.path), config.train_examples, config.test_examples, expected_size=None)
+    else:
+        dataset = load_cifar10(config)
+    dataset.train = _limit(dataset.train, config.train_examples)
+    dataset.test = _limit(dataset.test, config.test_examples)
+    return dataset
+
+
+# --- CIFAR-10 --------------------------------------------------------------------------
+
+
+def keras_cache_dir() -> Path:
+    """Where `keras.datasets` keeps downloads (honours KERAS_HOME like Keras does)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+
+
+def load_cifar10(config: DataConfig) -> Dataset:
+    """Find CIFAR-10: data.path, then $CIFAR10_DIR, then the Keras cache, then download."""
+    for where, value in (("data.path", config.path), ("CIFAR10_DIR", os.environ.get("CIFAR10_DIR"))):
+        if value:
+            folder = Path(value).expanduser()
+            if not folder.is_dir():
+                raise DataError(f"{where}={value} is not a folder; {_OFFLINE_HINT}")
+            return _read_cifar10_folder(folder, config, where)
+    cached = keras_cache_dir() / "cifar-10-batches-py"
+    if cached.is_dir():
+        return _read_cifar10_folder(cached, config, "Keras cache")
+    return _download_cifar10()
+
+
+def _read_cifar10_folder(folder: Path, config: DataConfig, where: str) -> Dataset:
+    for candidate in (folder, folder / "cifar-10-batches-py"):
+        if (candidate / "data_batch_1").is_file():
+            return read_cifar10_pickles(candidate)
+    if (folder / "train").is_dir():
+        dataset = read_image_folder(folder, config.train_examples, config.test_examples, expected_size=(32, 32))
+        dataset.origin = f"CIFAR-10 image folder {folder} (from {where})"
+        return dataset
+    raise DataError(
+        f"{where}={folder} holds neither cifar-10-batches-py (data_batch_1..5, test_batch) "
+        "nor train/<class>/ and test/<class>/ image folders"
+    )
+
+
+def read_cifar10_pickles(folder: Path) -> Dataset:
+    """Read the official python version (`cifar-10-batches-py`)."""
+
+    def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            with open(path, "rb") as handle:
+                batch = pickle.load(handle, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(batch[b"labels"], dtype=np.int32)
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+            raise DataError(f"cannot read CIFAR-10 batch {path}: {err}") from err
+        return data.transpose(0, 2, 3, 1), labels
+
+    train_parts = [read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    test_images, test_labels = read_batch(folder / "test_batch")
+    train = Split(
+        np.concatenate([images for images, _ in train_parts]),
+        np.concatenate([labels for _, labels in train_parts]),
+    )
+    return Dataset(train, Split(test_images, test_labels), list(CIFAR10_CLASSES), f"CIFAR-10 pickles {folder}")
+
+
+def _download_cifar10() -> Dataset:
+    import keras  # deferred: only this path needs it
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as err:  # noqa: BLE001 - any download failure means "offline" to the user
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"CIFAR-10 not found locally and the download failed ({reason}); {_OFFLINE_HINT}") from err
+    return Dataset(
+        Split(x_train, y_train.reshape(-1).astype(np.int32)),
+        Split(x_test, y_test.reshape(-1).astype(np.int32)),
+        list(CIFAR10_CLASSES),
+        f"CIFAR-10 from keras.datasets ({keras_cache_dir()})",
+    )
+
+
+# --- image folders ---------------------------------------------------------------------
+
+
+def read_image_folder(root: Path, train_limit: int, test_limit: int, expected_size: tuple[int, int] | None) -> Dataset:
+    """Read `root/train/<class>/*` and `root/test/<class>/*`; classes are sorted folder names.
+
+    Only the first `*_limit` files are decoded (taken round-robin over classes, so a small
+    slice stays balanced); 0 reads everything.
+    """
+    train_dir, test_dir = root / "train", root / "test"
+    for split_dir in (train_dir, test_dir):
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir} is missing: an image folder needs train/<class>/ and test/<class>/")
+    class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not class_names:
+        raise DataError(f"{train_dir} has no class folders (expected train/<class>/images)")
+    missing = [name for name in class_names if not (test_dir / name).is_dir()]
+    if missing:
+        raise DataError(f"class folder {test_dir / missing[0]} is missing from the test split")
+    extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in class_names)
+    if extra:
+        raise DataError(f"class folder {test_dir / extra[0]} has no counterpart in {train_dir}")
+    train = _read_split(train_dir, class_names, train_limit, expected_size)
+    size = expected_size or train.images.shape[1:3]
+    test = _read_split(test_dir, class_names, test_limit, tuple(size))
+    return Dataset(train, test, class_names, f"image folder {root}")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _read_split(split_dir: Path, class_names: list[str], limit: int, expected_size: tuple[int, int] | None) -> Split:
+    per_class = []
+    for name in class_names:
+        files = list_images(split_dir / name)
+        if not files:
+            raise DataError(f"{split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        per_class.append(files)
+    # Round-robin over classes: any prefix of this order is class-balanced.
+    order = [
+        (files[i], label)
+        for i in range(max(len(f) for f in per_class))
+        for label, files in enumerate(per_class)
+        if i < len(files)
+    ]
+    if limit:
+        order = order[:limit]
+    first = read_image(order[0][0])
+    size = expected_size or first.shape[:2]
+    images = np.empty((len(order), size[0], size[1], 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(order):
+        pixels = read_image(path)
+        if pixels.shape[:2] != tuple(size):
+            raise DataError(
+                f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels, expected {size[1]}x{size[0]} "
+                "like the rest of the dataset"
+            )
+        images[i] = pixels
+    labels = np.asarray([label for _, label in order], dtype=np.int32)
+    return Split(images, labels)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode one image file to uint8 RGB [H, W, 3], naming the file if it is unusable."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+# --- synthetic ---------------------------------------------------------------------------
+
+
+def synthetic_dataset(train_size: int, test_size: int, num_classes: int, seed: int) -> Dataset:
+    """Small, deterministic and learnable: each class is a fixed colour pattern plus noise.
+
+    A few dozen steps of any CNN separate the classes, so tests can assert that accuracy
+    rises; the same seed always gives the same pixels.
+    """
+    templates_rng = np.random.default_rng([seed, 0])
+    # 4x4 coarse colour blocks upsampled to 32x32: distinct, low-frequency class patterns.
+    coarse = templates_rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
+    templates = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+
+    def split(size: int, stream: int) -> Split:
+        rng = np.random.default_rng([seed, stream])
+        labels = rng.integers(0, num_classes, size=size).astype(np.int32)
+        noise = rng.normal(0, 56, size=(size, 32, 32, 3))
+        images = np.clip(0.5 * templates[labels] + 64 + noise, 0, 255).astype(np.uint8)
+        return Split(images, labels)
+
+    names = [f"class_{i}" for i in range(num_classes)]
+    return Dataset(split(train_size, 1), split(test_size, 2), names, f"synthetic (seed {seed})")
+
+
+def _limit(split: Split, limit: int) -> Split:
+    if not limit or limit >= len(split):
+        return split
+    return Split(split.images[:limit], split.labels[:limit])

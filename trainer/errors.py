@@ -1,0 +1,28 @@
+"""Typed errors for user mistakes.
+
+Library code raises these instead of exiting or printing; the CLI turns each into one
+clean line and a non-zero exit code. Anything else escaping is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """A mistake the user can fix (bad value, missing file, missing checkpoint)."""
+
+
+class ConfigError(TrainerError):
+    """A config key or value is wrong."""
+
+
+class DataError(TrainerError):
+    """A dataset cannot be found or one of its files is unusable."""
+
+
+class RuntimeSetupError(TrainerError):
+    """The requested devices, strategy or precision cannot be set up here."""
+
+
+class CheckpointError(TrainerError):
+    """A workdir has no usable checkpoint for the requested action."""

@@ -1,0 +1,102 @@
+"""Evaluation: every test image exactly once, under the same strategy as training.
+
+The compiled pass sums the loss and a confusion matrix across replicas; accuracy and
+per-class accuracy are derived from the matrix, so nothing is averaged twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import Split
+from trainer.data.pipeline import check_batch_divides, eval_dataset_fn
+
+
+@dataclass
+class EvalMetrics:
+    accuracy: float
+    loss: float
+    per_class_accuracy: dict[str, float]
+    confusion_matrix: list[list[int]]
+    examples: int
+    step: int
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, num_classes: int, label_smoothing: float = 0.0):
+    """Softmax cross-entropy in float32 (logits are float32 even under mixed precision)."""
+    targets = tf.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
+
+
+class Evaluator:
+    """Builds the distributed test set once and a compiled pass over it."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, model, split: Split, global_batch: int, class_names):
+        check_batch_divides(global_batch, strategy.num_replicas_in_sync)
+        self.strategy = strategy
+        self.model = model
+        self.class_names = list(class_names)
+        self.examples = len(split)
+        num_classes = len(self.class_names)
+        self.dataset = strategy.distribute_datasets_from_function(
+            eval_dataset_fn(split.images, split.labels, global_batch)
+        )
+
+        def eval_step(images, labels):
+            logits = model(tf.cast(images, tf.float32), training=False)
+            loss_sum = tf.reduce_sum(per_example_loss(labels, logits, num_classes))
+            predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            confusion = tf.math.confusion_matrix(labels, predictions, num_classes, dtype=tf.int64)
+            return loss_sum, confusion
+
+        @tf.function
+        def eval_pass(dataset):
+            loss_sum = tf.constant(0.0)
+            confusion = tf.zeros([num_classes, num_classes], tf.int64)
+            for images, labels in dataset:
+                replica_loss, replica_confusion = strategy.run(eval_step, args=(images, labels))
+                loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, replica_loss, axis=None)
+                confusion += strategy.reduce(tf.distribute.ReduceOp.SUM, replica_confusion, axis=None)
+            return loss_sum, confusion
+
+        self._eval_pass = eval_pass
+
+    def __call__(self, step: int) -> EvalMetrics:
+        loss_sum, confusion = self._eval_pass(self.dataset)
+        confusion = confusion.numpy()
+        seen = int(confusion.sum())
+        if seen != self.examples:  # a broken pipeline must not report a plausible number
+            raise AssertionError(f"evaluation saw {seen} examples, expected {self.examples}")
+        per_class_total = confusion.sum(axis=1)
+        per_class = np.divide(
+            np.diag(confusion), per_class_total, out=np.zeros(len(per_class_total)), where=per_class_total > 0
+        )
+        return EvalMetrics(
+            accuracy=float(np.trace(confusion) / seen),
+            loss=float(loss_sum.numpy() / seen),
+            per_class_accuracy={name: float(acc) for name, acc in zip(self.class_names, per_class)},
+            confusion_matrix=confusion.tolist(),
+            examples=seen,
+            step=step,
+        )
+
+
+def format_metrics(metrics: EvalMetrics) -> str:
+    """A short per-class table for the console."""
+    width = max(len(name) for name in metrics.per_class_accuracy)
+    lines = [
+        f"Test accuracy {metrics.accuracy:.2%}  loss {metrics.loss:.4f}  "
+        f"({metrics.examples} images, step {metrics.step})"
+    ]
+    lines += [f"  {name:<{width}}  {acc:6.1%}" for name, acc in metrics.per_class_accuracy.items()]
+    return "\n".join(lines)

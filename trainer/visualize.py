@@ -1,0 +1,54 @@
+"""The seed paper's "plot some images", as a labelled PNG grid (Pillow, no plotting stack)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from trainer.config import Config
+from trainer.data import load_dataset
+
+_LABEL_HEIGHT = 14
+
+
+def sample_grid(images: np.ndarray, labels: Sequence[str], columns: int = 8, scale: int = 3) -> Image.Image:
+    """Tile uint8 images [N, H, W, 3] with a caption under each, upscaled `scale` times."""
+    count, height, width = images.shape[0], images.shape[1] * scale, images.shape[2] * scale
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    cell_h = height + _LABEL_HEIGHT
+    grid = Image.new("RGB", (columns * width, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        x, y = (i % columns) * width, (i // columns) * cell_h
+        grid.paste(Image.fromarray(pixels).resize((width, height), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + height + 1), label[: max(4, width // 6)], fill="black")
+    return grid
+
+
+def show_samples(config: Config, out: str | Path, count: int = 32, augmented: bool = False) -> Path:
+    """Write a grid of the first `count` training images (after augmentation if asked)."""
+    dataset = load_dataset(config.data, config.seed)
+    count = min(count, len(dataset.train))
+    images = dataset.train.images[:count]
+    if augmented:
+        import tensorflow as tf  # deferred: the plain grid needs no TensorFlow
+
+        from trainer.data.pipeline import augment_batch
+
+        images = augment_batch(
+            tf.constant(images),
+            tf.range(count, dtype=tf.int64),
+            tf.constant(0, tf.int64),
+            seed=config.seed,
+            num_examples=len(dataset.train),
+            crop_padding=config.data.crop_padding,
+        ).numpy()
+    names = [dataset.class_names[label] for label in dataset.train.labels[:count]]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid(images, names).save(out)
+    return out
