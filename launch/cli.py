@@ -54,6 +54,7 @@ def _load(module: str, verbose: bool):
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
+            importlib.import_module("tensorflow")  # even if `module` imports it lazily
             return importlib.import_module(module)
         except BaseException:
             os.dup2(saved, 2)

@@ -157,3 +157,16 @@ def test_cli_process_hides_tensorflow_noise_and_tracebacks(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "oneDNN" not in shown.stderr + shown.stdout
     assert "Strategy:" in shown.stdout
+
+
+def test_missing_tensorflow_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real_find_spec(name, *a)
+    )
+    result = _run("devices")
+    assert result.exit_code == 2
+    assert "TensorFlow is not installed" in result.output and "'.[cpu]'" in result.output
+    assert result.output.count("\n") == 1
