@@ -33,7 +33,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except TrainerError as err:
             click.echo(f"Error: {err}", err=True)
-            ctx.exit(2)
+            ctx.exit(err.exit_code)
         except ModuleNotFoundError as err:
             if err.name and err.name.split(".")[0] in ("tensorflow", "keras"):
                 click.echo(f"Error: {_INSTALL_HINT}", err=True)
@@ -79,6 +79,13 @@ _set_option = click.option(
     metavar="KEY=VALUE",
     help="Override a config key, e.g. --set data.batch_size=256 (repeatable).",
 )
+_checkpoint_option = click.option(
+    "--checkpoint",
+    default="latest",
+    show_default=True,
+    metavar="latest|best|STEP",
+    help="Which checkpoint: the latest, the best eval accuracy, or a global step.",
+)
 _workdir_required = click.option(
     "--workdir",
     required=True,
@@ -112,22 +119,31 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--fresh", is_flag=True, help="Delete this workdir's checkpoints and logs and start over.")
 @click.pass_obj
 def train(obj, config_path: str, workdir: Path | None, overrides: tuple[str, ...], fresh: bool) -> None:
-    """Train a model; resumes from WORKDIR's latest checkpoint if there is one."""
+    """Train a model; resumes from WORKDIR's latest checkpoint if there is one.
+
+    SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit code 75);
+    a second signal exits at once. A NaN/Inf loss stops the run (exit code 3).
+    """
     config = _config(config_path, overrides)
     training = _load("trainer.training", obj["verbose"])
     workdir = workdir or Path("runs") / Path(config_path).stem
-    training.train(config, workdir, fresh=fresh, echo=click.echo)
+    resume = " ".join(
+        ["launch train --config", config_path, "--workdir", str(workdir)] + [f"--set {o}" for o in overrides]
+    )
+    result = training.train(config, workdir, fresh=fresh, echo=click.echo, resume_command=resume)
+    sys.exit(result.exit_code)
 
 
 @cli.command()
 @_workdir_required
+@_checkpoint_option
 @_set_option
 @click.pass_obj
-def evaluate(obj, workdir: Path, overrides: tuple[str, ...]) -> None:
-    """Test accuracy and per-class accuracy of the latest checkpoint; writes WORKDIR/metrics.json."""
+def evaluate(obj, workdir: Path, checkpoint: str, overrides: tuple[str, ...]) -> None:
+    """Test accuracy and per-class accuracy of a checkpoint; writes WORKDIR/metrics.json."""
     inference = _load("trainer.inference", obj["verbose"])
     evaluation = _load("trainer.evaluation", obj["verbose"])
-    metrics = inference.evaluate(workdir, overrides)
+    metrics = inference.evaluate(workdir, overrides, checkpoint=checkpoint)
     click.echo(evaluation.format_metrics(metrics))
     click.echo(f"Wrote {workdir / 'metrics.json'}")
 
@@ -136,11 +152,12 @@ def evaluate(obj, workdir: Path, overrides: tuple[str, ...]) -> None:
 @_workdir_required
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image with all class probabilities.")
+@_checkpoint_option
 @click.pass_obj
-def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool) -> None:
+def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool, checkpoint: str) -> None:
     """Classify image files: one line per image with path, class and probability."""
     inference = _load("trainer.inference", obj["verbose"])
-    for prediction in inference.predict(workdir, images):
+    for prediction in inference.predict(workdir, images, checkpoint=checkpoint):
         if as_json:
             click.echo(json.dumps(vars(prediction)))
         else:
@@ -149,11 +166,12 @@ def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool) -> None:
 
 @cli.command()
 @_workdir_required
+@_checkpoint_option
 @click.pass_obj
-def export(obj, workdir: Path) -> None:
+def export(obj, workdir: Path, checkpoint: str) -> None:
     """Write WORKDIR/export/model.keras and a SavedModel that tf.saved_model.load serves."""
     inference = _load("trainer.inference", obj["verbose"])
-    paths = inference.export(workdir)
+    paths = inference.export(workdir, checkpoint=checkpoint)
     click.echo(
         f"Exported step {paths['step']}: {paths['keras']} and {paths['saved_model']} (labels in {paths['labels']})"
     )

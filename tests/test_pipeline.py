@@ -11,6 +11,7 @@ from trainer.data.pipeline import (
     train_dataset_fn,
 )
 from trainer.errors import ConfigError
+from trainer.runtime import cached_strategy
 
 N = 40
 IMAGES = np.arange(N * 8 * 8 * 3, dtype=np.int64).reshape(N, 8, 8, 3).__mod__(251).astype(np.uint8)
@@ -29,7 +30,7 @@ def _augment(indices, epoch, seed=0, padding=2):
 
 
 def _stream(replicas, spec, start=0, total=8):
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    strategy = cached_strategy("mirrored", tuple(f"/cpu:{i}" for i in range(replicas)))
     dataset = strategy.distribute_datasets_from_function(train_dataset_fn(IMAGES, LABELS, spec, start, total))
     steps = []
     for batch in dataset:
@@ -93,7 +94,7 @@ def test_stream_rebuilt_at_a_step_matches_the_uninterrupted_stream():
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_eval_sees_every_example_exactly_once(replicas):
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+    strategy = cached_strategy("mirrored", tuple(f"/cpu:{i}" for i in range(replicas)))
     dataset = strategy.distribute_datasets_from_function(eval_dataset_fn(IMAGES[:37], LABELS[:37], 8))
     seen = []
     for _, labels in dataset:

@@ -1,18 +1,29 @@
-"""Checkpoints in WORKDIR/checkpoints: model, optimizer, global step, epoch, RNG states.
+"""Checkpoints in WORKDIR/checkpoints: everything that decides the future of a run.
 
-`tf.train.CheckpointManager` does the writing and rotation. Keras 3 `SeedGenerator`
-states (Dropout's randomness) are not tracked by `tf.train.Checkpoint` through the
-model, so they are added explicitly: without them a resumed run draws different masks.
+A checkpoint holds the model, the optimizer (slots, iterations, loss scale), the global
+step and epoch, the metric sums of a half-finished logging window, and the RNG states of
+random layers. Keras 3 `SeedGenerator` states (Dropout) are not tracked through the model
+by `tf.train.Checkpoint`, so they are added explicitly: without them a resumed run draws
+different masks. The input stream needs no state: it is a function of (seed, step).
+
+`tf.train.CheckpointManager` writes and rotates. Restoring tries the newest checkpoint
+file on disk first and falls back to older ones if it is unreadable (a save killed
+half-way, a truncated copy), so the last good checkpoint is never lost.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer.errors import CheckpointError
+
+_CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.index$")
 
 
 def seed_generator_states(model: keras.Model) -> dict[str, tf.Variable]:
@@ -23,8 +34,16 @@ def seed_generator_states(model: keras.Model) -> dict[str, tf.Variable]:
     }
 
 
+def checkpoint_steps(directory: Path) -> list[int]:
+    """Steps of the checkpoints present on disk, newest first."""
+    if not directory.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in directory.iterdir() if (m := _CHECKPOINT_FILE.match(p.name))]
+    return sorted(steps, reverse=True)
+
+
 class CheckpointStore:
-    """The training state and its manager; `save`/`restore_latest` keep them in step."""
+    """The training state and its managers; `save`/`restore` keep them in step."""
 
     def __init__(
         self,
@@ -33,48 +52,106 @@ class CheckpointStore:
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer | None = None,
         keep: int = 3,
+        num_replicas: int = 1,
     ) -> None:
         self.directory = Path(directory)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        # [loss sum, correct, examples, non-finite steps] of the logging window in flight.
+        self.window_sums = tf.Variable(tf.zeros([4]), trainable=False, name="window_sums")
+        self.replicas = tf.Variable(num_replicas, dtype=tf.int64, trainable=False, name="replicas")
         objects = {
             "model": model,
             "step": self.step,
             "epoch": self.epoch,
+            "window_sums": self.window_sums,
+            "replicas": self.replicas,
             "seed_generators": seed_generator_states(model),
         }
         if optimizer is not None:
             objects["optimizer"] = optimizer
         self._for_training = optimizer is not None
+        self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=keep)
+        self._best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.best_directory), max_to_keep=1)
+        self.restored_path: str | None = None
+        self.restored_replicas: int | None = None
 
     @property
-    def latest(self) -> str | None:
-        return self.manager.latest_checkpoint
+    def best_directory(self) -> Path:
+        return self.directory / "best"
 
-    def restore_latest(self) -> int | None:
-        """Restore the newest checkpoint; returns its global step, or None if there is none."""
-        path = self.latest
-        if path is None:
-            return None
-        status = self.checkpoint.restore(path)
-        if self._for_training:
-            status.assert_existing_objects_matched()
-        else:
-            status.expect_partial()  # evaluation needs the weights, not the optimizer slots
-        return int(self.step.numpy())
+    @property
+    def best_record(self) -> dict | None:
+        """{"step", "accuracy"} of the best checkpoint, if one was kept."""
+        path = self.best_directory / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
-    def require_latest(self) -> int:
-        """Like `restore_latest`, but a missing checkpoint is the user's error."""
-        step = self.restore_latest()
+    def restore(self, which: str = "latest", warn=print) -> int | None:
+        """Restore `latest`, `best` or a step number; returns the restored global step.
+
+        `latest` returns None when there is no checkpoint yet; the others raise.
+        """
+        if which == "best":
+            record = self.best_record
+            if record is None:
+                raise CheckpointError(f"no best checkpoint in {self.best_directory} (checkpoint.keep_best was off?)")
+            self._restore_path(str(self.best_directory / f"ckpt-{record['step']}"))
+            return int(self.step.numpy())
+        if which != "latest":
+            step = _parse_step(which)
+            if step not in checkpoint_steps(self.directory):
+                available = ", ".join(map(str, sorted(checkpoint_steps(self.directory)))) or "none"
+                raise CheckpointError(f"no checkpoint at step {step} in {self.directory} (available: {available})")
+            self._restore_path(str(self.directory / f"ckpt-{step}"))
+            return int(self.step.numpy())
+        for step in checkpoint_steps(self.directory):
+            path = str(self.directory / f"ckpt-{step}")
+            try:
+                self._restore_path(path)
+                return int(self.step.numpy())
+            except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                warn(
+                    f"Warning: checkpoint {path} is unreadable ({type(err).__name__}: {reason[:160]}); "
+                    "trying an older one"
+                )
+        return None
+
+    def require(self, which: str = "latest") -> int:
+        """Like `restore`, but a missing checkpoint is the user's error."""
+        step = self.restore(which)
         if step is None:
             raise CheckpointError(
                 f"no checkpoint in {self.directory}; train first with `launch train --workdir {self.directory.parent}`"
             )
         return step
 
-    def save(self, step: int, epoch: int) -> str:
+    def _restore_path(self, path: str) -> None:
+        status = self.checkpoint.restore(path)
+        if self._for_training:
+            status.assert_existing_objects_matched()
+        else:
+            status.expect_partial()  # evaluation needs the weights, not the optimizer slots
+        self.restored_path = path
+        self.restored_replicas = int(self.replicas.numpy())
+        self.replicas.assign(self._num_replicas)
+
+    def save(self, step: int, epoch: int, window_sums: np.ndarray | None = None) -> str:
         self.step.assign(step)
         self.epoch.assign(epoch)
+        self.window_sums.assign(np.zeros(4, np.float32) if window_sums is None else window_sums)
         return self.manager.save(checkpoint_number=step)
+
+    def save_best(self, step: int, accuracy: float) -> None:
+        """Keep this state as the best so far (the caller has just saved it at `step`)."""
+        self._best_manager.save(checkpoint_number=step)
+        (self.best_directory / "best.json").write_text(json.dumps({"step": step, "accuracy": accuracy}))
+
+
+def _parse_step(which: str) -> int:
+    try:
+        return int(which)
+    except ValueError:
+        raise CheckpointError(f"--checkpoint must be latest, best or a step number, got {which!r}") from None

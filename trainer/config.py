@@ -83,6 +83,9 @@ class TrainConfig:
     steps_per_loop: int = 20
     # Evaluate on the test split every N epochs (and always at the end).
     eval_every_epochs: int = 1
+    # A non-finite loss: `stop` the run (keeping the last good checkpoint) or `skip_step`
+    # (drop that step's update, as loss scaling does for overflowing gradients).
+    nan_policy: str = _choice("stop", "stop", "skip_step")
 
 
 @dataclass
@@ -103,8 +106,12 @@ class CheckpointConfig:
 
     # Save every N global steps as well as at each epoch end (0 = epoch ends only).
     every_steps: int = 0
+    # Also save when this many minutes passed since the last save (0 = off).
+    every_minutes: float = 0.0
     # How many recent checkpoints to keep on disk.
     keep: int = 3
+    # Keep the checkpoint with the best eval accuracy in checkpoints/best/.
+    keep_best: bool = True
 
 
 @dataclass
@@ -141,6 +148,7 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "train.eval_every_epochs": (1, True),
     "runtime.cpu_replicas": (1, True),
     "checkpoint.every_steps": (0, True),
+    "checkpoint.every_minutes": (0, True),
     "checkpoint.keep": (1, True),
 }
 

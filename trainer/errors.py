@@ -11,6 +11,8 @@ from __future__ import annotations
 class TrainerError(Exception):
     """A mistake the user can fix (bad value, missing file, missing checkpoint)."""
 
+    exit_code = 2
+
 
 class ConfigError(TrainerError):
     """A config key or value is wrong."""
@@ -26,3 +28,13 @@ class RuntimeSetupError(TrainerError):
 
 class CheckpointError(TrainerError):
     """A workdir has no usable checkpoint for the requested action."""
+
+
+class WorkdirBusyError(TrainerError):
+    """Another trainer holds the workdir's lock."""
+
+
+class DivergedError(TrainerError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+    exit_code = 3

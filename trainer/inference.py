@@ -25,7 +25,7 @@ from trainer.runtime import setup_runtime
 from trainer.workdir import DatasetInfo, Workdir
 
 
-def _restore_model(wd: Workdir, info: DatasetInfo, config) -> tuple[keras.Model, int]:
+def _restore_model(wd: Workdir, info: DatasetInfo, config, checkpoint: str) -> tuple[keras.Model, int]:
     model = build_model(
         config.model.name,
         input_shape=info.image_shape,
@@ -34,23 +34,27 @@ def _restore_model(wd: Workdir, info: DatasetInfo, config) -> tuple[keras.Model,
         std=info.std,
         width=config.model.width,
     )
-    step = CheckpointStore(wd.checkpoints, model=model).require_latest()
+    step = CheckpointStore(wd.checkpoints, model=model).require(checkpoint)
     return model, step
 
 
-def load_trained_model(workdir: str | Path) -> tuple[keras.Model, DatasetInfo, int]:
-    """The latest checkpoint's model in float32 (logits out), its dataset info and step."""
+def load_trained_model(workdir: str | Path, checkpoint: str = "latest") -> tuple[keras.Model, DatasetInfo, int]:
+    """A checkpoint's model in float32 (logits out), its dataset info and step.
+
+    Args:
+        checkpoint: `latest`, `best` (highest eval accuracy) or a global step.
+    """
     wd = Workdir(Path(workdir))
     config, info = wd.require_trained()
     # Serving and prediction run in float32 whatever the training precision: the
     # variables are float32 either way, so the checkpoint restores unchanged.
     keras.mixed_precision.set_global_policy("float32")
-    model, step = _restore_model(wd, info, config)
+    model, step = _restore_model(wd, info, config, checkpoint)
     return model, info, step
 
 
-def evaluate(workdir: str | Path, overrides: Sequence[str] = ()) -> EvalMetrics:
-    """Test accuracy of the latest checkpoint, under the run's own strategy and precision.
+def evaluate(workdir: str | Path, overrides: Sequence[str] = (), checkpoint: str = "latest") -> EvalMetrics:
+    """Test accuracy of a checkpoint, under the run's own strategy and precision.
 
     Writes WORKDIR/metrics.json. `overrides` (e.g. `data.path=...`) adjust the saved
     config, for data that moved since training.
@@ -63,7 +67,7 @@ def evaluate(workdir: str | Path, overrides: Sequence[str] = ()) -> EvalMetrics:
     runtime = setup_runtime(config.runtime)
     dataset = load_dataset(config.data, config.seed)
     with runtime.strategy.scope():
-        model, step = _restore_model(wd, info, config)
+        model, step = _restore_model(wd, info, config, checkpoint)
     evaluator = Evaluator(runtime.strategy, model, dataset.test, config.data.batch_size, info.class_names)
     metrics = evaluator(step)
     metrics.write(wd.metrics_path)
@@ -90,9 +94,9 @@ def load_images(paths: Sequence[str | Path], image_shape: Sequence[int]) -> np.n
     return batch
 
 
-def predict(workdir: str | Path, paths: Sequence[str | Path]) -> list[Prediction]:
+def predict(workdir: str | Path, paths: Sequence[str | Path], checkpoint: str = "latest") -> list[Prediction]:
     """Class and softmax probability for each image file."""
-    model, info, _ = load_trained_model(workdir)
+    model, info, _ = load_trained_model(workdir, checkpoint)
     images = load_images(paths, info.image_shape)
     logits = model.predict_on_batch(images.astype(np.float32))
     probabilities = tf.nn.softmax(logits).numpy()
@@ -116,9 +120,9 @@ def inference_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, probabilities, name=f"{model.name}_inference")
 
 
-def export(workdir: str | Path) -> dict[str, Path]:
+def export(workdir: str | Path, checkpoint: str = "latest") -> dict[str, Path]:
     """Write WORKDIR/export/model.keras and a SavedModel (`serve` endpoint) beside it."""
-    model, info, step = load_trained_model(workdir)
+    model, info, step = load_trained_model(workdir, checkpoint)
     wd = Workdir(Path(workdir))
     wd.export.mkdir(parents=True, exist_ok=True)
     serving = inference_model(model)

@@ -32,8 +32,19 @@ def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int, total_
 
 
 def build_optimizer(
-    config: OptimizerConfig, steps_per_epoch: int, total_steps: int, loss_scaling: bool
+    config: OptimizerConfig,
+    steps_per_epoch: int,
+    total_steps: int,
+    *,
+    loss_scaling: bool = False,
+    skip_nonfinite: bool = False,
 ) -> keras.optimizers.Optimizer:
+    """The configured optimizer, wrapped in a LossScaleOptimizer where steps may be skipped.
+
+    `loss_scaling` (mixed_float16): dynamic loss scaling. `skip_nonfinite`
+    (train.nan_policy=skip_step): the same wrapper at scale 1 that never grows, used only
+    for its tested, distribution-aware skipping of steps with non-finite gradients.
+    """
     lr = learning_rate_schedule(config, steps_per_epoch, total_steps)
     decay = config.weight_decay or None
     if config.name == "sgd":
@@ -47,6 +58,8 @@ def build_optimizer(
     if loss_scaling:
         # Dynamic loss scaling: float16 gradients would underflow without it.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    elif skip_nonfinite:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=1.0, dynamic_growth_steps=2**30)
     return optimizer
 
 

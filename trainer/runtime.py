@@ -77,6 +77,25 @@ def _cpu_devices(count: int) -> list[str]:
     return [f"/cpu:{i}" for i in range(count)]
 
 
+_STRATEGIES: dict[tuple, tf.distribute.Strategy] = {}
+
+
+def cached_strategy(kind: str, devices: tuple[str, ...] = ()) -> tf.distribute.Strategy:
+    """One strategy per device set and process.
+
+    Two MirroredStrategy objects over the same devices allocate the same collective
+    keys, and their all-reduces then collide ("Shape mismatch in the collective
+    instance"); several runs in one process (tests, notebooks) must share one.
+    """
+    key = (kind, devices)
+    if key not in _STRATEGIES:
+        if kind == "one_device":
+            _STRATEGIES[key] = tf.distribute.OneDeviceStrategy(devices[0])
+        else:
+            _STRATEGIES[key] = tf.distribute.MirroredStrategy(list(devices) or None)
+    return _STRATEGIES[key]
+
+
 def _build_strategy(config: RuntimeConfig, num_gpus: int) -> tuple[tf.distribute.Strategy, str]:
     name, cpus = config.strategy, config.cpu_replicas
     if name == "gpu" and not num_gpus:
@@ -86,18 +105,18 @@ def _build_strategy(config: RuntimeConfig, num_gpus: int) -> tuple[tf.distribute
         )
     if name == "cpu" or (name == "auto" and not num_gpus):
         if cpus > 1:
-            return tf.distribute.MirroredStrategy(_cpu_devices(cpus)), (
+            return cached_strategy("mirrored", tuple(_cpu_devices(cpus))), (
                 f"{name}: MirroredStrategy over {cpus} logical CPU devices (runtime.cpu_replicas={cpus})"
             )
         why = "no GPU found" if name == "auto" else "runtime.strategy=cpu"
-        return tf.distribute.OneDeviceStrategy("/cpu:0"), f"{name}: OneDeviceStrategy on /cpu:0 ({why})"
+        return cached_strategy("one_device", ("/cpu:0",)), f"{name}: OneDeviceStrategy on /cpu:0 ({why})"
     if name == "gpu" or (name == "auto" and num_gpus == 1):
-        return tf.distribute.OneDeviceStrategy("/gpu:0"), f"{name}: OneDeviceStrategy on /gpu:0 ({num_gpus} GPU found)"
+        return cached_strategy("one_device", ("/gpu:0",)), f"{name}: OneDeviceStrategy on /gpu:0 ({num_gpus} GPU found)"
     if name == "mirrored" and not num_gpus:
-        return tf.distribute.MirroredStrategy(_cpu_devices(cpus)), (
+        return cached_strategy("mirrored", tuple(_cpu_devices(cpus))), (
             f"mirrored: MirroredStrategy over {cpus} logical CPU device(s) (no GPU found)"
         )
-    return tf.distribute.MirroredStrategy(), f"{name}: MirroredStrategy over {num_gpus} GPUs"
+    return cached_strategy("mirrored"), f"{name}: MirroredStrategy over {num_gpus} GPUs"
 
 
 def _resolve_precision(requested: str, uses_gpu: bool) -> tuple[str, str]:

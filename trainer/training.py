@@ -1,9 +1,13 @@
 """The training loop: a compiled multi-step function and a Python controller around it.
 
-The compiled part (`strategy.run` in a `tf.function`, `steps_per_loop` steps per call)
-does the maths on every replica. The controller decides when: progress, TensorBoard,
-evaluation and checkpoints happen between calls, at global-step boundaries, so that
-training "up to step N" is the same whether it ran in one go or was resumed.
+The compiled part (`strategy.run` in a `tf.function`, up to `steps_per_loop` steps per
+call) does the maths on every replica. The controller decides when: progress,
+TensorBoard, evaluation and checkpoints happen between calls, at global steps that do
+not depend on where a run was interrupted (logging windows end at multiples of
+`steps_per_loop`, epoch ends and `checkpoint.every_steps`). So training "up to step N"
+gives the same weights and the same logged points whether it ran in one go or was
+stopped and resumed.
+
 Keras 3 `model.fit` is not used: it fails under MultiWorkerMirroredStrategy and with
 `steps_per_execution>1` under MirroredStrategy.
 """
@@ -13,23 +17,31 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, save_config
 from trainer.data import Dataset, load_dataset
 from trainer.data.pipeline import InputSpec, check_batch_divides, normalization_stats, steps_per_epoch, train_dataset_fn
+from trainer.errors import DivergedError
 from trainer.evaluation import EvalMetrics, Evaluator, per_example_loss
 from trainer.models import build_model
 from trainer.optim import build_optimizer, current_learning_rate
+from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.runtime import Runtime, setup_runtime
+from trainer.summaries import drop_events_after
 from trainer.workdir import DatasetInfo, Workdir
 
 Echo = Callable[[str], None]
+
+# Indices into the per-window sums the compiled loop returns.
+LOSS, CORRECT, COUNT, NONFINITE = range(4)
 
 
 @dataclass
@@ -40,12 +52,33 @@ class TrainResult:
     images_per_second: float
     final_eval: EvalMetrics | None
     workdir: Path
+    stopped_by: str | None = None  # "SIGTERM"/"SIGINT" when interrupted before the end
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PREEMPTED if self.stopped_by else 0
 
 
-def train(config: Config, workdir: str | Path, *, fresh: bool = False, echo: Echo = print) -> TrainResult:
-    """Train `config` in `workdir`, resuming from its latest checkpoint unless `fresh`."""
-    started = time.perf_counter()
+def train(
+    config: Config,
+    workdir: str | Path,
+    *,
+    fresh: bool = False,
+    echo: Echo = print,
+    resume_command: str | None = None,
+) -> TrainResult:
+    """Train `config` in `workdir`, resuming from its latest checkpoint unless `fresh`.
+
+    Args:
+        resume_command: shown when the run is interrupted, so the user can resume.
+    """
     wd = Workdir(Path(workdir))
+    with wd.locked():
+        return _train(config, wd, fresh, echo, resume_command)
+
+
+def _train(config: Config, wd: Workdir, fresh: bool, echo: Echo, resume_command: str | None) -> TrainResult:
+    started = time.perf_counter()
     if fresh:
         wd.clear_training_state()
     runtime = setup_runtime(config.runtime)
@@ -59,7 +92,6 @@ def train(config: Config, workdir: str | Path, *, fresh: bool = False, echo: Ech
         f"{len(dataset.class_names)} classes ({time.perf_counter() - started:.1f}s)"
     )
     info = _dataset_info(dataset)
-    wd.root.mkdir(parents=True, exist_ok=True)
     save_config(config, wd.config_path)
     wd.write_dataset_info(info)
 
@@ -77,15 +109,21 @@ def train(config: Config, workdir: str | Path, *, fresh: bool = False, echo: Ech
             std=info.std,
             width=config.model.width,
         )
-        optimizer = build_optimizer(config.optimizer, per_epoch, config.train.epochs * per_epoch, runtime.loss_scaling)
-        optimizer.build(model.trainable_variables)
-    store = CheckpointStore(wd.checkpoints, model=model, optimizer=optimizer, keep=config.checkpoint.keep)
-    start_step = store.restore_latest() or 0
-    if start_step:
-        echo(
-            f"Resuming from {store.latest} at step {start_step} (epoch {start_step // per_epoch + 1}, "
-            f"step {start_step % per_epoch}/{per_epoch} of it); use --fresh to start over"
+        optimizer = build_optimizer(
+            config.optimizer,
+            per_epoch,
+            config.train.epochs * per_epoch,
+            loss_scaling=runtime.loss_scaling,
+            skip_nonfinite=config.train.nan_policy == "skip_step",
         )
+        optimizer.build(model.trainable_variables)
+    store = CheckpointStore(
+        wd.checkpoints, model=model, optimizer=optimizer, keep=config.checkpoint.keep, num_replicas=runtime.num_replicas
+    )
+    start_step = store.restore("latest", warn=echo) or 0
+    if store.restored_path:
+        _announce_resume(store, start_step, per_epoch, runtime.num_replicas, config.data.batch_size, echo)
+        drop_events_after(wd.tensorboard, start_step)
     if start_step >= total_steps:
         echo(
             f"Already trained to step {start_step} of {total_steps}; nothing to do (raise train.epochs or use --fresh)"
@@ -93,7 +131,26 @@ def train(config: Config, workdir: str | Path, *, fresh: bool = False, echo: Ech
         return TrainResult(start_step, total_steps, 0.0, 0.0, None, wd.root)
 
     loop = TrainingLoop(config, runtime, model, optimizer, dataset, per_epoch, total_steps, wd, store, echo)
-    return loop.run(start_step, started)
+    result = loop.run(start_step, store.window_sums.numpy(), started)
+    if result.stopped_by:
+        how = f"resume with: {resume_command}" if resume_command else "run the same command to resume"
+        echo(
+            f"Stopped by {result.stopped_by} at step {result.step} of {total_steps} "
+            f"(epoch {result.step // per_epoch + 1}); checkpoint saved in {wd.checkpoints}; {how}"
+        )
+    return result
+
+
+def _announce_resume(store: CheckpointStore, step: int, per_epoch: int, replicas: int, batch: int, echo: Echo) -> None:
+    echo(
+        f"Resuming from {store.restored_path} at step {step} (epoch {step // per_epoch + 1}, "
+        f"step {step % per_epoch}/{per_epoch} of it); use --fresh to start over"
+    )
+    if store.restored_replicas and store.restored_replicas != replicas:
+        echo(
+            f"The checkpoint was written with {store.restored_replicas} replica(s), this run has {replicas}; "
+            f"the global batch stays {batch}, so training continues on the same data stream"
+        )
 
 
 def _dataset_info(dataset: Dataset) -> DatasetInfo:
@@ -115,8 +172,18 @@ def make_train_loop(
     global_batch: int,
     num_classes: int,
     label_smoothing: float,
+    stop_flag: tf.Variable,
+    stop_on_nonfinite: bool = True,
+    check_gradients: bool = True,
 ):
-    """A compiled function running `num_steps` steps; returns summed [loss, correct, count]."""
+    """A compiled function: `train_loop(iterator, num_steps, sums) -> (sums, steps_done)`.
+
+    `sums` ([loss, correct, examples, non-finite steps]) is carried in and out so that a
+    logging window split over two calls (an interruption) adds up exactly as in one.
+    The loop ends early when `stop_flag` is set, or after a non-finite step if
+    `stop_on_nonfinite`: a NaN/Inf loss, or NaN/Inf gradients where `check_gradients`
+    (off under float16 loss scaling, whose optimizer skips such steps by design).
+    """
 
     def train_step(images, labels):
         with tf.GradientTape() as tape:
@@ -128,29 +195,49 @@ def make_train_loop(
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled_loss = optimizer.scale_loss(loss)  # identity unless LossScaleOptimizer
         gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        # A non-finite step is stopped on (controller) or skipped (LossScaleOptimizer).
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        context = tf.distribute.get_replica_context()
+        local_bad = tf.stack(
+            [
+                tf.cast(~tf.reduce_all(tf.math.is_finite(losses)), tf.float32),
+                tf.cast(~tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients]), tf.float32),
+            ]
+        )
+        # Every replica must agree on the verdict, as the optimizer does on the update.
+        bad = context.all_reduce(tf.distribute.ReduceOp.SUM, local_bad) > 0
+        bad_loss = bad[0]
+        # Overflowing float16 gradients are routine under loss scaling: not a divergence.
+        flagged = bad_loss | (bad[1] & check_gradients)
         correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
         return tf.stack(
             [
-                tf.reduce_sum(losses),
-                tf.reduce_sum(tf.cast(correct, tf.float32)),
-                tf.cast(tf.size(labels), tf.float32),
+                tf.where(bad_loss, 0.0, tf.reduce_sum(losses)),
+                tf.where(bad_loss, 0.0, tf.reduce_sum(tf.cast(correct, tf.float32))),
+                tf.where(bad_loss, 0.0, tf.cast(tf.size(labels), tf.float32)),
+                # Summed over replicas this counts the step once.
+                tf.cast(flagged, tf.float32) / context.num_replicas_in_sync,
             ]
         )
 
     @tf.function
-    def train_loop(iterator, num_steps):
-        totals = tf.zeros([3])
-        for _ in tf.range(num_steps):
+    def train_loop(iterator, num_steps, sums):
+        steps = tf.constant(0)
+        diverged = tf.constant(False)
+        while steps < num_steps and not stop_flag and not diverged:
             per_replica = strategy.run(train_step, args=next(iterator))
-            totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-        return totals
+            step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            sums += step_sums
+            steps += 1
+            if stop_on_nonfinite:
+                diverged = step_sums[NONFINITE] > 0
+        return sums, steps
 
     return train_loop
 
 
 class TrainingLoop:
-    """The controller: owns when to log, evaluate and checkpoint."""
+    """The controller: owns when to log, evaluate and checkpoint, and how to stop."""
 
     def __init__(
         self,
@@ -168,19 +255,24 @@ class TrainingLoop:
         self.config, self.runtime, self.model, self.optimizer = config, runtime, model, optimizer
         self.per_epoch, self.total_steps, self.wd, self.store, self.echo = per_epoch, total_steps, wd, store, echo
         self.global_batch = config.data.batch_size
-        strategy = runtime.strategy
+        self.stop = StopRequest()
         self.train_loop = make_train_loop(
-            strategy,
+            runtime.strategy,
             model,
             optimizer,
             global_batch=self.global_batch,
             num_classes=len(dataset.class_names),
             label_smoothing=config.optimizer.label_smoothing,
+            stop_flag=self.stop.flag,
+            stop_on_nonfinite=config.train.nan_policy == "stop",
+            check_gradients=not runtime.loss_scaling,
         )
         self.dataset = dataset
-        self.evaluator = Evaluator(strategy, model, dataset.test, self.global_batch, dataset.class_names)
+        self.evaluator = Evaluator(runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names)
         self.train_writer = tf.summary.create_file_writer(str(wd.tensorboard / "train"))
         self.eval_writer = tf.summary.create_file_writer(str(wd.tensorboard / "eval"))
+        best = store.best_record
+        self.best_accuracy = best["accuracy"] if best else -1.0
 
     def _iterator(self, start_step: int):
         spec = InputSpec(
@@ -192,71 +284,104 @@ class TrainingLoop:
         fn = train_dataset_fn(self.dataset.train.images, self.dataset.train.labels, spec, start_step, self.total_steps)
         return iter(self.runtime.strategy.distribute_datasets_from_function(fn))
 
-    def _next_stop(self, step: int) -> int:
-        """The next step at which the controller must act."""
-        epoch_end = (step // self.per_epoch + 1) * self.per_epoch
-        stops = [self.total_steps, epoch_end, step + self.config.train.steps_per_loop]
+    def _window_end(self, step: int) -> int:
+        """Where the logging window containing `step` ends; independent of restarts."""
+        spl = self.config.train.steps_per_loop
+        stops = [self.total_steps, (step // self.per_epoch + 1) * self.per_epoch, (step // spl + 1) * spl]
         every = self.config.checkpoint.every_steps
         if every:
             stops.append((step // every + 1) * every)
         return min(stops)
 
-    def run(self, start_step: int, started: float) -> TrainResult:
+    def run(self, start_step: int, window_sums: np.ndarray, started: float) -> TrainResult:
         iterator = self._iterator(start_step)
-        step, last_eval = start_step, None
-        trained_images, train_seconds, traced = 0, 0.0, False
-        progress, epoch_sums = None, [0.0, 0.0, 0.0]
+        step, last_eval, saved_step = start_step, None, start_step
+        last_save_time = time.monotonic()
+        speed = _Speed()
+        progress, epoch_sums = None, np.zeros(4)
         epochs = -(-self.total_steps // self.per_epoch)
-        while step < self.total_steps:
-            epoch = step // self.per_epoch
-            if progress is None:
-                self.echo(f"Epoch {epoch + 1}/{epochs}")
-                progress = progress_bar(min(self.per_epoch, self.total_steps - epoch * self.per_epoch), self.echo)
-                epoch_start, epoch_sums = epoch * self.per_epoch, [0.0, 0.0, 0.0]
-            num_steps = self._next_stop(step) - step
-            tick = time.perf_counter()
-            sums = self.train_loop(iterator, tf.constant(num_steps)).numpy()
-            seconds = time.perf_counter() - tick
-            step += num_steps
-            images_per_second = num_steps * self.global_batch / seconds
-            if traced:  # the first call includes tracing; keep it out of the speed
-                trained_images += num_steps * self.global_batch
-                train_seconds += seconds
-            traced = True
-            epoch_sums = [a + b for a, b in zip(epoch_sums, sums)]
-            self._log_train(step, sums, images_per_second)
-            progress.update(
-                step - epoch_start,
-                values=[
-                    ("loss", epoch_sums[0] / epoch_sums[2]),
-                    ("accuracy", epoch_sums[1] / epoch_sums[2]),
-                    ("img/s", round(images_per_second)),
-                ],
-            )
-            epoch_done = step % self.per_epoch == 0 or step == self.total_steps
-            if epoch_done:
-                progress = None
-                if (epoch + 1) % self.config.train.eval_every_epochs == 0 or step == self.total_steps:
-                    last_eval = self._evaluate(step)
-            every = self.config.checkpoint.every_steps
-            if epoch_done or (every and step % every == 0):
-                self.store.save(step, step // self.per_epoch)
+        with self.stop, ThreadPoolExecutor(1, thread_name_prefix="train-loop") as worker:
+            while step < self.total_steps and not self.stop.requested:
+                epoch = step // self.per_epoch
+                if progress is None:
+                    self.echo(f"Epoch {epoch + 1}/{epochs}")
+                    progress = progress_bar(min(self.per_epoch, self.total_steps - epoch * self.per_epoch), self.echo)
+                    epoch_start, epoch_sums = epoch * self.per_epoch, np.zeros(4)
+                window_end = self._window_end(step)
+                tick = time.perf_counter()
+                # The worker runs the compiled call; the main thread stays free to take signals.
+                future = worker.submit(
+                    self.train_loop, iterator, tf.constant(window_end - step), tf.constant(window_sums)
+                )
+                new_sums, done = (t.numpy() for t in future.result())
+                seconds = time.perf_counter() - tick
+                epoch_sums += new_sums - window_sums
+                window_sums = new_sums
+                step += int(done)
+                speed.add(int(done) * self.global_batch, seconds)
+                self._check_finite(window_sums, step, saved_step)
+                if step < window_end:  # stopped mid-window: keep its sums for the resumed run
+                    continue
+                self._log_train(step, window_sums, int(done) * self.global_batch / seconds)
+                window_sums = np.zeros(4, np.float32)
+                if epoch_sums[COUNT]:
+                    progress.update(
+                        step - epoch_start,
+                        values=[
+                            ("loss", epoch_sums[LOSS] / epoch_sums[COUNT]),
+                            ("accuracy", epoch_sums[CORRECT] / epoch_sums[COUNT]),
+                            ("img/s", round(speed.last)),
+                        ],
+                    )
+                epoch_done = step % self.per_epoch == 0 or step == self.total_steps
+                evaluated = None
+                if epoch_done:
+                    progress = None
+                    if (epoch + 1) % self.config.train.eval_every_epochs == 0 or step == self.total_steps:
+                        last_eval = evaluated = self._evaluate(step)
+                if self._save_due(step, epoch_done, last_save_time):
+                    self.store.save(step, step // self.per_epoch)
+                    saved_step, last_save_time = step, time.monotonic()
+                    if evaluated is not None:
+                        self._maybe_keep_best(step, evaluated)
+            if self.stop.requested and step != saved_step:
+                self.store.save(step, step // self.per_epoch, window_sums)
         self.train_writer.flush()
         self.eval_writer.flush()
         if last_eval is not None:
             last_eval.write(self.wd.metrics_path)
-        speed = trained_images / train_seconds if train_seconds else 0.0
         total = time.perf_counter() - started
-        self.echo(
-            f"Done: step {step}, {total:.0f}s in all, {speed:.0f} img/s; checkpoints in {self.wd.checkpoints}; "
-            f"TensorBoard: tensorboard --logdir {self.wd.tensorboard}"
-        )
-        return TrainResult(step, self.total_steps, total, speed, last_eval, self.wd.root)
+        if not self.stop.requested:
+            self.echo(
+                f"Done: step {step}, {total:.0f}s in all, {speed.mean:.0f} img/s; checkpoints in "
+                f"{self.wd.checkpoints}; TensorBoard: tensorboard --logdir {self.wd.tensorboard}"
+            )
+        return TrainResult(step, self.total_steps, total, speed.mean, last_eval, self.wd.root, self.stop.signal_name)
 
-    def _log_train(self, step: int, sums, images_per_second: float) -> None:
+    def _save_due(self, step: int, epoch_done: bool, last_save_time: float) -> bool:
+        every, minutes = self.config.checkpoint.every_steps, self.config.checkpoint.every_minutes
+        return (
+            epoch_done
+            or bool(every and step % every == 0)
+            or bool(minutes and time.monotonic() - last_save_time >= minutes * 60)
+        )
+
+    def _check_finite(self, sums: np.ndarray, step: int, saved_step: int) -> None:
+        if not sums[NONFINITE]:
+            return
+        if self.config.train.nan_policy == "stop":
+            raise DivergedError(
+                f"the loss became NaN or infinite at step {step}; stopped without saving. The last good checkpoint "
+                f"is step {saved_step} in {self.wd.checkpoints}. Lower optimizer.learning_rate, or set "
+                "train.nan_policy=skip_step to skip such steps"
+            )
+        self.echo(f"Warning: skipped {int(sums[NONFINITE])} step(s) with a non-finite loss before step {step}")
+
+    def _log_train(self, step: int, sums: np.ndarray, images_per_second: float) -> None:
         with self.train_writer.as_default(step=step):
-            tf.summary.scalar("loss", sums[0] / sums[2])
-            tf.summary.scalar("accuracy", sums[1] / sums[2])
+            if sums[COUNT]:
+                tf.summary.scalar("loss", sums[LOSS] / sums[COUNT])
+                tf.summary.scalar("accuracy", sums[CORRECT] / sums[COUNT])
             tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
             tf.summary.scalar("images_per_second", images_per_second)
             tf.summary.scalar("epoch", step / self.per_epoch)
@@ -272,6 +397,29 @@ class TrainingLoop:
             f"({metrics.examples} images, {time.perf_counter() - tick:.1f}s)"
         )
         return metrics
+
+    def _maybe_keep_best(self, step: int, metrics: EvalMetrics) -> None:
+        if self.config.checkpoint.keep_best and metrics.accuracy > self.best_accuracy:
+            self.best_accuracy = metrics.accuracy
+            self.store.save_best(step, metrics.accuracy)
+
+
+class _Speed:
+    """Images per second, leaving out the first call (it includes tracing)."""
+
+    def __init__(self) -> None:
+        self.images, self.seconds, self.calls, self.last = 0, 0.0, 0, 0.0
+
+    def add(self, images: int, seconds: float) -> None:
+        self.calls += 1
+        self.last = images / seconds if seconds else 0.0
+        if self.calls > 1:
+            self.images += images
+            self.seconds += seconds
+
+    @property
+    def mean(self) -> float:
+        return self.images / self.seconds if self.seconds else self.last
 
 
 class PlainProgress:

@@ -11,12 +11,15 @@ WORKDIR/export/            model.keras and saved_model/ from `launch export`
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trainer.config import Config, load_config
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, WorkdirBusyError
 
 
 @dataclass
@@ -57,6 +60,35 @@ class Workdir:
     @property
     def export(self) -> Path:
         return self.root / "export"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold WORKDIR/.lock so that two trainers never write one workdir at once.
+
+        An OS file lock (flock) is released by the kernel when its process dies, so a
+        killed trainer never leaves a stale lock behind.
+        """
+        import fcntl  # POSIX only, like the signals the trainer handles
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "unknown"
+                raise WorkdirBusyError(
+                    f"{self.root} is in use by another trainer (pid {owner}); wait for it to finish, "
+                    "stop it, or pick another --workdir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def clear_training_state(self) -> None:
         """`--fresh`: forget checkpoints, event files and metrics of earlier runs."""

@@ -1,0 +1,272 @@
+"""Fault tolerance: exact resume, preemption signals, damaged checkpoints, divergence."""
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util.tensor_util import make_ndarray
+
+from launch.cli import cli
+from tests.conftest import REPO, smoke_config
+from trainer.checkpoints import checkpoint_steps
+from trainer.errors import DivergedError, WorkdirBusyError
+from trainer.models import build_model
+from trainer.optim import build_optimizer
+from trainer.preemption import EXIT_PREEMPTED, StopRequest
+from trainer.runtime import cached_strategy
+from trainer.training import NONFINITE, make_train_loop, train
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+# 64 steps per epoch, 128 in all, deterministic ops: long enough to interrupt.
+EXACT = (
+    "data.synthetic_train_size=2048",
+    "data.batch_size=32",
+    "model.width=32",
+    "train.epochs=2",
+    "train.steps_per_loop=5",
+    "checkpoint.every_steps=10",
+    "checkpoint.keep=20",
+    "runtime.deterministic=true",
+)
+TOTAL = 128
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def _launch_train(workdir: Path, *overrides: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "launch", "train", "--config", SMOKE, "--workdir", str(workdir)]
+    for override in overrides:
+        args += ["--set", override]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for_checkpoint_after(workdir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s > step for s in checkpoint_steps(workdir / "checkpoints")):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"trainer ended early:\n{process.stdout.read()}")
+        time.sleep(0.02)
+    raise AssertionError("no new checkpoint appeared")
+
+
+def _checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(path)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        # save_counter counts saves, and an interrupted run saves more often by design
+        if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))
+    }
+
+
+def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    events.Reload()
+    return {
+        tag: [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+        for tag in events.Tags()["tensors"]
+        if tag != "images_per_second"  # wall-clock speed differs between runs by nature
+    }
+
+
+def test_sigterm_and_resume_give_bit_identical_weights_and_metrics(tmp_path):
+    straight = _launch_train(tmp_path / "straight", *EXACT)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    interrupted = tmp_path / "interrupted"
+    stops = []
+    for delay in (0.0, 0.35):  # two interruptions at different points, then a run to the end
+        last = max(checkpoint_steps(interrupted / "checkpoints"), default=0)
+        process = _launch_train(interrupted, *EXACT)
+        _wait_for_checkpoint_after(interrupted, last, process)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        output = process.stdout.read()
+        assert process.wait(timeout=120) == EXIT_PREEMPTED, output
+        stop_line = next(line for line in output.splitlines() if line.startswith("Stopped by SIGTERM"))
+        assert "resume with: launch train --config" in stop_line
+        stops.append(int(stop_line.split(" at step ")[1].split()[0]))
+    final = _launch_train(interrupted, *EXACT)
+    output = final.stdout.read()
+    assert final.wait(timeout=300) == 0, output
+    assert f"Resuming from {interrupted / 'checkpoints' / f'ckpt-{stops[-1]}'}" in output
+
+    assert 0 < stops[0] < stops[1] < TOTAL
+    expected = _checkpoint_tensors(str(tmp_path / "straight" / "checkpoints" / f"ckpt-{TOTAL}"))
+    resumed = _checkpoint_tensors(str(interrupted / "checkpoints" / f"ckpt-{TOTAL}"))
+    assert expected.keys() == resumed.keys()
+    assert any("optimizer" in name for name in expected) and any("seed_generators" in name for name in expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+    for run in ("train", "eval"):
+        assert _scalars(interrupted / "tensorboard" / run) == _scalars(tmp_path / "straight" / "tensorboard" / run)
+    steps = [step for step, _ in _scalars(interrupted / "tensorboard" / "train")["loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == TOTAL  # one point per logged step
+
+
+def test_first_signal_requests_a_stop_and_the_second_exits_at_once():
+    script = """
+import os, signal, time
+from trainer.preemption import StopRequest
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print(stop.signal_name, bool(stop.flag.numpy()), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+print("not reached")
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.split() == ["SIGTERM", "True"]
+    assert done.returncode == 128 + signal.SIGTERM
+
+
+def test_sigkill_during_constant_saving_leaves_a_usable_checkpoint(tmp_path):
+    overrides = (*EXACT, "checkpoint.every_steps=1", "checkpoint.keep=3")
+    process = _launch_train(tmp_path, *overrides)
+    _wait_for_checkpoint_after(tmp_path, 3, process)
+    time.sleep(0.3)
+    process.kill()
+    process.wait()
+    resumed = _launch_train(tmp_path, *overrides)
+    output = resumed.stdout.read()
+    assert resumed.wait(timeout=300) == 0, output
+    assert "Resuming from" in output
+    assert checkpoint_steps(tmp_path / "checkpoints")[0] == TOTAL
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+    train(smoke_config("train.max_steps=16", "checkpoint.every_steps=8"), tmp_path, echo=quiet)
+    data_file = next((tmp_path / "checkpoints").glob("ckpt-16.data-*"))
+    content = data_file.read_bytes()
+    if damage == "truncate":
+        data_file.write_bytes(content[: len(content) // 2])
+    else:
+        data_file.write_bytes(content[:100] + bytes(len(content) - 100))
+    lines: list[str] = []
+    result = train(smoke_config("train.max_steps=24", "checkpoint.every_steps=8"), tmp_path, echo=lines.append)
+    warning = next(line for line in lines if line.startswith("Warning: checkpoint"))
+    assert "ckpt-16 is unreadable" in warning
+    assert any("Resuming from" in line and "ckpt-8 at step 8" in line for line in lines)
+    assert result.step == 24
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train(smoke_config("train.max_steps=8"), tmp_path, echo=quiet)
+    with pytest.raises(DivergedError) as err:
+        train(smoke_config("optimizer.learning_rate=1e12", "train.max_steps=40"), tmp_path, echo=quiet)
+    message = str(err.value)
+    assert "NaN or infinite at step" in message and "last good checkpoint is step 8" in message
+    assert checkpoint_steps(tmp_path / "checkpoints") == [8]
+
+
+def test_nan_exit_code_from_the_cli(tmp_path):
+    result = CliRunner().invoke(
+        cli, ["train", "--config", SMOKE, "--workdir", str(tmp_path), "--set", "optimizer.learning_rate=1e12"]
+    )
+    assert result.exit_code == DivergedError.exit_code == 3
+    assert "Error: the loss became NaN or infinite at step" in result.output
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip_step"])
+def test_nonfinite_step_is_stopped_on_or_skipped(policy):
+    strategy = cached_strategy("mirrored", ("/cpu:0", "/cpu:1"))
+    from trainer.config import OptimizerConfig
+
+    with strategy.scope():
+        model = build_model("paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
+        optimizer = build_optimizer(OptimizerConfig(), 10, 10, skip_nonfinite=policy == "skip_step")
+        optimizer.build(model.trainable_variables)
+    batches = np.random.default_rng(0).uniform(0, 255, (3, 8, 32, 32, 3)).astype(np.float32)
+    batches[1, 0, 0, 0, 0] = np.inf  # one poisoned example in the second step
+    labels = np.zeros((3, 8), np.int32)
+    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((batches, labels)))
+    loop = make_train_loop(
+        strategy,
+        model,
+        optimizer,
+        global_batch=8,
+        num_classes=10,
+        label_smoothing=0.0,
+        stop_flag=StopRequest().flag,
+        stop_on_nonfinite=policy == "stop",
+    )
+    iterator = iter(dataset)
+    if policy == "stop":
+        sums, steps = loop(iterator, tf.constant(3), tf.zeros([4]))
+        assert int(steps) == 2 and sums.numpy()[NONFINITE] == 1
+        return
+    snapshots, sums = [], tf.zeros([4])
+    for _ in range(3):  # one step per call, to look at the weights in between
+        sums, steps = loop(iterator, tf.constant(1), sums)
+        assert int(steps) == 1
+        snapshots.append([v.numpy().copy() for v in model.trainable_variables])
+    assert sums.numpy()[NONFINITE] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # step 2 skipped
+    assert not all(np.array_equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))  # step 3 applied
+    assert all(np.isfinite(v).all() for v in snapshots[2])
+
+
+def test_best_checkpoint_is_kept_and_selectable(tmp_path):
+    train(smoke_config(), tmp_path, echo=quiet)
+    record = __import__("json").loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())
+    evals = _scalars(tmp_path / "tensorboard" / "eval")["accuracy"]
+    best_step, best_accuracy = max(evals, key=lambda point: point[1])
+    assert record["step"] == best_step and record["accuracy"] == pytest.approx(best_accuracy)
+    result = CliRunner().invoke(cli, ["evaluate", "--workdir", str(tmp_path), "--checkpoint", "best"])
+    assert result.exit_code == 0, result.output
+    assert f"step {best_step})" in result.output
+    result = CliRunner().invoke(cli, ["evaluate", "--workdir", str(tmp_path), "--checkpoint", "7"])
+    assert result.exit_code == 2 and "no checkpoint at step 7" in result.output
+
+
+def test_two_replica_checkpoint_resumes_on_one_replica(tmp_path):
+    train(smoke_config("runtime.cpu_replicas=2", "train.max_steps=16"), tmp_path, echo=quiet)
+    lines: list[str] = []
+    result = train(smoke_config("runtime.cpu_replicas=1"), tmp_path, echo=lines.append)
+    assert any("written with 2 replica(s), this run has 1" in line for line in lines)
+    assert result.step == 48 and result.final_eval.accuracy > 0.5
+
+
+def test_time_based_checkpoints(tmp_path):
+    train(
+        smoke_config("train.epochs=1", "checkpoint.every_steps=0", "checkpoint.every_minutes=0.00001"),
+        tmp_path,
+        echo=quiet,
+    )
+    assert checkpoint_steps(tmp_path / "checkpoints") == [16, 8]
+
+
+def test_busy_workdir_is_refused(tmp_path):
+    with open(tmp_path / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write("4242")
+        handle.flush()
+        with pytest.raises(WorkdirBusyError, match=r"in use by another trainer \(pid 4242\)"):
+            train(smoke_config(), tmp_path, echo=quiet)
+
+
+def test_resume_removes_orphaned_tensorboard_points(tmp_path):
+    train(smoke_config("train.max_steps=16", "checkpoint.every_steps=8"), tmp_path, echo=quiet)
+    for path in (tmp_path / "checkpoints").glob("ckpt-16*"):
+        path.unlink()  # as if killed after logging step 16 but before saving it
+    (tmp_path / "checkpoints" / "checkpoint").unlink()
+    train(smoke_config("train.max_steps=24"), tmp_path, echo=quiet)
+    steps = [step for step, _ in _scalars(tmp_path / "tensorboard" / "train")["loss"]]
+    assert steps == [8, 16, 24]
