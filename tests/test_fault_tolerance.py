@@ -209,12 +209,12 @@ def test_nonfinite_step_is_stopped_on_or_skipped(policy):
     )
     iterator = iter(dataset)
     if policy == "stop":
-        sums, steps = loop(iterator, tf.constant(3), tf.zeros([4]))
+        sums, steps, _ = loop(iterator, tf.constant(3), tf.zeros([4]))
         assert int(steps) == 2 and sums.numpy()[NONFINITE] == 1
         return
     snapshots, sums = [], tf.zeros([4])
     for _ in range(3):  # one step per call, to look at the weights in between
-        sums, steps = loop(iterator, tf.constant(1), sums)
+        sums, steps, _ = loop(iterator, tf.constant(1), sums)
         assert int(steps) == 1
         snapshots.append([v.numpy().copy() for v in model.trainable_variables])
     assert sums.numpy()[NONFINITE] == 1

@@ -96,10 +96,15 @@ def test_stream_rebuilt_at_a_step_matches_the_uninterrupted_stream():
 def test_eval_sees_every_example_exactly_once(replicas):
     strategy = cached_strategy("mirrored", tuple(f"/cpu:{i}" for i in range(replicas)))
     dataset = strategy.distribute_datasets_from_function(eval_dataset_fn(IMAGES[:37], LABELS[:37], 8))
-    seen = []
-    for _, labels in dataset:
-        seen += [x for t in strategy.experimental_local_results(labels) for x in t.numpy().tolist()]
+    seen, shapes = [], set()
+    for _, labels, mask in dataset:
+        for replica_labels, replica_mask in zip(
+            strategy.experimental_local_results(labels), strategy.experimental_local_results(mask)
+        ):
+            shapes.add(tuple(replica_labels.shape))
+            seen += replica_labels.numpy()[replica_mask.numpy() > 0].tolist()
     assert sorted(seen) == list(range(37))
+    assert shapes == {(8 // replicas,)}  # the last batch is padded: static shapes for XLA/TPU
 
 
 def test_batch_must_divide_over_replicas():

@@ -53,8 +53,14 @@ class CheckpointStore:
         optimizer: keras.optimizers.Optimizer | None = None,
         keep: int = 3,
         num_replicas: int = 1,
+        save_directory: str | Path | None = None,
     ) -> None:
+        """Args:
+        directory: where checkpoints are read from (the chief's folder).
+        save_directory: where they are written, if elsewhere (non-chief workers).
+        """
         self.directory = Path(directory)
+        self.save_directory = Path(save_directory) if save_directory else self.directory
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         # [loss sum, correct, examples, non-finite steps] of the logging window in flight.
@@ -73,8 +79,10 @@ class CheckpointStore:
         self._for_training = optimizer is not None
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=keep)
-        self._best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.best_directory), max_to_keep=1)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.save_directory), max_to_keep=keep)
+        self._best_manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.save_directory / "best"), max_to_keep=1
+        )
         self.restored_path: str | None = None
         self.restored_replicas: int | None = None
 
@@ -147,7 +155,8 @@ class CheckpointStore:
     def save_best(self, step: int, accuracy: float) -> None:
         """Keep this state as the best so far (the caller has just saved it at `step`)."""
         self._best_manager.save(checkpoint_number=step)
-        (self.best_directory / "best.json").write_text(json.dumps({"step": step, "accuracy": accuracy}))
+        record = self.save_directory / "best" / "best.json"
+        record.write_text(json.dumps({"step": step, "accuracy": accuracy}))
 
 
 def _parse_step(which: str) -> int:

@@ -92,10 +92,16 @@ class TrainConfig:
 class RuntimeConfig:
     """Devices, distribution strategy and numeric precision."""
 
-    strategy: str = _choice("auto", "auto", "cpu", "gpu", "mirrored")
+    strategy: str = _choice("auto", "auto", "cpu", "gpu", "mirrored", "multi_worker", "tpu")
     precision: str = _choice("auto", "auto", "float32", "mixed_float16", "mixed_bfloat16")
+    # XLA for the forward/backward pass: auto = on for GPU/TPU, off on CPU (slower there).
+    jit_compile: str = _choice("auto", "auto", "true", "false")
     # Split the CPU into N logical devices and mirror across them (tests, no GPU needed).
     cpu_replicas: int = 1
+    # TPU to connect to: "" (auto: the local TPU VM if any), "local", a name or grpc://host:port.
+    tpu: str = ""
+    # Multi-worker all-reduce: auto (NCCL on GPUs, ring elsewhere), ring or nccl.
+    collective: str = _choice("auto", "auto", "ring", "nccl")
     # Turn on TensorFlow op determinism (bit-identical reruns on CPU; slower on GPU).
     deterministic: bool = False
 

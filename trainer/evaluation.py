@@ -41,7 +41,15 @@ def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, num_classes: int, lab
 class Evaluator:
     """Builds the distributed test set once and a compiled pass over it."""
 
-    def __init__(self, strategy: tf.distribute.Strategy, model, split: Split, global_batch: int, class_names):
+    def __init__(
+        self,
+        strategy: tf.distribute.Strategy,
+        model,
+        split: Split,
+        global_batch: int,
+        class_names,
+        jit_compile: bool = False,
+    ):
         check_batch_divides(global_batch, strategy.num_replicas_in_sync)
         self.strategy = strategy
         self.model = model
@@ -52,19 +60,22 @@ class Evaluator:
             eval_dataset_fn(split.images, split.labels, global_batch)
         )
 
-        def eval_step(images, labels):
+        @tf.function(jit_compile=jit_compile)
+        def eval_step(images, labels, mask):
             logits = model(tf.cast(images, tf.float32), training=False)
-            loss_sum = tf.reduce_sum(per_example_loss(labels, logits, num_classes))
+            loss_sum = tf.reduce_sum(per_example_loss(labels, logits, num_classes) * mask)
             predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            confusion = tf.math.confusion_matrix(labels, predictions, num_classes, dtype=tf.int64)
+            confusion = tf.math.confusion_matrix(
+                labels, predictions, num_classes, weights=tf.cast(mask, tf.int64), dtype=tf.int64
+            )
             return loss_sum, confusion
 
         @tf.function
         def eval_pass(dataset):
             loss_sum = tf.constant(0.0)
             confusion = tf.zeros([num_classes, num_classes], tf.int64)
-            for images, labels in dataset:
-                replica_loss, replica_confusion = strategy.run(eval_step, args=(images, labels))
+            for images, labels, mask in dataset:
+                replica_loss, replica_confusion = strategy.run(eval_step, args=(images, labels, mask))
                 loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, replica_loss, axis=None)
                 confusion += strategy.reduce(tf.distribute.ReduceOp.SUM, replica_confusion, axis=None)
             return loss_sum, confusion

@@ -1,11 +1,14 @@
 """Devices, strategy and precision: one factory turns `runtime.*` into a ready Runtime.
 
-The rest of the code only sees a `tf.distribute.Strategy`; one replica or eight run
-the same path. `describe_devices` shows what `auto` would pick and why.
+The rest of the code only sees a `tf.distribute.Strategy`; one replica, eight GPUs,
+several worker processes or a TPU run the same path. The reason for every choice is
+kept, for the console and `launch devices`.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 from dataclasses import dataclass
 
@@ -21,10 +24,19 @@ class Runtime:
     strategy: tf.distribute.Strategy
     precision: str
     reason: str  # why this strategy/precision, for the console and logs
+    device_kind: str = "cpu"  # "cpu" | "gpu" | "tpu"
+    jit_compile: bool = False
+    worker_index: int = 0
+    num_workers: int = 1
 
     @property
     def num_replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
+
+    @property
+    def is_chief(self) -> bool:
+        """Only the chief writes checkpoints, TensorBoard events, exports and metrics."""
+        return self.worker_index == 0
 
     @property
     def loss_scaling(self) -> bool:
@@ -32,30 +44,19 @@ class Runtime:
         return self.precision == "mixed_float16"
 
 
-def quiet_tensorflow(verbose: bool = False) -> None:
-    """Hide TensorFlow's start-up notices (oneDNN, CUDA probing) unless asked for.
-
-    Environment variables only take effect before TensorFlow is imported, so the CLI
-    calls this first thing.
-    """
-    if verbose:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
-
-
 def setup_runtime(config: RuntimeConfig) -> Runtime:
     """Create the strategy `config.strategy` asks for and set the global precision policy."""
     if config.cpu_replicas > 1:
         split_cpu(config.cpu_replicas)
-    gpus = tf.config.list_physical_devices("GPU")
-    strategy, reason = _build_strategy(config, len(gpus))
-    uses_gpu = config.strategy == "gpu" or (config.strategy in ("auto", "mirrored") and gpus)
-    precision, why_precision = _resolve_precision(config.precision, uses_gpu)
+    strategy, kind, reason = _build_strategy(config)
+    precision, why_precision = _resolve_precision(config.precision, kind)
     keras.mixed_precision.set_global_policy(precision)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    return Runtime(strategy, precision, f"{reason}; precision {precision} ({why_precision})")
+    jit = _resolve_jit(config.jit_compile, kind, strategy.num_replicas_in_sync)
+    worker_index, num_workers = _worker_position(strategy)
+    reason = f"{reason}; precision {precision} ({why_precision}); XLA {'on' if jit else 'off'}"
+    return Runtime(strategy, precision, reason, kind, jit, worker_index, num_workers)
 
 
 def split_cpu(replicas: int) -> None:
@@ -71,10 +72,6 @@ def split_cpu(replicas: int) -> None:
                 f"runtime.cpu_replicas={replicas} must be set before TensorFlow starts, and this "
                 f"process already runs with {available} CPU device(s); start a new process"
             ) from None
-
-
-def _cpu_devices(count: int) -> list[str]:
-    return [f"/cpu:{i}" for i in range(count)]
 
 
 _STRATEGIES: dict[tuple, tf.distribute.Strategy] = {}
@@ -96,33 +93,108 @@ def cached_strategy(kind: str, devices: tuple[str, ...] = ()) -> tf.distribute.S
     return _STRATEGIES[key]
 
 
-def _build_strategy(config: RuntimeConfig, num_gpus: int) -> tuple[tf.distribute.Strategy, str]:
+def tf_config_workers() -> int:
+    """Number of worker tasks (chief included) in $TF_CONFIG; 0 if unset."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+    except json.JSONDecodeError as err:
+        raise RuntimeSetupError(f"TF_CONFIG is not valid JSON ({err}); see the README's multi-worker section") from None
+    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def tpu_is_resolvable(config: RuntimeConfig) -> bool:
+    """A TPU is named (runtime.tpu, $TPU_NAME) or this is a TPU VM (accelerator devices)."""
+    return bool(config.tpu or os.environ.get("TPU_NAME") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _cpu_devices(count: int) -> list[str]:
+    return [f"/cpu:{i}" for i in range(count)]
+
+
+def _build_strategy(config: RuntimeConfig) -> tuple[tf.distribute.Strategy, str, str]:
     name, cpus = config.strategy, config.cpu_replicas
+    if name == "tpu" or (name == "auto" and tpu_is_resolvable(config)):
+        return (*_connect_tpu(config), f"{name}: TPUStrategy")
+    workers = tf_config_workers()
+    if name == "multi_worker" or (name == "auto" and workers > 1):
+        return _multi_worker(config, workers, name)
+    num_gpus = len(tf.config.list_physical_devices("GPU"))
     if name == "gpu" and not num_gpus:
         raise RuntimeSetupError(
             "runtime.strategy=gpu but TensorFlow sees no GPU (install the [gpu] extra and check "
             "`launch devices`), or use runtime.strategy=auto"
         )
-    if name == "cpu" or (name == "auto" and not num_gpus):
-        if cpus > 1:
-            return cached_strategy("mirrored", tuple(_cpu_devices(cpus))), (
-                f"{name}: MirroredStrategy over {cpus} logical CPU devices (runtime.cpu_replicas={cpus})"
-            )
+    if name == "cpu" or (name in ("auto", "mirrored") and not num_gpus):
+        if cpus > 1 or name == "mirrored":
+            strategy = cached_strategy("mirrored", tuple(_cpu_devices(cpus)))
+            return strategy, "cpu", f"{name}: MirroredStrategy over {cpus} logical CPU device(s) (no GPU in use)"
         why = "no GPU found" if name == "auto" else "runtime.strategy=cpu"
-        return cached_strategy("one_device", ("/cpu:0",)), f"{name}: OneDeviceStrategy on /cpu:0 ({why})"
+        return cached_strategy("one_device", ("/cpu:0",)), "cpu", f"{name}: OneDeviceStrategy on /cpu:0 ({why})"
     if name == "gpu" or (name == "auto" and num_gpus == 1):
-        return cached_strategy("one_device", ("/gpu:0",)), f"{name}: OneDeviceStrategy on /gpu:0 ({num_gpus} GPU found)"
-    if name == "mirrored" and not num_gpus:
-        return cached_strategy("mirrored", tuple(_cpu_devices(cpus))), (
-            f"mirrored: MirroredStrategy over {cpus} logical CPU device(s) (no GPU found)"
+        strategy = cached_strategy("one_device", ("/gpu:0",))
+        return strategy, "gpu", f"{name}: OneDeviceStrategy on /gpu:0 ({num_gpus} GPU(s) found)"
+    return cached_strategy("mirrored"), "gpu", f"{name}: MirroredStrategy over {num_gpus} GPUs"
+
+
+def _multi_worker(config: RuntimeConfig, workers: int, name: str) -> tuple[tf.distribute.Strategy, str, str]:
+    if workers < 1:
+        raise RuntimeSetupError(
+            "runtime.strategy=multi_worker needs TF_CONFIG describing the cluster; on one machine use "
+            "`launch train --workers N`, which writes it for each worker"
         )
-    return cached_strategy("mirrored"), f"{name}: MirroredStrategy over {num_gpus} GPUs"
+    kind = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    implementation = {
+        "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+        "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+        # NCCL is the fast path between GPUs; gRPC rings work everywhere.
+        "auto": tf.distribute.experimental.CommunicationImplementation.NCCL
+        if kind == "gpu"
+        else tf.distribute.experimental.CommunicationImplementation.RING,
+    }[config.collective]
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+    )
+    return strategy, kind, f"{name}: MultiWorkerMirroredStrategy over {workers} workers ({implementation.name})"
 
 
-def _resolve_precision(requested: str, uses_gpu: bool) -> tuple[str, str]:
+def _connect_tpu(config: RuntimeConfig) -> tuple[tf.distribute.Strategy, str]:
+    target = config.tpu or os.environ.get("TPU_NAME") or "local"
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver), "tpu"
+    except Exception as err:  # noqa: BLE001 - every failure here means "no usable TPU"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RuntimeSetupError(
+            f"no TPU could be used: tried TPUClusterResolver(tpu={target!r}) and got: {reason}. On a Cloud TPU VM "
+            "install the [tpu] extra; elsewhere set runtime.tpu to the TPU's name or grpc:// address, or use "
+            "runtime.strategy=auto"
+        ) from None
+
+
+def _worker_position(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return 0, 1
+    cluster = resolver.cluster_spec().as_dict()
+    workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    # The chief (task "chief", or worker 0 when there is none) is index 0.
+    if resolver.task_type == "chief":
+        return 0, workers
+    offset = 1 if "chief" in cluster else 0
+    return resolver.task_id + offset, workers
+
+
+def _resolve_precision(requested: str, kind: str) -> tuple[str, str]:
     if requested != "auto":
         return requested, "runtime.precision"
-    if not uses_gpu:
+    if kind == "tpu":
+        return "mixed_bfloat16", "auto: TPU"
+    if kind == "cpu":
         return "float32", "auto: CPU"
     capabilities = [
         tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
@@ -131,6 +203,15 @@ def _resolve_precision(requested: str, uses_gpu: bool) -> tuple[str, str]:
     if capabilities and min(capabilities) >= (7, 0):
         return "mixed_float16", "auto: GPUs with compute capability >= 7.0"
     return "float32", f"auto: GPU compute capability {min(capabilities, default=(0, 0))} < 7.0"
+
+
+def _resolve_jit(requested: str, kind: str, replicas: int) -> bool:
+    if requested == "auto":
+        # Measured on a 2-core CPU: XLA made training 2-3x slower there. Across several
+        # GPU replicas Keras itself turns XLA off (cross-replica ops inside compiled
+        # clusters); TPUs compile everything anyway.
+        return kind == "tpu" or (kind == "gpu" and replicas == 1)
+    return requested == "true"
 
 
 def describe_devices(config: RuntimeConfig | None = None) -> dict:
@@ -147,6 +228,8 @@ def describe_devices(config: RuntimeConfig | None = None) -> dict:
         "devices": devices,
         "strategy": type(runtime.strategy).__name__,
         "replicas": runtime.num_replicas,
+        "workers": runtime.num_workers,
         "precision": runtime.precision,
+        "jit_compile": runtime.jit_compile,
         "reason": runtime.reason,
     }

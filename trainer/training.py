@@ -14,6 +14,8 @@ Keras 3 `model.fit` is not used: it fails under MultiWorkerMirroredStrategy and 
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -72,17 +74,27 @@ def train(
     Args:
         resume_command: shown when the run is interrupted, so the user can resume.
     """
-    wd = Workdir(Path(workdir))
-    with wd.locked():
-        return _train(config, wd, fresh, echo, resume_command)
-
-
-def _train(config: Config, wd: Workdir, fresh: bool, echo: Echo, resume_command: str | None) -> TrainResult:
     started = time.perf_counter()
-    if fresh:
-        wd.clear_training_state()
+    wd = Workdir(Path(workdir))
     runtime = setup_runtime(config.runtime)
+    if not runtime.is_chief:
+        echo = _worker_echo(echo)
     echo(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
+    # Only the chief writes the workdir; the other workers read its checkpoints.
+    with wd.locked() if runtime.is_chief else contextlib.nullcontext():
+        if fresh and runtime.is_chief:
+            wd.clear_training_state()
+        _barrier(runtime)  # nobody restores before the chief has cleared
+        result = _train(config, wd, runtime, echo, resume_command, started)
+        _barrier(runtime)  # the chief's last checkpoint is complete before anyone leaves
+    if not runtime.is_chief:
+        shutil.rmtree(wd.worker_temp(runtime.worker_index), ignore_errors=True)
+    return result
+
+
+def _train(
+    config: Config, wd: Workdir, runtime: Runtime, echo: Echo, resume_command: str | None, started: float
+) -> TrainResult:
     check_batch_divides(config.data.batch_size, runtime.num_replicas)
     keras.utils.set_random_seed(config.seed)  # weight initialisation
 
@@ -92,8 +104,9 @@ def _train(config: Config, wd: Workdir, fresh: bool, echo: Echo, resume_command:
         f"{len(dataset.class_names)} classes ({time.perf_counter() - started:.1f}s)"
     )
     info = _dataset_info(dataset)
-    save_config(config, wd.config_path)
-    wd.write_dataset_info(info)
+    if runtime.is_chief:
+        save_config(config, wd.config_path)
+        wd.write_dataset_info(info)
 
     per_epoch = steps_per_epoch(len(dataset.train), config.data.batch_size)
     total_steps = config.train.epochs * per_epoch
@@ -118,12 +131,19 @@ def _train(config: Config, wd: Workdir, fresh: bool, echo: Echo, resume_command:
         )
         optimizer.build(model.trainable_variables)
     store = CheckpointStore(
-        wd.checkpoints, model=model, optimizer=optimizer, keep=config.checkpoint.keep, num_replicas=runtime.num_replicas
+        wd.checkpoints,
+        model=model,
+        optimizer=optimizer,
+        keep=config.checkpoint.keep,
+        num_replicas=runtime.num_replicas,
+        # TF needs every worker to save; the others write to a scratch folder.
+        save_directory=None if runtime.is_chief else wd.worker_temp(runtime.worker_index) / "checkpoints",
     )
     start_step = store.restore("latest", warn=echo) or 0
     if store.restored_path:
         _announce_resume(store, start_step, per_epoch, runtime.num_replicas, config.data.batch_size, echo)
-        drop_events_after(wd.tensorboard, start_step)
+        if runtime.is_chief:
+            drop_events_after(wd.tensorboard, start_step)
     if start_step >= total_steps:
         echo(
             f"Already trained to step {start_step} of {total_steps}; nothing to do (raise train.epochs or use --fresh)"
@@ -139,6 +159,18 @@ def _train(config: Config, wd: Workdir, fresh: bool, echo: Echo, resume_command:
             f"(epoch {result.step // per_epoch + 1}); checkpoint saved in {wd.checkpoints}; {how}"
         )
     return result
+
+
+def _barrier(runtime: Runtime) -> None:
+    """Wait until every worker got here (a tiny all-reduce); a no-op for one worker."""
+    if runtime.num_workers > 1:
+        strategy = runtime.strategy
+        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None).numpy()
+
+
+def _worker_echo(echo: Echo) -> Echo:
+    """Non-chief workers report only what differs from the chief: warnings and stops."""
+    return lambda line: echo(line) if line.startswith(("Strategy", "Warning", "Stopped")) else None
 
 
 def _announce_resume(store: CheckpointStore, step: int, per_epoch: int, replicas: int, batch: int, echo: Echo) -> None:
@@ -175,17 +207,21 @@ def make_train_loop(
     stop_flag: tf.Variable,
     stop_on_nonfinite: bool = True,
     check_gradients: bool = True,
+    jit_compile: bool = False,
 ):
-    """A compiled function: `train_loop(iterator, num_steps, sums) -> (sums, steps_done)`.
+    """A compiled function: `train_loop(iterator, num_steps, sums) -> (sums, steps_done, stopped)`.
 
     `sums` ([loss, correct, examples, non-finite steps]) is carried in and out so that a
     logging window split over two calls (an interruption) adds up exactly as in one.
-    The loop ends early when `stop_flag` is set, or after a non-finite step if
-    `stop_on_nonfinite`: a NaN/Inf loss, or NaN/Inf gradients where `check_gradients`
-    (off under float16 loss scaling, whose optimizer skips such steps by design).
+    The loop ends early when `stop_flag` is set on any worker (all workers agree, so
+    their collectives stay in step), or after a non-finite step if `stop_on_nonfinite`:
+    a NaN/Inf loss, or NaN/Inf gradients where `check_gradients` (off under float16 loss
+    scaling, whose optimizer skips such steps by design). With `jit_compile` the
+    forward and backward pass is compiled by XLA; the optimizer update and its
+    cross-replica reduction stay outside the compiled cluster.
     """
 
-    def train_step(images, labels):
+    def forward_backward(images, labels):
         with tf.GradientTape() as tape:
             logits = model(tf.cast(images, tf.float32), training=True)
             losses = per_example_loss(labels, logits, num_classes, label_smoothing)
@@ -194,7 +230,12 @@ def make_train_loop(
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled_loss = optimizer.scale_loss(loss)  # identity unless LossScaleOptimizer
-        gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        return tape.gradient(scaled_loss, model.trainable_variables), losses, logits
+
+    compute = tf.function(forward_backward, jit_compile=True) if jit_compile else forward_backward
+
+    def train_step(images, labels):
+        gradients, losses, logits = compute(images, labels)
         # A non-finite step is stopped on (controller) or skipped (LossScaleOptimizer).
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         context = tf.distribute.get_replica_context()
@@ -220,18 +261,25 @@ def make_train_loop(
             ]
         )
 
+    def agreed_stop():
+        """True on every worker as soon as any worker was asked to stop."""
+        requested = strategy.run(lambda: tf.cast(stop_flag.read_value(), tf.float32))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, requested, axis=None) > 0
+
     @tf.function
     def train_loop(iterator, num_steps, sums):
         steps = tf.constant(0)
         diverged = tf.constant(False)
-        while steps < num_steps and not stop_flag and not diverged:
+        stopped = agreed_stop()
+        while steps < num_steps and not stopped and not diverged:
             per_replica = strategy.run(train_step, args=next(iterator))
             step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             sums += step_sums
             steps += 1
             if stop_on_nonfinite:
                 diverged = step_sums[NONFINITE] > 0
-        return sums, steps
+            stopped = agreed_stop()
+        return sums, steps, stopped
 
     return train_loop
 
@@ -266,11 +314,17 @@ class TrainingLoop:
             stop_flag=self.stop.flag,
             stop_on_nonfinite=config.train.nan_policy == "stop",
             check_gradients=not runtime.loss_scaling,
+            jit_compile=runtime.jit_compile,
         )
         self.dataset = dataset
-        self.evaluator = Evaluator(runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names)
-        self.train_writer = tf.summary.create_file_writer(str(wd.tensorboard / "train"))
-        self.eval_writer = tf.summary.create_file_writer(str(wd.tensorboard / "eval"))
+        self.evaluator = Evaluator(
+            runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names, runtime.jit_compile
+        )
+        if runtime.is_chief:
+            self.train_writer = tf.summary.create_file_writer(str(wd.tensorboard / "train"))
+            self.eval_writer = tf.summary.create_file_writer(str(wd.tensorboard / "eval"))
+        else:
+            self.train_writer = self.eval_writer = tf.summary.create_noop_writer()
         best = store.best_record
         self.best_accuracy = best["accuracy"] if best else -1.0
 
@@ -313,7 +367,9 @@ class TrainingLoop:
                 future = worker.submit(
                     self.train_loop, iterator, tf.constant(window_end - step), tf.constant(window_sums)
                 )
-                new_sums, done = (t.numpy() for t in future.result())
+                new_sums, done, stopped = (t.numpy() for t in future.result())
+                if stopped and not self.stop.requested:
+                    self.stop.signal_name = "a signal to another worker"
                 seconds = time.perf_counter() - tick
                 epoch_sums += new_sums - window_sums
                 window_sums = new_sums
@@ -348,7 +404,7 @@ class TrainingLoop:
                 self.store.save(step, step // self.per_epoch, window_sums)
         self.train_writer.flush()
         self.eval_writer.flush()
-        if last_eval is not None:
+        if last_eval is not None and self.runtime.is_chief:
             last_eval.write(self.wd.metrics_path)
         total = time.perf_counter() - started
         if not self.stop.requested:

@@ -90,6 +90,10 @@ class Workdir:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def worker_temp(self, worker_index: int) -> Path:
+        """Scratch folder of a non-chief worker (it must save too; the chief's copy counts)."""
+        return self.root / ".worker-temp" / f"worker-{worker_index}"
+
     def clear_training_state(self) -> None:
         """`--fresh`: forget checkpoints, event files and metrics of earlier runs."""
         for path in (self.checkpoints, self.tensorboard):

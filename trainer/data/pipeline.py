@@ -125,7 +125,7 @@ def train_dataset_fn(images: np.ndarray, labels: np.ndarray, spec: InputSpec, st
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         steps = tf.data.Dataset.range(start_step, total_steps).map(batch_indices)
         return (
-            _replica_slices(steps, context, spec.global_batch, fixed_size=True)
+            _replica_slices(steps, context, spec.global_batch)
             .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
         )
@@ -134,21 +134,28 @@ def train_dataset_fn(images: np.ndarray, labels: np.ndarray, spec: InputSpec, st
 
 
 def eval_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch: int):
-    """Every example exactly once, in order; the last global batch may be partial."""
+    """Every example exactly once, in order, as (images, labels, mask).
+
+    The last global batch is padded to full size and its padding masked out: shapes stay
+    static, which TPUs and XLA need, and every replica gets a batch on every step.
+    """
     images_t, labels_t = tf.constant(images), tf.constant(labels, tf.int32)
+    num_examples = len(labels)
+
+    def pad(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        padding = global_batch - tf.shape(indices)[0]
+        return tf.constant(0, tf.int64), tf.pad(indices, [[0, padding]], constant_values=-1)
+
+    def gather(_: tf.Tensor, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        mask = indices >= 0
+        safe = tf.where(mask, indices, tf.zeros_like(indices))
+        return tf.gather(images_t, safe), tf.gather(labels_t, safe), tf.cast(mask, tf.float32)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        batches = (
-            tf.data.Dataset.range(len(labels))
-            .batch(global_batch)
-            .map(lambda indices: (tf.constant(0, tf.int64), indices))
-        )
+        batches = tf.data.Dataset.range(num_examples).batch(global_batch).map(pad)
         return (
-            _replica_slices(batches, context, global_batch, fixed_size=False)
-            .map(
-                lambda _, indices: (tf.gather(images_t, indices), tf.gather(labels_t, indices)),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
+            _replica_slices(batches, context, global_batch)
+            .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
         )
 
@@ -156,13 +163,13 @@ def eval_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch: int):
 
 
 def _replica_slices(
-    batches: tf.data.Dataset, context: tf.distribute.InputContext, global_batch: int, fixed_size: bool
+    batches: tf.data.Dataset, context: tf.distribute.InputContext, global_batch: int
 ) -> tf.data.Dataset:
     """Split each global batch of indices into the slices of this pipeline's replicas.
 
     `distribute_datasets_from_function` hands consecutive elements of a worker's dataset
     to its replicas in turn, so emitting slice r, r+1, ... per step gives replica r exactly
-    global_batch[r*b:(r+1)*b]. A partial eval batch leaves later slices short or empty.
+    global_batch[r*b:(r+1)*b]. Worker w (input pipeline w) owns replicas w*k .. w*k+k-1.
     """
     per_replica = global_batch // context.num_replicas_in_sync
     local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
@@ -171,9 +178,7 @@ def _replica_slices(
     def split(epoch: tf.Tensor, indices: tf.Tensor) -> tf.data.Dataset:
         def replica_slice(replica: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             piece = indices[replica * per_replica : (replica + 1) * per_replica]
-            if fixed_size:
-                piece = tf.ensure_shape(piece, [per_replica])
-            return epoch, piece
+            return epoch, tf.ensure_shape(piece, [per_replica])  # static shapes for XLA/TPU
 
         return tf.data.Dataset.range(first, first + local_replicas).map(replica_slice)
 
