@@ -47,6 +47,13 @@ def _load(module: str, verbose: bool):
         raise RuntimeSetupError(_INSTALL_HINT)
     if verbose or "tensorflow" in sys.modules:
         return importlib.import_module(module)
+    loaded = _import_quietly(module)
+    # TensorFlow's Python-side warnings (about its own internals) are not for users either.
+    sys.modules["tensorflow"].get_logger().setLevel("ERROR")
+    return loaded
+
+
+def _import_quietly(module: str):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # oneDNN/CPU-feature notices are printed at import, before TF's log level applies;
     # hold stderr while importing and replay it only if the import fails.
@@ -117,16 +124,41 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 )
 @_set_option
 @click.option("--fresh", is_flag=True, help="Delete this workdir's checkpoints and logs and start over.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Start N local worker processes as one multi-worker cluster (TF_CONFIG is written for each).",
+)
 @click.pass_obj
-def train(obj, config_path: str, workdir: Path | None, overrides: tuple[str, ...], fresh: bool) -> None:
+def train(obj, config_path: str, workdir: Path | None, overrides: tuple[str, ...], fresh: bool, workers: int) -> None:
     """Train a model; resumes from WORKDIR's latest checkpoint if there is one.
 
     SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit code 75);
     a second signal exits at once. A NaN/Inf loss stops the run (exit code 3).
     """
     config = _config(config_path, overrides)
-    training = _load("trainer.training", obj["verbose"])
     workdir = workdir or Path("runs") / Path(config_path).stem
+    if workers > 1:
+        from trainer.launcher import run_local_workers
+
+        command = [
+            sys.executable,
+            "-m",
+            "launch",
+            *(["-v"] if obj["verbose"] else []),
+            "train",
+            "--config",
+            config_path,
+            "--workdir",
+            str(workdir),
+            *(["--fresh"] if fresh else []),
+        ]
+        for override in (*overrides, "runtime.strategy=multi_worker"):
+            command += ["--set", override]
+        sys.exit(run_local_workers(command, workers, echo=click.echo))
+    training = _load("trainer.training", obj["verbose"])
     resume = " ".join(
         ["launch train --config", config_path, "--workdir", str(workdir)] + [f"--set {o}" for o in overrides]
     )
@@ -208,7 +240,10 @@ def devices(obj, overrides: tuple[str, ...]) -> None:
     for device in report["devices"]:
         extra = ", ".join(f"{k}={v}" for k, v in device.items() if k not in ("name", "type"))
         click.echo(f"  {device['type']:<4} {device['name']}" + (f" ({extra})" if extra else ""))
-    click.echo(f"Strategy: {report['strategy']} with {report['replicas']} replica(s); precision {report['precision']}")
+    click.echo(
+        f"Strategy: {report['strategy']} with {report['replicas']} replica(s) on {report['workers']} worker(s); "
+        f"precision {report['precision']}; XLA {'on' if report['jit_compile'] else 'off'}"
+    )
     click.echo(f"Why: {report['reason']}")
 
 

@@ -109,7 +109,7 @@ def test_data_show_writes_a_labelled_grid(tmp_path):
 def test_devices_reports_strategy(tmp_path):
     result = _run("devices")
     assert result.exit_code == 0, result.output
-    assert "OneDeviceStrategy with 1 replica(s); precision float32" in result.output
+    assert "OneDeviceStrategy with 1 replica(s) on 1 worker(s); precision float32; XLA off" in result.output
     assert "CPU" in result.output
 
 

@@ -89,6 +89,8 @@ def train(
         _barrier(runtime)  # the chief's last checkpoint is complete before anyone leaves
     if not runtime.is_chief:
         shutil.rmtree(wd.worker_temp(runtime.worker_index), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            wd.worker_temp(runtime.worker_index).parent.rmdir()  # only once the last worker left it
     return result
 
 
@@ -108,6 +110,11 @@ def _train(
         save_config(config, wd.config_path)
         wd.write_dataset_info(info)
 
+    if runtime.device_kind == "tpu" and config.train.steps_per_loop < 50:
+        echo(
+            f"Warning: train.steps_per_loop={config.train.steps_per_loop} is small for a TPU, where host round "
+            "trips dominate; use 100 or more (or one epoch)"
+        )
     per_epoch = steps_per_epoch(len(dataset.train), config.data.batch_size)
     total_steps = config.train.epochs * per_epoch
     if config.train.max_steps:
@@ -165,7 +172,12 @@ def _barrier(runtime: Runtime) -> None:
     """Wait until every worker got here (a tiny all-reduce); a no-op for one worker."""
     if runtime.num_workers > 1:
         strategy = runtime.strategy
-        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None).numpy()
+
+        @tf.function  # collectives run eagerly are slow and TensorFlow warns about them
+        def all_reduce_one():
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+        all_reduce_one()
 
 
 def _worker_echo(echo: Echo) -> Echo:

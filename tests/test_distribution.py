@@ -1,0 +1,272 @@
+"""Distribution: multi-worker sharding and equivalence, the local launcher, XLA, TPU errors, precision."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from launch.cli import cli
+from tests.conftest import REPO, smoke_config
+from trainer.config import OptimizerConfig
+from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
+from trainer.launcher import run_local_workers
+from trainer.models import build_model
+from trainer.optim import build_optimizer
+from trainer.preemption import StopRequest
+from trainer.runtime import cached_strategy
+from trainer.training import make_train_loop, train
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+N = 48
+IMAGES = np.zeros((N, 4, 4, 3), np.uint8)
+LABELS = np.arange(N, dtype=np.int32)
+
+
+def _pipeline_elements(dataset_fn, workers: int, replicas_per_worker: int):
+    """What each worker's input pipeline yields, as lists of label arrays."""
+    per_worker = []
+    for worker in range(workers):
+        context = tf.distribute.InputContext(workers, worker, workers * replicas_per_worker)
+        per_worker.append([element[1].numpy() for element in dataset_fn(context)])
+    return per_worker
+
+
+@pytest.mark.parametrize(("workers", "replicas_per_worker"), [(2, 1), (2, 2), (3, 2)])
+def test_each_training_example_is_used_once_per_epoch_across_all_workers(workers, replicas_per_worker):
+    spec = InputSpec(global_batch=12, seed=3)
+    per_epoch = N // 12
+    elements = _pipeline_elements(
+        train_dataset_fn(IMAGES, LABELS, spec, 0, 2 * per_epoch), workers, replicas_per_worker
+    )
+    for epoch in range(2):
+        seen = np.concatenate(
+            [
+                slice_
+                for worker in elements
+                for slice_ in worker[
+                    epoch * per_epoch * replicas_per_worker : (epoch + 1) * per_epoch * replicas_per_worker
+                ]
+            ]
+        )
+        assert sorted(seen.tolist()) == list(range(N))
+    # Same global batches as a single replica: the worker slices concatenate to them.
+    single = _pipeline_elements(train_dataset_fn(IMAGES, LABELS, spec, 0, 2 * per_epoch), 1, 1)[0]
+    for step, batch in enumerate(single):
+        pieces = [worker[step * replicas_per_worker + r] for worker in elements for r in range(replicas_per_worker)]
+        np.testing.assert_array_equal(np.concatenate(pieces), batch)
+
+
+def test_eval_shards_cover_the_test_set_once_across_workers():
+    elements = []
+    for worker in range(2):
+        context = tf.distribute.InputContext(2, worker, 2)
+        for _, labels, mask in eval_dataset_fn(IMAGES[:37], LABELS[:37], 8)(context):
+            elements += labels.numpy()[mask.numpy() > 0].tolist()
+    assert sorted(elements) == list(range(37))
+
+
+def _weights(checkpoint_dir, step):
+    reader = tf.train.load_checkpoint(str(checkpoint_dir / f"ckpt-{step}"))
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name.startswith("model/") and "OPTIMIZER_SLOT" not in name
+    }
+
+
+def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_path):
+    # resnet_small: synchronized BatchNorm and no Dropout, so the maths does not depend
+    # on how the global batch is split (Dropout masks are drawn per replica).
+    overrides = ("model.name=resnet_small", "model.width=8", "train.max_steps=8", "data.batch_size=32")
+    train(smoke_config(*overrides), tmp_path / "one", echo=lambda _: None)
+    train(smoke_config(*overrides, "runtime.cpu_replicas=2"), tmp_path / "two", echo=lambda _: None)
+    args = [
+        sys.executable,
+        "-m",
+        "launch",
+        "train",
+        "--config",
+        SMOKE,
+        "--workdir",
+        str(tmp_path / "workers"),
+        "--workers",
+        "2",
+    ]
+    for override in overrides:
+        args += ["--set", override]
+    done = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[worker 0] Strategy: multi_worker: MultiWorkerMirroredStrategy over 2 workers" in done.stdout
+    assert "[worker 1] Done" not in done.stdout  # only the chief reports
+
+    one, two, workers = (_weights(tmp_path / run / "checkpoints", 8) for run in ("one", "two", "workers"))
+    assert one.keys() == two.keys() == workers.keys() and len(one) > 10
+    # 2 replicas in one process and 2 worker processes: the same computation, bit for bit.
+    for name, value in two.items():
+        np.testing.assert_array_equal(workers[name], value, err_msg=name)
+    # 1 replica vs 2: every trained weight agrees to float rounding. (BatchNorm's moving
+    # statistics, which the optimizer never sees, differ by a few percent between one
+    # and several replicas: see the README.)
+    trained = [name for name in one if "moving_" not in name]
+    for name in trained:
+        np.testing.assert_allclose(two[name], one[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    # Only the chief wrote the workdir: one event file per run folder, no scratch left.
+    assert len(list((tmp_path / "workers" / "tensorboard" / "train").iterdir())) == 1
+    assert not (tmp_path / "workers" / ".worker-temp").exists()
+
+
+def _fake_worker(script: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(script)]
+
+
+def test_launcher_prefixes_output_and_returns_the_chief_exit_code():
+    lines: list[str] = []
+    code = run_local_workers(
+        _fake_worker("""
+            import json, os
+            index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+            print("hello from", index, len(json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]))
+        """),
+        3,
+        echo=lines.append,
+    )
+    assert code == 0
+    assert sorted(lines) == [f"[worker {i}] hello from {i} 3" for i in range(3)]
+
+
+def test_launcher_stops_everyone_when_one_worker_fails():
+    lines: list[str] = []
+    started = __import__("time").monotonic()
+    code = run_local_workers(
+        _fake_worker("""
+            import json, os, sys, time
+            if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1:
+                print("boom", flush=True)
+                sys.exit(7)
+            time.sleep(120)
+        """),
+        2,
+        echo=lines.append,
+        grace_seconds=5,
+    )
+    assert code == 7
+    assert "[worker 1] boom" in lines
+    assert any("worker 1 failed with exit code 7; stopping the other workers" in line for line in lines)
+    assert __import__("time").monotonic() - started < 60
+
+
+def test_xla_compiled_training_and_evaluation_run_on_cpu(tmp_path):
+    lines: list[str] = []
+    result = train(smoke_config("runtime.jit_compile=true", "train.max_steps=16"), tmp_path, echo=lines.append)
+    assert "XLA on" in lines[0]
+    assert result.final_eval.accuracy > 0.2 and np.isfinite(result.final_eval.loss)
+
+
+def test_tpu_request_without_a_tpu_is_one_line():
+    result = CliRunner().invoke(cli, ["train", "--config", SMOKE, "--set", "runtime.strategy=tpu"])
+    assert result.exit_code == 2
+    assert "no TPU could be used: tried TPUClusterResolver(tpu='local')" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_multi_worker_without_a_cluster_is_one_line(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = CliRunner().invoke(cli, ["train", "--config", SMOKE, "--set", "runtime.strategy=multi_worker"])
+    assert result.exit_code == 2 and "launch train --workers N" in result.output
+
+
+def test_loss_scale_adapts_when_a_float16_gradient_overflows():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        strategy = cached_strategy("one_device", ("/cpu:0",))
+        with strategy.scope():
+            model = build_model(
+                "paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4
+            )
+            optimizer = build_optimizer(OptimizerConfig(learning_rate=0.01), 10, 10, loss_scaling=True)
+            optimizer.build(model.trainable_variables)
+        rng = np.random.default_rng(0)
+        batches = rng.uniform(0, 1, (2, 8, 32, 32, 3)).astype(np.float32)
+        batches[1] *= 6e4  # activations past float16's range: the gradients overflow
+        dataset = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices((batches, np.zeros((2, 8), np.int32)))
+        )
+        loop = make_train_loop(
+            strategy,
+            model,
+            optimizer,
+            global_batch=8,
+            num_classes=10,
+            label_smoothing=0.0,
+            stop_flag=StopRequest().flag,
+            check_gradients=False,
+        )
+        iterator = iter(dataset)
+        loop(iterator, tf.constant(1), tf.zeros([4]))
+        scale_before = float(optimizer.dynamic_scale.numpy())
+        weights_before = [v.numpy().copy() for v in model.trainable_variables]
+        loop(iterator, tf.constant(1), tf.zeros([4]))
+        assert float(optimizer.dynamic_scale.numpy()) == scale_before / 2  # overflow: scale halved...
+        assert all(np.array_equal(a, v.numpy()) for a, v in zip(weights_before, model.trainable_variables))
+        assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)  # ...and step skipped
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_one_replica_checkpoint_resumes_on_two_replicas(tmp_path):
+    train(smoke_config("train.max_steps=16"), tmp_path, echo=lambda _: None)
+    lines: list[str] = []
+    result = train(smoke_config("runtime.cpu_replicas=2"), tmp_path, echo=lines.append)
+    assert any("written with 1 replica(s), this run has 2" in line for line in lines)
+    assert result.step == 48 and result.final_eval.accuracy > 0.5
+
+
+def test_sigterm_to_the_launcher_stops_all_workers_at_one_checkpoint(tmp_path):
+    import signal
+    import time
+
+    from trainer.checkpoints import checkpoint_steps
+
+    args = [
+        sys.executable,
+        "-m",
+        "launch",
+        "train",
+        "--config",
+        SMOKE,
+        "--workdir",
+        str(tmp_path),
+        "--workers",
+        "2",
+        "--set",
+        "data.synthetic_train_size=4096",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "model.width=32",
+        "--set",
+        "checkpoint.every_steps=10",
+        "--set",
+        "train.steps_per_loop=5",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not checkpoint_steps(tmp_path / "checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.stdout.read()
+    assert launcher.wait(timeout=120) == 75, output
+    stops = [line for line in output.splitlines() if "Stopped by" in line]
+    assert len(stops) == 2, output  # both workers stopped...
+    steps = {line.split(" at step ")[1].split()[0] for line in stops}
+    assert len(steps) == 1  # ...at the same step
+    assert int(steps.pop()) in checkpoint_steps(tmp_path / "checkpoints")

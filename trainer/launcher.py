@@ -1,0 +1,135 @@
+"""`launch train --workers N`: N local worker processes forming one multi-worker cluster.
+
+Each worker gets a TF_CONFIG naming all N on free localhost ports and its own index
+(worker 0 is the chief). Output is prefixed `[worker i]`. If a worker fails, the
+others are stopped and the failure's exit code is returned; otherwise the chief's.
+SIGTERM/SIGINT to the launcher are forwarded once to every worker, which then stop
+together at a checkpoint; a second signal kills them. The workers run in their own
+process groups, so a terminal's Ctrl-C reaches them once, through the launcher.
+
+This module needs no TensorFlow: it only starts and watches processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+Echo = Callable[[str], None]
+# Exit codes that mean "the worker did what it was asked": done, or stopped to resume later.
+_CLEAN_EXITS = (0, 75)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS reports free now (bound to port 0 and released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("localhost", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def tf_config(ports: Sequence[int], index: int) -> str:
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+
+
+def run_local_workers(command: Sequence[str], num_workers: int, echo: Echo = print, grace_seconds: float = 20) -> int:
+    """Run `command` as `num_workers` cooperating workers; returns the run's exit code."""
+    ports = free_ports(num_workers)
+    lock = threading.Lock()
+    workers = []
+    for index in range(num_workers):
+        env = {**os.environ, "TF_CONFIG": tf_config(ports, index), "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(
+            list(command),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        thread = threading.Thread(target=_relay, args=(process, f"[worker {index}] ", echo, lock), daemon=True)
+        thread.start()
+        workers.append((process, thread))
+    processes = [process for process, _ in workers]
+    forwarded = _forward_signals(processes)
+    try:
+        code = _wait(processes, echo, lock, grace_seconds)
+    finally:
+        forwarded.restore()
+        for _, thread in workers:
+            thread.join(timeout=5)
+    return code
+
+
+def _relay(process: subprocess.Popen, prefix: str, echo: Echo, lock: threading.Lock) -> None:
+    for line in process.stdout:
+        with lock:
+            echo(prefix + line.rstrip("\n"))
+
+
+def _wait(processes: list[subprocess.Popen], echo: Echo, lock: threading.Lock, grace_seconds: float) -> int:
+    while True:
+        codes = [process.poll() for process in processes]
+        failed = [(index, code) for index, code in enumerate(codes) if code is not None and code not in _CLEAN_EXITS]
+        if failed:
+            index, code = failed[0]
+            with lock:
+                echo(f"worker {index} failed with exit code {code}; stopping the other workers")
+            _stop_all(processes, grace_seconds)
+            return code
+        if all(code is not None for code in codes):
+            return codes[0]  # the chief's
+        time.sleep(0.1)
+
+
+def _stop_all(processes: list[subprocess.Popen], grace_seconds: float) -> None:
+    """SIGTERM (a clean stop where possible), then SIGKILL after the grace period.
+
+    A worker blocked in a collective with a dead peer cannot stop cleanly: it is killed.
+    """
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class _forward_signals:  # noqa: N801 - used like a function
+    """Pass the launcher's first SIGTERM/SIGINT to every worker; kill them on the second."""
+
+    def __init__(self, processes: list[subprocess.Popen]) -> None:
+        self.processes, self.count, self.previous = processes, 0, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.count += 1
+        for process in self.processes:
+            if process.poll() is None:
+                if self.count == 1:
+                    process.send_signal(signal.SIGTERM)
+                else:
+                    process.kill()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
