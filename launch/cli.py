@@ -131,39 +131,62 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     type=click.IntRange(1, 64),
     help="Start N local worker processes as one multi-worker cluster (TF_CONFIG is written for each).",
 )
+@click.option(
+    "--profile-steps",
+    metavar="START:END",
+    help="Trace these global steps with the TensorFlow profiler (sets tensorboard.profile_steps).",
+)
+@click.option(
+    "--tensorboard", "with_tensorboard", is_flag=True, help="Start TensorBoard beside the run and print its URL."
+)
 @click.pass_obj
-def train(obj, config_path: str, workdir: Path | None, overrides: tuple[str, ...], fresh: bool, workers: int) -> None:
+def train(
+    obj,
+    config_path: str,
+    workdir: Path | None,
+    overrides: tuple[str, ...],
+    fresh: bool,
+    workers: int,
+    profile_steps: str | None,
+    with_tensorboard: bool,
+) -> None:
     """Train a model; resumes from WORKDIR's latest checkpoint if there is one.
 
     SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit code 75);
     a second signal exits at once. A NaN/Inf loss stops the run (exit code 3).
     """
+    if profile_steps:
+        overrides = (*overrides, f"tensorboard.profile_steps={profile_steps}")
     config = _config(config_path, overrides)
     workdir = workdir or Path("runs") / Path(config_path).stem
+    server = None
+    if with_tensorboard:
+        from trainer.launcher import start_tensorboard
+
+        server = start_tensorboard(str(workdir / "tensorboard"), echo=click.echo)
+    try:
+        code = _run_training(obj["verbose"], config_path, config, workdir, overrides, fresh, workers)
+    finally:
+        if server is not None:
+            server.terminate()
+    sys.exit(code)
+
+
+def _run_training(verbose: bool, config_path: str, config, workdir: Path, overrides, fresh: bool, workers: int) -> int:
+    """One process, or `workers` local processes re-running this command as a cluster."""
     if workers > 1:
         from trainer.launcher import run_local_workers
 
-        command = [
-            sys.executable,
-            "-m",
-            "launch",
-            *(["-v"] if obj["verbose"] else []),
-            "train",
-            "--config",
-            config_path,
-            "--workdir",
-            str(workdir),
-            *(["--fresh"] if fresh else []),
-        ]
+        command = [sys.executable, "-m", "launch", *(["-v"] if verbose else []), "train"]
+        command += ["--config", config_path, "--workdir", str(workdir), *(["--fresh"] if fresh else [])]
         for override in (*overrides, "runtime.strategy=multi_worker"):
             command += ["--set", override]
-        sys.exit(run_local_workers(command, workers, echo=click.echo))
-    training = _load("trainer.training", obj["verbose"])
+        return run_local_workers(command, workers, echo=click.echo)
+    training = _load("trainer.training", verbose)
     resume = " ".join(
         ["launch train --config", config_path, "--workdir", str(workdir)] + [f"--set {o}" for o in overrides]
     )
-    result = training.train(config, workdir, fresh=fresh, echo=click.echo, resume_command=resume)
-    sys.exit(result.exit_code)
+    return training.train(config, workdir, fresh=fresh, echo=click.echo, resume_command=resume).exit_code
 
 
 @cli.command()

@@ -17,6 +17,7 @@ from trainer.config import OptimizerConfig
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
 from trainer.launcher import run_local_workers
 from trainer.models import build_model
+from trainer.monitoring import NUM_SUMS
 from trainer.optim import build_optimizer
 from trainer.preemption import StopRequest
 from trainer.runtime import cached_strategy
@@ -210,10 +211,10 @@ def test_loss_scale_adapts_when_a_float16_gradient_overflows():
             check_gradients=False,
         )
         iterator = iter(dataset)
-        loop(iterator, tf.constant(1), tf.zeros([4]))
+        loop(iterator, tf.constant(1), tf.zeros([NUM_SUMS]))
         scale_before = float(optimizer.dynamic_scale.numpy())
         weights_before = [v.numpy().copy() for v in model.trainable_variables]
-        loop(iterator, tf.constant(1), tf.zeros([4]))
+        loop(iterator, tf.constant(1), tf.zeros([NUM_SUMS]))
         assert float(optimizer.dynamic_scale.numpy()) == scale_before / 2  # overflow: scale halved...
         assert all(np.array_equal(a, v.numpy()) for a, v in zip(weights_before, model.trainable_variables))
         assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)  # ...and step skipped

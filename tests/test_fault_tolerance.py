@@ -20,10 +20,11 @@ from tests.conftest import REPO, smoke_config
 from trainer.checkpoints import checkpoint_steps
 from trainer.errors import DivergedError, WorkdirBusyError
 from trainer.models import build_model
+from trainer.monitoring import NONFINITE, NUM_SUMS
 from trainer.optim import build_optimizer
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.runtime import cached_strategy
-from trainer.training import NONFINITE, make_train_loop, train
+from trainer.training import make_train_loop, train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # 64 steps per epoch, 128 in all, deterministic ops: long enough to interrupt.
@@ -73,14 +74,21 @@ def _checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
     }
 
 
+_WALL_CLOCK_TAGS = ("images_per_second", "step_time_seconds")  # differ between runs by nature
+
+
 def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
     events.Reload()
-    return {
-        tag: [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
-        for tag in events.Tags()["tensors"]
-        if tag != "images_per_second"  # wall-clock speed differs between runs by nature
-    }
+    scalars = {}
+    for tag in events.Tags()["tensors"]:
+        points = events.Tensors(tag)
+        if tag in _WALL_CLOCK_TAGS or points[0].tensor_proto.tensor_shape.dim:
+            continue  # images, histograms and text are not scalars
+        if points[0].tensor_proto.dtype != tf.float32.as_datatype_enum:
+            continue
+        scalars[tag] = [(e.step, float(make_ndarray(e.tensor_proto))) for e in points]
+    return scalars
 
 
 def test_sigterm_and_resume_give_bit_identical_weights_and_metrics(tmp_path):
@@ -209,10 +217,10 @@ def test_nonfinite_step_is_stopped_on_or_skipped(policy):
     )
     iterator = iter(dataset)
     if policy == "stop":
-        sums, steps, _ = loop(iterator, tf.constant(3), tf.zeros([4]))
+        sums, steps, _ = loop(iterator, tf.constant(3), tf.zeros([NUM_SUMS]))
         assert int(steps) == 2 and sums.numpy()[NONFINITE] == 1
         return
-    snapshots, sums = [], tf.zeros([4])
+    snapshots, sums = [], tf.zeros([NUM_SUMS])
     for _ in range(3):  # one step per call, to look at the weights in between
         sums, steps, _ = loop(iterator, tf.constant(1), sums)
         assert int(steps) == 1

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.errors import CheckpointError
+from trainer.monitoring import NUM_SUMS
 
 _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.index$")
 
@@ -63,8 +64,8 @@ class CheckpointStore:
         self.save_directory = Path(save_directory) if save_directory else self.directory
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        # [loss sum, correct, examples, non-finite steps] of the logging window in flight.
-        self.window_sums = tf.Variable(tf.zeros([4]), trainable=False, name="window_sums")
+        # Metric sums of the logging window in flight (trainer.monitoring.NUM_SUMS of them).
+        self.window_sums = tf.Variable(tf.zeros([NUM_SUMS]), trainable=False, name="window_sums")
         self.replicas = tf.Variable(num_replicas, dtype=tf.int64, trainable=False, name="replicas")
         objects = {
             "model": model,
@@ -149,7 +150,7 @@ class CheckpointStore:
     def save(self, step: int, epoch: int, window_sums: np.ndarray | None = None) -> str:
         self.step.assign(step)
         self.epoch.assign(epoch)
-        self.window_sums.assign(np.zeros(4, np.float32) if window_sums is None else window_sums)
+        self.window_sums.assign(np.zeros(NUM_SUMS, np.float32) if window_sums is None else window_sums)
         return self.manager.save(checkpoint_number=step)
 
     def save_best(self, step: int, accuracy: float) -> None:

@@ -121,6 +121,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """What goes to WORKDIR/tensorboard beyond the basic scalars."""
+
+    # Training scalars every N steps: a multiple of train.steps_per_loop (0 = every loop).
+    every_steps: int = 0
+    # Histograms of weights and activations every N steps (0 = off; they cost time and disk).
+    histogram_every_steps: int = 0
+    # Global steps "START:END" to trace with the TensorFlow profiler ("" = off).
+    profile_steps: str = ""
+    # Input grid at the start; confusion matrix and misclassified images at each eval.
+    images: bool = True
+
+
+@dataclass
 class Config:
     """One experiment: everything `launch train` needs besides the workdir."""
 
@@ -131,6 +145,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
 
 # Lower bounds checked after loading: key -> (minimum, inclusive).
@@ -156,6 +171,8 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "checkpoint.every_steps": (0, True),
     "checkpoint.every_minutes": (0, True),
     "checkpoint.keep": (1, True),
+    "tensorboard.every_steps": (0, True),
+    "tensorboard.histogram_every_steps": (0, True),
 }
 
 
@@ -218,8 +235,28 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be {relation} {minimum}, got {value}")
     if config.optimizer.label_smoothing >= 1:
         raise ConfigError(f"optimizer.label_smoothing must be < 1, got {config.optimizer.label_smoothing}")
+    spl, every = config.train.steps_per_loop, config.tensorboard.every_steps
+    if every % spl:
+        raise ConfigError(
+            f"tensorboard.every_steps={every} must be a multiple of train.steps_per_loop={spl} "
+            "(scalars are written between compiled calls)"
+        )
+    if config.tensorboard.profile_steps:
+        profile_range(config.tensorboard.profile_steps)
     if config.data.source == "folder" and not config.data.path:
         raise ConfigError("data.source=folder needs data.path (a folder with train/<class>/ and test/<class>/)")
+
+
+def profile_range(text: str) -> tuple[int, int]:
+    """Parse "START:END" global steps for the profiler."""
+    start, sep, end = text.partition(":")
+    try:
+        first, last = int(start), int(end)
+    except ValueError:
+        first = last = -1
+    if not sep or first < 0 or last <= first:
+        raise ConfigError(f"tensorboard.profile_steps must look like START:END with 0 <= START < END, got {text!r}")
+    return first, last
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -133,3 +134,26 @@ class _forward_signals:  # noqa: N801 - used like a function
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def start_tensorboard(logdir: str, echo: Echo = print) -> subprocess.Popen | None:
+    """`launch train --tensorboard`: TensorBoard on a free localhost port beside the run."""
+    port = free_ports(1)[0]
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(logdir),
+        "--port",
+        str(port),
+        "--host",
+        "localhost",
+    ]
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as err:
+        echo(f"Warning: could not start TensorBoard ({err}); run: tensorboard --logdir {logdir}")
+        return None
+    echo(f"TensorBoard: http://localhost:{port}/ (logdir {logdir}; stops with this run)")
+    return process

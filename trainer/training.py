@@ -30,10 +30,28 @@ import tensorflow as tf
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, save_config
 from trainer.data import Dataset, load_dataset
-from trainer.data.pipeline import InputSpec, check_batch_divides, normalization_stats, steps_per_epoch, train_dataset_fn
+from trainer.data.pipeline import (
+    InputSpec,
+    augment_batch,
+    check_batch_divides,
+    normalization_stats,
+    steps_per_epoch,
+    train_dataset_fn,
+)
 from trainer.errors import DivergedError
 from trainer.evaluation import EvalMetrics, Evaluator, per_example_loss
+from trainer.flops import peak_flops, training_flops_per_example
 from trainer.models import build_model
+from trainer.monitoring import (
+    CORRECT,
+    COUNT,
+    LOSS,
+    NONFINITE,
+    NUM_SUMS,
+    STEPS,
+    Monitor,
+    misclassified_examples,
+)
 from trainer.optim import build_optimizer, current_learning_rate
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.runtime import Runtime, setup_runtime
@@ -41,9 +59,6 @@ from trainer.summaries import drop_events_after
 from trainer.workdir import DatasetInfo, Workdir
 
 Echo = Callable[[str], None]
-
-# Indices into the per-window sums the compiled loop returns.
-LOSS, CORRECT, COUNT, NONFINITE = range(4)
 
 
 @dataclass
@@ -84,9 +99,9 @@ def train(
     with wd.locked() if runtime.is_chief else contextlib.nullcontext():
         if fresh and runtime.is_chief:
             wd.clear_training_state()
-        _barrier(runtime)  # nobody restores before the chief has cleared
+        _barrier(runtime, "start")  # nobody restores before the chief has cleared
         result = _train(config, wd, runtime, echo, resume_command, started)
-        _barrier(runtime)  # the chief's last checkpoint is complete before anyone leaves
+        _barrier(runtime, "end")  # nobody leaves while a peer may still pull data from it
     if not runtime.is_chief:
         shutil.rmtree(wd.worker_temp(runtime.worker_index), ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -168,16 +183,17 @@ def _train(
     return result
 
 
-def _barrier(runtime: Runtime) -> None:
-    """Wait until every worker got here (a tiny all-reduce); a no-op for one worker."""
+def _barrier(runtime: Runtime, name: str) -> None:
+    """Wait until every worker got here; a no-op for one worker.
+
+    This goes through TensorFlow's coordination service (the chief answers every
+    worker), not a collective: a worker that leaves right after its last collective can
+    take away data a slower peer has not pulled yet, which aborts the peer.
+    """
     if runtime.num_workers > 1:
-        strategy = runtime.strategy
+        from tensorflow.python.eager import context  # no public API for the coordination service yet
 
-        @tf.function  # collectives run eagerly are slow and TensorFlow warns about them
-        def all_reduce_one():
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
-
-        all_reduce_one()
+        context.context().wait_at_barrier(f"trainer_{name}", timeout_in_ms=30 * 60 * 1000)
 
 
 def _worker_echo(echo: Echo) -> Echo:
@@ -223,7 +239,8 @@ def make_train_loop(
 ):
     """A compiled function: `train_loop(iterator, num_steps, sums) -> (sums, steps_done, stopped)`.
 
-    `sums` ([loss, correct, examples, non-finite steps]) is carried in and out so that a
+    `sums` ([loss, correct, examples, non-finite steps, gradient norm, steps]; see
+    trainer.monitoring for the indices) is carried in and out so that a
     logging window split over two calls (an interruption) adds up exactly as in one.
     The loop ends early when `stop_flag` is set on any worker (all workers agree, so
     their collectives stay in step), or after a non-finite step if `stop_on_nonfinite`:
@@ -246,6 +263,10 @@ def make_train_loop(
 
     compute = tf.function(forward_backward, jit_compile=True) if jit_compile else forward_backward
 
+    def loss_scale():
+        scale = getattr(optimizer, "dynamic_scale", None)  # LossScaleOptimizer only
+        return tf.cast(scale, tf.float32) if scale is not None else 1.0
+
     def train_step(images, labels):
         gradients, losses, logits = compute(images, labels)
         # A non-finite step is stopped on (controller) or skipped (LossScaleOptimizer).
@@ -263,15 +284,19 @@ def make_train_loop(
         # Overflowing float16 gradients are routine under loss scaling: not a divergence.
         flagged = bad_loss | (bad[1] & check_gradients)
         correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
-        return tf.stack(
-            [
-                tf.where(bad_loss, 0.0, tf.reduce_sum(losses)),
-                tf.where(bad_loss, 0.0, tf.reduce_sum(tf.cast(correct, tf.float32))),
-                tf.where(bad_loss, 0.0, tf.cast(tf.size(labels), tf.float32)),
-                # Summed over replicas this counts the step once.
-                tf.cast(flagged, tf.float32) / context.num_replicas_in_sync,
-            ]
-        )
+        # Norm of this replica's (unscaled) gradient; summed over replicas below, which is
+        # exact for one replica and an upper bound of the global gradient's norm for several.
+        grad_norm = tf.linalg.global_norm(gradients) / loss_scale()
+        once = 1.0 / context.num_replicas_in_sync  # summed over replicas: counts the step once
+        sums = [
+            tf.where(bad_loss, 0.0, tf.reduce_sum(losses)),
+            tf.where(bad_loss, 0.0, tf.reduce_sum(tf.cast(correct, tf.float32))),
+            tf.where(bad_loss, 0.0, tf.cast(tf.size(labels), tf.float32)),
+            tf.cast(flagged, tf.float32) * once,
+            tf.where(bad[1], 0.0, grad_norm),
+            tf.constant(once),
+        ]
+        return tf.stack(sums)
 
     def agreed_stop():
         """True on every worker as soon as any worker was asked to stop."""
@@ -297,7 +322,7 @@ def make_train_loop(
 
 
 class TrainingLoop:
-    """The controller: owns when to log, evaluate and checkpoint, and how to stop."""
+    """The controller: owns when to log, evaluate, checkpoint and profile, and how to stop."""
 
     def __init__(
         self,
@@ -332,66 +357,80 @@ class TrainingLoop:
         self.evaluator = Evaluator(
             runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names, runtime.jit_compile
         )
-        if runtime.is_chief:
-            self.train_writer = tf.summary.create_file_writer(str(wd.tensorboard / "train"))
-            self.eval_writer = tf.summary.create_file_writer(str(wd.tensorboard / "eval"))
-        else:
-            self.train_writer = self.eval_writer = tf.summary.create_noop_writer()
+        self.monitor = Monitor(config, wd.tensorboard, runtime.is_chief, list(dataset.class_names))
+        self.log_every = config.tensorboard.every_steps or config.train.steps_per_loop
+        self.flops_per_step = training_flops_per_example(model) * self.global_batch
+        self.peak = peak_flops(_accelerator_names(runtime), runtime.precision)
         best = store.best_record
         self.best_accuracy = best["accuracy"] if best else -1.0
+        self.best_step = best["step"] if best else None
 
     def _iterator(self, start_step: int):
-        spec = InputSpec(
+        spec = self._input_spec()
+        fn = train_dataset_fn(self.dataset.train.images, self.dataset.train.labels, spec, start_step, self.total_steps)
+        return iter(self.runtime.strategy.distribute_datasets_from_function(fn))
+
+    def _input_spec(self) -> InputSpec:
+        return InputSpec(
             global_batch=self.global_batch,
             seed=self.config.seed,
             augment=self.config.data.augment,
             crop_padding=self.config.data.crop_padding,
         )
-        fn = train_dataset_fn(self.dataset.train.images, self.dataset.train.labels, spec, start_step, self.total_steps)
-        return iter(self.runtime.strategy.distribute_datasets_from_function(fn))
 
-    def _window_end(self, step: int) -> int:
-        """Where the logging window containing `step` ends; independent of restarts."""
+    def _call_end(self, step: int) -> int:
+        """Where the compiled call starting at `step` ends; independent of restarts."""
         spl = self.config.train.steps_per_loop
         stops = [self.total_steps, (step // self.per_epoch + 1) * self.per_epoch, (step // spl + 1) * spl]
         every = self.config.checkpoint.every_steps
         if every:
             stops.append((step // every + 1) * every)
+        stops += [boundary for boundary in self.monitor.profile_boundaries() if boundary > step]
         return min(stops)
 
     def run(self, start_step: int, window_sums: np.ndarray, started: float) -> TrainResult:
         iterator = self._iterator(start_step)
+        self._start_monitor(start_step)
         step, last_eval, saved_step = start_step, None, start_step
         last_save_time = time.monotonic()
-        speed = _Speed()
-        progress, epoch_sums = None, np.zeros(4)
+        speed, window_seconds = _Speed(), 0.0
+        progress, epoch_sums = None, np.zeros(NUM_SUMS)
         epochs = -(-self.total_steps // self.per_epoch)
+        stopped = False
         with self.stop, ThreadPoolExecutor(1, thread_name_prefix="train-loop") as worker:
-            while step < self.total_steps and not self.stop.requested:
+            # Leave only on the stop the workers agreed on inside the compiled call: a local
+            # signal between two calls must not let one worker skip a call its peers make.
+            while step < self.total_steps and not stopped:
                 epoch = step // self.per_epoch
                 if progress is None:
                     self.echo(f"Epoch {epoch + 1}/{epochs}")
                     progress = progress_bar(min(self.per_epoch, self.total_steps - epoch * self.per_epoch), self.echo)
-                    epoch_start, epoch_sums = epoch * self.per_epoch, np.zeros(4)
-                window_end = self._window_end(step)
+                    epoch_start, epoch_sums = epoch * self.per_epoch, np.zeros(NUM_SUMS)
+                self.monitor.update_profiler(step)
+                call_end = self._call_end(step)
                 tick = time.perf_counter()
                 # The worker runs the compiled call; the main thread stays free to take signals.
                 future = worker.submit(
-                    self.train_loop, iterator, tf.constant(window_end - step), tf.constant(window_sums)
+                    self.train_loop, iterator, tf.constant(call_end - step), tf.constant(window_sums)
                 )
                 new_sums, done, stopped = (t.numpy() for t in future.result())
+                seconds = time.perf_counter() - tick
                 if stopped and not self.stop.requested:
                     self.stop.signal_name = "a signal to another worker"
-                seconds = time.perf_counter() - tick
+                if stopped and not done:
+                    break
                 epoch_sums += new_sums - window_sums
-                window_sums = new_sums
-                step += int(done)
+                window_sums, window_seconds = new_sums, window_seconds + seconds
+                previous, step = step, step + int(done)
                 speed.add(int(done) * self.global_batch, seconds)
                 self._check_finite(window_sums, step, saved_step)
-                if step < window_end:  # stopped mid-window: keep its sums for the resumed run
+                if step < call_end:  # stopped mid-call: keep the window's sums for the resumed run
                     continue
-                self._log_train(step, window_sums, int(done) * self.global_batch / seconds)
-                window_sums = np.zeros(4, np.float32)
+                epoch_done = step % self.per_epoch == 0 or step == self.total_steps
+                if step % self.log_every == 0 or epoch_done:
+                    self._log_train(step, window_sums, window_seconds)
+                    window_sums, window_seconds = np.zeros(NUM_SUMS, np.float32), 0.0
+                self._maybe_histograms(previous, step)
                 if epoch_sums[COUNT]:
                     progress.update(
                         step - epoch_start,
@@ -401,30 +440,46 @@ class TrainingLoop:
                             ("img/s", round(speed.last)),
                         ],
                     )
-                epoch_done = step % self.per_epoch == 0 or step == self.total_steps
                 evaluated = None
                 if epoch_done:
                     progress = None
                     if (epoch + 1) % self.config.train.eval_every_epochs == 0 or step == self.total_steps:
                         last_eval = evaluated = self._evaluate(step)
                 if self._save_due(step, epoch_done, last_save_time):
-                    self.store.save(step, step // self.per_epoch)
+                    self.store.save(step, step // self.per_epoch, window_sums)
                     saved_step, last_save_time = step, time.monotonic()
                     if evaluated is not None:
                         self._maybe_keep_best(step, evaluated)
-            if self.stop.requested and step != saved_step:
+            self.monitor.update_profiler(step)
+            if stopped and step != saved_step:
                 self.store.save(step, step // self.per_epoch, window_sums)
-        self.train_writer.flush()
-        self.eval_writer.flush()
+        self.monitor.close()
         if last_eval is not None and self.runtime.is_chief:
             last_eval.write(self.wd.metrics_path)
         total = time.perf_counter() - started
-        if not self.stop.requested:
-            self.echo(
-                f"Done: step {step}, {total:.0f}s in all, {speed.mean:.0f} img/s; checkpoints in "
-                f"{self.wd.checkpoints}; TensorBoard: tensorboard --logdir {self.wd.tensorboard}"
-            )
-        return TrainResult(step, self.total_steps, total, speed.mean, last_eval, self.wd.root, self.stop.signal_name)
+        stopped_by = self.stop.signal_name if step < self.total_steps else None  # a late signal changes nothing
+        result = TrainResult(step, self.total_steps, total, speed.mean, last_eval, self.wd.root, stopped_by)
+        if not stopped_by:
+            self.echo(self._summary(result))
+        return result
+
+    def _start_monitor(self, step: int) -> None:
+        if not self.runtime.is_chief:
+            return
+        count = min(32, len(self.dataset.train))
+        images = (
+            augment_batch(
+                tf.constant(self.dataset.train.images[:count]),
+                tf.range(count, dtype=tf.int64),
+                tf.constant(0, tf.int64),
+                seed=self.config.seed,
+                num_examples=len(self.dataset.train),
+                crop_padding=self.config.data.crop_padding,
+            ).numpy()
+            if self.config.data.augment
+            else self.dataset.train.images[:count]
+        )
+        self.monitor.start(step, environment(self.runtime), images, self.dataset.train.labels[:count])
 
     def _save_due(self, step: int, epoch_done: bool, last_save_time: float) -> bool:
         every, minutes = self.config.checkpoint.every_steps, self.config.checkpoint.every_minutes
@@ -445,21 +500,37 @@ class TrainingLoop:
             )
         self.echo(f"Warning: skipped {int(sums[NONFINITE])} step(s) with a non-finite loss before step {step}")
 
-    def _log_train(self, step: int, sums: np.ndarray, images_per_second: float) -> None:
-        with self.train_writer.as_default(step=step):
-            if sums[COUNT]:
-                tf.summary.scalar("loss", sums[LOSS] / sums[COUNT])
-                tf.summary.scalar("accuracy", sums[CORRECT] / sums[COUNT])
-            tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
-            tf.summary.scalar("images_per_second", images_per_second)
-            tf.summary.scalar("epoch", step / self.per_epoch)
+    def _log_train(self, step: int, sums: np.ndarray, seconds: float) -> None:
+        steps = max(float(sums[STEPS]), 1.0)
+        extra = {
+            "learning_rate": current_learning_rate(self.optimizer),
+            "images_per_second": steps * self.global_batch / seconds if seconds else 0.0,
+            "step_time_seconds": seconds / steps,
+            "examples_seen": float(step * self.global_batch),
+            "epoch": step / self.per_epoch,
+        }
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        if scale is not None:
+            extra["loss_scale"] = float(scale.numpy())
+        if self.peak and seconds:
+            extra["model_flops_utilization"] = self.flops_per_step * steps / seconds / self.peak
+        self.monitor.log_train(step, sums, seconds, extra)
+
+    def _maybe_histograms(self, previous: int, step: int) -> None:
+        every = self.config.tensorboard.histogram_every_steps
+        if every and step // every > previous // every and self.runtime.is_chief:
+            self.monitor.log_histograms(step, self.model, self.dataset.test.images[:64].astype(np.float32))
 
     def _evaluate(self, step: int) -> EvalMetrics:
         tick = time.perf_counter()
         metrics = self.evaluator(step)
-        with self.eval_writer.as_default(step=step):
-            tf.summary.scalar("loss", metrics.loss)
-            tf.summary.scalar("accuracy", metrics.accuracy)
+        misclassified = None
+        if self.runtime.is_chief and self.config.tensorboard.images:
+            test = self.dataset.test
+            misclassified = misclassified_examples(
+                self.model, test.images[:256], test.labels[:256], list(self.dataset.class_names)
+            )
+        self.monitor.log_eval(step, metrics, misclassified)
         self.echo(
             f"Eval at step {step}: accuracy {metrics.accuracy:.2%}, loss {metrics.loss:.4f} "
             f"({metrics.examples} images, {time.perf_counter() - tick:.1f}s)"
@@ -468,8 +539,52 @@ class TrainingLoop:
 
     def _maybe_keep_best(self, step: int, metrics: EvalMetrics) -> None:
         if self.config.checkpoint.keep_best and metrics.accuracy > self.best_accuracy:
-            self.best_accuracy = metrics.accuracy
+            self.best_accuracy, self.best_step = metrics.accuracy, step
             self.store.save_best(step, metrics.accuracy)
+
+    def _summary(self, result: TrainResult) -> str:
+        """The closing table: results, speed and where everything is."""
+        rows = [("steps", f"{result.step} of {result.total_steps} (global batch {self.global_batch})")]
+        if result.final_eval is not None:
+            final = result.final_eval
+            rows.append(("final test accuracy", f"{final.accuracy:.2%} (loss {final.loss:.4f})"))
+        if self.best_step is not None:
+            rows.append(("best test accuracy", f"{self.best_accuracy:.2%} at step {self.best_step}"))
+        rows += [
+            ("time", f"{result.seconds:.0f}s in all"),
+            ("speed", f"{result.images_per_second:.0f} img/s over {self.runtime.num_replicas} replica(s)"),
+            ("checkpoints", str(self.wd.checkpoints)),
+            ("metrics", str(self.wd.metrics_path)),
+            ("export", f"launch export --workdir {self.wd.root}"),
+            ("TensorBoard", f"tensorboard --logdir {self.wd.tensorboard}"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "Done.\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def environment(runtime: Runtime) -> dict[str, str]:
+    """What the run ran on, for TensorBoard's text tab."""
+    devices = ", ".join(d.name for d in tf.config.list_logical_devices()) or "none"
+    return {
+        "TensorFlow": tf.__version__,
+        "Keras": keras.__version__,
+        "devices": devices,
+        "strategy": type(runtime.strategy).__name__,
+        "replicas": str(runtime.num_replicas),
+        "workers": str(runtime.num_workers),
+        "precision": runtime.precision,
+        "XLA": str(runtime.jit_compile),
+        "why": runtime.reason,
+    }
+
+
+def _accelerator_names(runtime: Runtime) -> list[str]:
+    if runtime.device_kind != "gpu":
+        return []
+    names = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        names.append(tf.config.experimental.get_device_details(gpu).get("device_name", ""))
+    return names[: runtime.num_replicas]
 
 
 class _Speed:

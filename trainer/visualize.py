@@ -29,6 +29,30 @@ def sample_grid(images: np.ndarray, labels: Sequence[str], columns: int = 8, sca
     return grid
 
 
+def confusion_matrix_image(matrix: Sequence[Sequence[int]], class_names: Sequence[str], cell: int = 36) -> Image.Image:
+    """Rows = true class, columns = predicted; each row shaded by its share, counts written in."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = len(class_names)
+    margin = 84
+    image = Image.new("RGB", (margin + size * cell, margin + size * cell), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 4), "predicted ->", fill="black")
+    draw.text((4, 4), "true", fill="black")
+    for i, name in enumerate(class_names):
+        draw.text((4, margin + i * cell + cell // 3), name[:12], fill="black")
+        draw.text((margin + i * cell + 2, margin - 16 - (i % 3) * 14), name[:7], fill="black")
+        for j in range(size):
+            # Correct cells in blue, confusions in red, darker for a larger share of the row.
+            shade = int(255 * (1 - shares[i, j]))
+            colour = (shade, shade, 255) if i == j else (255, shade, shade)
+            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1)
+            draw.rectangle(box, fill=colour, outline=(200, 200, 200))
+            text_colour = "white" if shares[i, j] > 0.6 else "black"
+            draw.text((box[0] + 3, box[1] + cell // 3), str(int(counts[i, j])), fill=text_colour)
+    return image
+
+
 def show_samples(config: Config, out: str | Path, count: int = 32, augmented: bool = False) -> Path:
     """Write a grid of the first `count` training images (after augmentation if asked)."""
     dataset = load_dataset(config.data, config.seed)

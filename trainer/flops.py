@@ -1,0 +1,53 @@
+"""Model FLOPs per example and device peaks, for model FLOPs utilisation (MFU).
+
+Counted once from the layer shapes: 2 multiply-adds per weight use in Conv2D and Dense
+layers (the rest is a rounding error for CNNs), and training costs about 3x the forward
+pass (forward, gradient w.r.t. activations, gradient w.r.t. weights).
+"""
+
+from __future__ import annotations
+
+import keras
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s, by GPU name (no sparsity), for
+# mixed precision. Unknown devices (CPUs, other GPUs) get no MFU rather than a guess.
+_MIXED_PRECISION_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,  # SXM; the PCIe card is lower (756)
+    "A100": 312.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+
+
+def forward_flops_per_example(model: keras.Model) -> int:
+    """FLOPs of one example's forward pass through the Conv2D and Dense layers."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, channels_out = layer.output.shape
+            kernel_h, kernel_w, channels_in, _ = layer.kernel.shape
+            total += 2 * height * width * channels_out * kernel_h * kernel_w * channels_in
+        elif isinstance(layer, keras.layers.Dense):
+            inputs, outputs = layer.kernel.shape
+            total += 2 * inputs * outputs
+    return int(total)
+
+
+def training_flops_per_example(model: keras.Model) -> int:
+    return 3 * forward_flops_per_example(model)
+
+
+def peak_flops(device_names: list[str], precision: str) -> float | None:
+    """Total peak FLOP/s of the devices in use, when known."""
+    if not device_names or precision not in ("mixed_float16", "mixed_bfloat16"):
+        return None
+    total = 0.0
+    for name in device_names:
+        peak = next((tflops for key, tflops in _MIXED_PRECISION_PEAK_TFLOPS.items() if key in name), None)
+        if peak is None:
+            return None
+        total += peak * 1e12
+    return total

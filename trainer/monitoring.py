@@ -1,0 +1,157 @@
+"""Everything a run shows in TensorBoard, written with TensorBoard's own APIs.
+
+WORKDIR/tensorboard/ is one HParams session: the run's hyperparameters live at its top,
+training scalars, images and histograms in train/, evaluation in eval/, profiler traces
+in plugins/profile/. Only the chief writes; on other workers every method is a no-op.
+What is written when (train scalars per logging window, images only at the start and at
+evaluations) keeps the cost small: see the README's Monitoring section for the measured
+overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams
+
+from trainer.config import Config, profile_range, to_dict, to_yaml
+from trainer.evaluation import EvalMetrics
+from trainer.visualize import confusion_matrix_image, sample_grid
+
+# Indices into the sums the compiled training loop returns.
+LOSS, CORRECT, COUNT, NONFINITE, GRAD_NORM, STEPS = range(6)
+NUM_SUMS = 6
+_MISCLASSIFIED_SHOWN = 16
+
+
+def _image_tensor(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)[None]
+
+
+class Monitor:
+    """Owns the summary writers and decides what each event looks like."""
+
+    def __init__(self, config: Config, logdir: Path, enabled: bool, class_names: list[str]) -> None:
+        self.config, self.logdir, self.enabled, self.class_names = config, logdir, enabled, class_names
+        if enabled:
+            self.root = tf.summary.create_file_writer(str(logdir))
+            self.train = tf.summary.create_file_writer(str(logdir / "train"))
+            self.eval = tf.summary.create_file_writer(str(logdir / "eval"))
+        else:
+            self.root = self.train = self.eval = tf.summary.create_noop_writer()
+        tb = config.tensorboard
+        self.profile = profile_range(tb.profile_steps) if tb.profile_steps else None
+        self._profiling = False
+
+    # --- once per run ------------------------------------------------------------------
+
+    def start(self, step: int, environment: dict[str, str], sample_images: np.ndarray, sample_labels) -> None:
+        """Config, environment and hyperparameters; the augmented input grid on a fresh run."""
+        if not self.enabled:
+            return
+        with self.train.as_default(step=step):
+            tf.summary.text("config", "```\n" + to_yaml(self.config) + "```")
+            rows = "\n".join(f"| {key} | {value} |" for key, value in environment.items())
+            tf.summary.text("environment", "| | |\n|---|---|\n" + rows)
+            if step == 0 and self.config.tensorboard.images:
+                names = [self.class_names[label] for label in sample_labels]
+                tf.summary.image("inputs/augmented_batch", _image_tensor(sample_grid(sample_images, names)))
+        with self.root.as_default(step=step):
+            hparams.hparams_config(
+                hparams=[hparams.HParam(key) for key in hyperparameters(self.config)],
+                metrics=[
+                    hparams.Metric("accuracy", group="eval", display_name="eval accuracy"),
+                    hparams.Metric("loss", group="eval", display_name="eval loss"),
+                    hparams.Metric("loss", group="train", display_name="train loss"),
+                ],
+            )
+            hparams.hparams(hyperparameters(self.config), trial_id=str(self.logdir.parent))
+
+    # --- during training ---------------------------------------------------------------
+
+    def log_train(self, step: int, sums: np.ndarray, seconds: float, extra: dict[str, float]) -> None:
+        """Scalars of one logging window: means over its steps, plus point values in `extra`."""
+        if not self.enabled:
+            return
+        with self.train.as_default(step=step):
+            if sums[COUNT]:
+                tf.summary.scalar("loss", sums[LOSS] / sums[COUNT])
+                tf.summary.scalar("accuracy", sums[CORRECT] / sums[COUNT])
+            if sums[STEPS]:
+                tf.summary.scalar("gradient_norm", sums[GRAD_NORM] / sums[STEPS])
+            for name, value in extra.items():
+                tf.summary.scalar(name, value)
+
+    def log_histograms(self, step: int, model: keras.Model, probe: np.ndarray) -> None:
+        """Weights and activations (of a fixed probe batch), for spotting dead or exploding layers."""
+        if not self.enabled:
+            return
+        layers = [layer for layer in model.layers if layer.weights or isinstance(layer, keras.layers.ReLU)]
+        activations = keras.Model(model.input, [layer.output for layer in layers])(probe, training=False)
+        with self.train.as_default(step=step):
+            for variable in model.trainable_variables:
+                tf.summary.histogram(f"weights/{variable.path}", variable)
+            for layer, output in zip(layers, activations):
+                tf.summary.histogram(f"activations/{layer.name}", tf.cast(output, tf.float32))
+
+    def profile_boundaries(self) -> list[int]:
+        return list(self.profile) if self.profile else []
+
+    def update_profiler(self, step: int) -> None:
+        """Trace steps [START, END): the loop stops exactly at both, see profile_boundaries."""
+        if not self.enabled or not self.profile:
+            return
+        start, end = self.profile
+        if not self._profiling and start <= step < end:
+            tf.profiler.experimental.start(str(self.logdir))
+            self._profiling = True
+        elif self._profiling and step >= end:
+            tf.profiler.experimental.stop()
+            self._profiling = False
+
+    # --- evaluation --------------------------------------------------------------------
+
+    def log_eval(self, step: int, metrics: EvalMetrics, misclassified: tuple[np.ndarray, list[str]] | None) -> None:
+        if not self.enabled:
+            return
+        with self.eval.as_default(step=step):
+            tf.summary.scalar("loss", metrics.loss)
+            tf.summary.scalar("accuracy", metrics.accuracy)
+            for name, accuracy in metrics.per_class_accuracy.items():
+                tf.summary.scalar(f"per_class_accuracy/{name}", accuracy)
+            if self.config.tensorboard.images:
+                image = confusion_matrix_image(metrics.confusion_matrix, self.class_names)
+                tf.summary.image("confusion_matrix", _image_tensor(image))
+                if misclassified is not None and len(misclassified[0]):
+                    grid = sample_grid(misclassified[0], misclassified[1], columns=8)
+                    tf.summary.image("misclassified", _image_tensor(grid))
+
+    def close(self) -> None:
+        if self._profiling:
+            with contextlib.suppress(Exception):
+                tf.profiler.experimental.stop()
+        for writer in (self.root, self.train, self.eval):
+            writer.flush()
+
+
+def hyperparameters(config: Config) -> dict[str, object]:
+    """Every config key as a flat `section.key` -> value, for the HParams table."""
+    flat: dict[str, object] = {}
+    for section, values in to_dict(config).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def misclassified_examples(model: keras.Model, images: np.ndarray, labels: np.ndarray, class_names: list[str]):
+    """Up to 16 images from `images` the model gets wrong, captioned "true>predicted"."""
+    predictions = np.argmax(model(images.astype(np.float32), training=False), axis=-1)
+    wrong = np.flatnonzero(predictions != labels)[:_MISCLASSIFIED_SHOWN]
+    captions = [f"{class_names[labels[i]][:5]}>{class_names[predictions[i]][:5]}" for i in wrong]
+    return images[wrong], captions
