@@ -1,0 +1,110 @@
+"""Input-pipeline overhead: our training loop fed by the real pipeline vs one cached batch.
+
+The same compiled loop, model and optimizer run N steps on (a) the real tf.data pipeline
+(gather from the decoded uint8 arrays, augmentation, per-replica slicing, prefetch) and
+(b) one in-memory batch repeated, alternating (a b a b ...). Overhead = 1 - a/b.
+
+    CIFAR10_DIR=../shared/data/cifar10 python bench/pipeline_overhead.py --json pipeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.data import load_dataset  # noqa: E402
+from trainer.data.pipeline import InputSpec, normalization_stats, train_dataset_fn  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.monitoring import NUM_SUMS  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from trainer.preemption import StopRequest  # noqa: E402
+from trainer.runtime import setup_runtime  # noqa: E402
+from trainer.training import make_train_loop  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--examples", type=int, default=10000)
+    parser.add_argument("--steps", type=int, default=50, help="steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    source = "cifar10" if os.environ.get("CIFAR10_DIR") else "synthetic"
+    config = load_config(
+        args.config,
+        [
+            f"data.source={source}",
+            f"data.train_examples={args.examples}",
+            f"data.synthetic_train_size={args.examples}",
+            *args.overrides,
+        ],
+    )
+    runtime = setup_runtime(config.runtime)
+    data = load_dataset(config.data, config.seed).train
+    mean, std = normalization_stats(data.images)
+    batch = config.data.batch_size
+    with runtime.strategy.scope():
+        model = build_model(
+            config.model.name,
+            input_shape=data.images.shape[1:],
+            num_classes=10,
+            mean=mean,
+            std=std,
+            width=config.model.width,
+        )
+        optimizer = build_optimizer(config.optimizer, len(data) // batch, 10 * len(data) // batch)
+        optimizer.build(model.trainable_variables)
+    loop = make_train_loop(
+        runtime.strategy,
+        model,
+        optimizer,
+        global_batch=batch,
+        num_classes=10,
+        label_smoothing=config.optimizer.label_smoothing,
+        stop_flag=StopRequest().flag,
+        jit_compile=runtime.jit_compile,
+    )
+    spec = InputSpec(batch, config.seed, config.data.augment, config.data.crop_padding)
+    real = iter(
+        runtime.strategy.distribute_datasets_from_function(train_dataset_fn(data.images, data.labels, spec, 0, 10**9))
+    )
+    one_batch = (data.images[:batch], data.labels[:batch])
+    cached = iter(
+        runtime.strategy.distribute_datasets_from_function(
+            lambda context: tf.data.Dataset.from_tensors(one_batch).repeat()
+        )
+    )
+    steps, zeros = tf.constant(args.steps), tf.zeros([NUM_SUMS])
+    for iterator in (real, cached):  # trace and warm up both
+        loop(iterator, steps, zeros)
+    speeds: dict[str, list[float]] = {"real pipeline": [], "one cached batch": []}
+    for _ in range(args.repeats):
+        for name, iterator in (("real pipeline", real), ("one cached batch", cached)):
+            tick = time.perf_counter()
+            loop(iterator, steps, zeros)[0].numpy()
+            speeds[name].append(args.steps * batch / (time.perf_counter() - tick))
+    best = {name: max(values) for name, values in speeds.items()}
+    overhead = 1 - best["real pipeline"] / best["one cached batch"]
+    print(f"{'feed':<18} {'img/s (best of ' + str(args.repeats) + ')':>22}")
+    for name, value in best.items():
+        print(f"{name:<18} {value:>22.0f}")
+    print(
+        f"pipeline overhead: {overhead:.1%}  ({source}, {config.model.name}, batch {batch}, "
+        f"augment={config.data.augment})"
+    )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"source": source, "speeds": speeds, "best": best, "overhead": overhead}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Training throughput: our `launch train` path vs the seed paper's workflow, side by side.
+
+Same model (the paper's CNN), same global batch, same data (a slice of CIFAR-10 or the
+synthetic set). Ours: `trainer.train` (tf.data pipeline, own distributed loop). Seed:
+Keras Sequential with a softmax head, numpy arrays scaled to [0, 1], `model.fit`.
+Both without augmentation. Runs alternate (ours, seed, ours, seed, ...) in one process;
+the first epoch of each run (tracing) is left out of its speed. Prints a table; --json
+writes the numbers.
+
+    CIFAR10_DIR=../shared/data/cifar10 python bench/throughput.py --json throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.data import load_dataset  # noqa: E402
+from trainer.training import train  # noqa: E402
+
+
+def seed_model() -> keras.Model:
+    """The paper's network exactly as its Keras workflow builds it (softmax included)."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.25),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.25),
+            layers.Flatten(),
+            layers.Dense(512, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self.start)
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+
+def run_seed(images: np.ndarray, labels: np.ndarray, batch: int, epochs: int) -> float:
+    model = seed_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    timer = _EpochTimer()
+    model.fit(images.astype("float32") / 255.0, labels, batch_size=batch, epochs=epochs, verbose=0, callbacks=[timer])
+    steps = len(images) // batch + (len(images) % batch > 0)
+    return (epochs - 1) * len(images) / sum(timer.times[1:]) if steps else 0.0
+
+
+def run_ours(overrides: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as workdir:
+        config = load_config("configs/paper_cnn.yaml", overrides)
+        return train(config, workdir, echo=lambda _: None).images_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    source = "cifar10" if os.environ.get("CIFAR10_DIR") else "synthetic"
+    overrides = [
+        f"data.source={source}",
+        f"data.train_examples={args.examples}",
+        "data.test_examples=1000",
+        f"data.synthetic_train_size={args.examples}",
+        "data.synthetic_test_size=1000",
+        f"data.batch_size={args.batch}",
+        f"train.epochs={args.epochs}",
+        "train.eval_every_epochs=1000",
+        "checkpoint.keep_best=false",
+        "tensorboard.images=false",
+    ]
+    data = load_dataset(load_config("configs/paper_cnn.yaml", overrides).data, seed=0).train
+    results: dict[str, list[float]] = {"ours": [], "seed model.fit": []}
+    for _ in range(args.repeats):
+        results["ours"].append(run_ours(overrides))
+        results["seed model.fit"].append(run_seed(data.images, data.labels, args.batch, args.epochs))
+    best = {name: max(values) for name, values in results.items()}
+    ratio = best["ours"] / best["seed model.fit"]
+    print(f"{'path':<16} {'img/s (best of ' + str(args.repeats) + ')':>22}")
+    for name, value in best.items():
+        print(f"{name:<16} {value:>22.0f}")
+    print(f"ratio ours / seed: {ratio:.2f}x  ({source}, {args.examples} examples, batch {args.batch})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {"source": source, "runs": results, "best": best, "ratio": ratio, "args": vars(args)}, handle, indent=2
+            )
+
+
+if __name__ == "__main__":
+    main()
