@@ -62,6 +62,7 @@ class _EpochTimer(keras.callbacks.Callback):
 
 
 def run_seed(images: np.ndarray, labels: np.ndarray, batch: int, epochs: int) -> float:
+    keras.mixed_precision.set_global_policy("float32")  # the seed workflow's; our runs set their own
     model = seed_model()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     timer = _EpochTimer()
@@ -82,6 +83,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--set",
+        dest="ours_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for our path only, e.g. runtime.precision=mixed_bfloat16",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     source = "cifar10" if os.environ.get("CIFAR10_DIR") else "synthetic"
@@ -100,14 +109,15 @@ def main() -> None:
     data = load_dataset(load_config("configs/paper_cnn.yaml", overrides).data, seed=0).train
     results: dict[str, list[float]] = {"ours": [], "seed model.fit": []}
     for _ in range(args.repeats):
-        results["ours"].append(run_ours(overrides))
+        results["ours"].append(run_ours([*overrides, *args.ours_overrides]))
         results["seed model.fit"].append(run_seed(data.images, data.labels, args.batch, args.epochs))
     best = {name: max(values) for name, values in results.items()}
     ratio = best["ours"] / best["seed model.fit"]
     print(f"{'path':<16} {'img/s (best of ' + str(args.repeats) + ')':>22}")
     for name, value in best.items():
         print(f"{name:<16} {value:>22.0f}")
-    print(f"ratio ours / seed: {ratio:.2f}x  ({source}, {args.examples} examples, batch {args.batch})")
+    extra = f"; ours with {', '.join(args.ours_overrides)}" if args.ours_overrides else ""
+    print(f"ratio ours / seed: {ratio:.2f}x  ({source}, {args.examples} examples, batch {args.batch}{extra})")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(

@@ -119,3 +119,15 @@ def test_required_keys_exist():
         "checkpoint.keep",
     ]:
         assert key in keys
+
+
+def test_public_api_resolves_and_importing_it_does_not_start_tensorflow():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, trainer; assert 'tensorflow' not in sys.modules; "
+        "[getattr(trainer, name) for name in trainer.__all__]"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr

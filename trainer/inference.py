@@ -20,20 +20,13 @@ from trainer.config import apply_override, validate
 from trainer.data import load_dataset
 from trainer.data.sources import read_image
 from trainer.evaluation import EvalMetrics, Evaluator
-from trainer.models import build_model
+from trainer.models import build_for_dataset
 from trainer.runtime import setup_runtime
 from trainer.workdir import DatasetInfo, Workdir
 
 
 def _restore_model(wd: Workdir, info: DatasetInfo, config, checkpoint: str) -> tuple[keras.Model, int]:
-    model = build_model(
-        config.model.name,
-        input_shape=info.image_shape,
-        num_classes=len(info.class_names),
-        mean=info.mean,
-        std=info.std,
-        width=config.model.width,
-    )
+    model = build_for_dataset(config.model, info)
     step = CheckpointStore(wd.checkpoints, model=model).require(checkpoint)
     return model, step
 

@@ -9,11 +9,16 @@ are used: an exported `.keras` file loads in plain Keras without custom objects.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import keras
 from keras import layers
 
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.config import ModelConfig
+    from trainer.workdir import DatasetInfo
 
 ModelBuilder = Callable[..., keras.Model]
 _REGISTRY: dict[str, ModelBuilder] = {}
@@ -48,6 +53,18 @@ def build_model(
     features = _REGISTRY[name](x, width=width)
     logits = layers.Dense(num_classes, dtype="float32", name="logits")(features)
     return keras.Model(inputs, logits, name=name)
+
+
+def build_for_dataset(model_config: ModelConfig, info: DatasetInfo) -> keras.Model:
+    """`model_config` (config.model) sized for the data `info` describes (a DatasetInfo)."""
+    return build_model(
+        model_config.name,
+        input_shape=info.image_shape,
+        num_classes=len(info.class_names),
+        mean=info.mean,
+        std=info.std,
+        width=model_config.width,
+    )
 
 
 @register("paper_cnn")

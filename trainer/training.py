@@ -41,7 +41,7 @@ from trainer.data.pipeline import (
 from trainer.errors import DivergedError
 from trainer.evaluation import EvalMetrics, Evaluator, per_example_loss
 from trainer.flops import peak_flops, training_flops_per_example
-from trainer.models import build_model
+from trainer.models import build_for_dataset
 from trainer.monitoring import (
     CORRECT,
     COUNT,
@@ -136,14 +136,7 @@ def _train(
         total_steps = min(total_steps, config.train.max_steps)
 
     with runtime.strategy.scope():
-        model = build_model(
-            config.model.name,
-            input_shape=info.image_shape,
-            num_classes=len(info.class_names),
-            mean=info.mean,
-            std=info.std,
-            width=config.model.width,
-        )
+        model = build_for_dataset(config.model, info)
         optimizer = build_optimizer(
             config.optimizer,
             per_epoch,
