@@ -36,3 +36,44 @@ def cifar10_dir() -> Path:
 def smoke_config(*overrides: str):
     """configs/smoke.yaml with overrides: the small synthetic run most tests start from."""
     return load_config(REPO / "configs" / "smoke.yaml", overrides)
+
+
+def launch_train(workdir, *overrides: str, workers: int = 1):
+    """`python -m launch train` on configs/smoke.yaml in a subprocess, output piped as text."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "launch", "train", "--config", str(REPO / "configs" / "smoke.yaml")]
+    args += ["--workdir", str(workdir), "--workers", str(workers)]
+    for override in overrides:
+        args += ["--set", override]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def tiny_loop(strategy, batches, labels, *, optimizer_options=None, **loop_options):
+    """A width-4 paper_cnn, its optimizer and compiled loop over `batches`: for step-level tests."""
+    from trainer.config import OptimizerConfig
+    from trainer.models import build_model
+    from trainer.optim import build_optimizer
+    from trainer.preemption import StopRequest
+    from trainer.training import make_train_loop
+
+    options = dict(optimizer_options or {})
+    optimizer_config = OptimizerConfig(learning_rate=options.pop("learning_rate", 0.05))
+    with strategy.scope():
+        model = build_model("paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
+        optimizer = build_optimizer(optimizer_config, 10, 10, **options)
+        optimizer.build(model.trainable_variables)
+    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((batches, labels)))
+    loop = make_train_loop(
+        strategy,
+        model,
+        optimizer,
+        global_batch=batches.shape[1],
+        num_classes=10,
+        label_smoothing=0.0,
+        stop_flag=StopRequest().flag,
+        **loop_options,
+    )
+    return model, optimizer, loop, iter(dataset)

@@ -1,7 +1,5 @@
 """Distribution: multi-worker sharding and equivalence, the local launcher, XLA, TPU errors, precision."""
 
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -12,16 +10,12 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from launch.cli import cli
-from tests.conftest import REPO, smoke_config
-from trainer.config import OptimizerConfig
+from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
 from trainer.launcher import run_local_workers
-from trainer.models import build_model
 from trainer.monitoring import NUM_SUMS
-from trainer.optim import build_optimizer
-from trainer.preemption import StopRequest
 from trainer.runtime import cached_strategy
-from trainer.training import make_train_loop, train
+from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 N = 48
@@ -87,26 +81,11 @@ def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_pat
     overrides = ("model.name=resnet_small", "model.width=8", "train.max_steps=8", "data.batch_size=32")
     train(smoke_config(*overrides), tmp_path / "one", echo=lambda _: None)
     train(smoke_config(*overrides, "runtime.cpu_replicas=2"), tmp_path / "two", echo=lambda _: None)
-    args = [
-        sys.executable,
-        "-m",
-        "launch",
-        "train",
-        "--config",
-        SMOKE,
-        "--workdir",
-        str(tmp_path / "workers"),
-        "--workers",
-        "2",
-    ]
-    for override in overrides:
-        args += ["--set", override]
-    done = subprocess.run(
-        args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "[worker 0] Strategy: multi_worker: MultiWorkerMirroredStrategy over 2 workers" in done.stdout
-    assert "[worker 1] Done" not in done.stdout  # only the chief reports
+    process = launch_train(tmp_path / "workers", *overrides, workers=2)
+    output = process.stdout.read()
+    assert process.wait(timeout=300) == 0, output
+    assert "[worker 0] Strategy: multi_worker: MultiWorkerMirroredStrategy over 2 workers" in output
+    assert "[worker 1] Done" not in output  # only the chief reports
 
     one, two, workers = (_weights(tmp_path / run / "checkpoints", 8) for run in ("one", "two", "workers"))
     assert one.keys() == two.keys() == workers.keys() and len(one) > 10
@@ -188,29 +167,15 @@ def test_loss_scale_adapts_when_a_float16_gradient_overflows():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         strategy = cached_strategy("one_device", ("/cpu:0",))
-        with strategy.scope():
-            model = build_model(
-                "paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4
-            )
-            optimizer = build_optimizer(OptimizerConfig(learning_rate=0.01), 10, 10, loss_scaling=True)
-            optimizer.build(model.trainable_variables)
-        rng = np.random.default_rng(0)
-        batches = rng.uniform(0, 1, (2, 8, 32, 32, 3)).astype(np.float32)
+        batches = np.random.default_rng(0).uniform(0, 1, (2, 8, 32, 32, 3)).astype(np.float32)
         batches[1] *= 6e4  # activations past float16's range: the gradients overflow
-        dataset = strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensor_slices((batches, np.zeros((2, 8), np.int32)))
-        )
-        loop = make_train_loop(
+        model, optimizer, loop, iterator = tiny_loop(
             strategy,
-            model,
-            optimizer,
-            global_batch=8,
-            num_classes=10,
-            label_smoothing=0.0,
-            stop_flag=StopRequest().flag,
+            batches,
+            np.zeros((2, 8), np.int32),
+            optimizer_options={"learning_rate": 0.01, "loss_scaling": True},
             check_gradients=False,
         )
-        iterator = iter(dataset)
         loop(iterator, tf.constant(1), tf.zeros([NUM_SUMS]))
         scale_before = float(optimizer.dynamic_scale.numpy())
         weights_before = [v.numpy().copy() for v in model.trainable_variables]
@@ -236,30 +201,15 @@ def test_sigterm_to_the_launcher_stops_all_workers_at_one_checkpoint(tmp_path):
 
     from trainer.checkpoints import checkpoint_steps
 
-    args = [
-        sys.executable,
-        "-m",
-        "launch",
-        "train",
-        "--config",
-        SMOKE,
-        "--workdir",
-        str(tmp_path),
-        "--workers",
-        "2",
-        "--set",
+    launcher = launch_train(
+        tmp_path,
         "data.synthetic_train_size=4096",
-        "--set",
         "data.batch_size=32",
-        "--set",
         "model.width=32",
-        "--set",
         "checkpoint.every_steps=10",
-        "--set",
         "train.steps_per_loop=5",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        workers=2,
+    )
     deadline = time.monotonic() + 120
     while not checkpoint_steps(tmp_path / "checkpoints") and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -16,15 +16,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util.tensor_util import make_ndarray
 
 from launch.cli import cli
-from tests.conftest import REPO, smoke_config
+from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
 from trainer.errors import DivergedError, WorkdirBusyError
-from trainer.models import build_model
 from trainer.monitoring import NONFINITE, NUM_SUMS
-from trainer.optim import build_optimizer
-from trainer.preemption import EXIT_PREEMPTED, StopRequest
+from trainer.preemption import EXIT_PREEMPTED
 from trainer.runtime import cached_strategy
-from trainer.training import make_train_loop, train
+from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # 64 steps per epoch, 128 in all, deterministic ops: long enough to interrupt.
@@ -43,14 +41,6 @@ TOTAL = 128
 
 def quiet(_line: str) -> None:
     pass
-
-
-def _launch_train(workdir: Path, *overrides: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "launch", "train", "--config", SMOKE, "--workdir", str(workdir)]
-    for override in overrides:
-        args += ["--set", override]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def _wait_for_checkpoint_after(workdir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -92,14 +82,14 @@ def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_sigterm_and_resume_give_bit_identical_weights_and_metrics(tmp_path):
-    straight = _launch_train(tmp_path / "straight", *EXACT)
+    straight = launch_train(tmp_path / "straight", *EXACT)
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
     interrupted = tmp_path / "interrupted"
     stops = []
     for delay in (0.0, 0.35):  # two interruptions at different points, then a run to the end
         last = max(checkpoint_steps(interrupted / "checkpoints"), default=0)
-        process = _launch_train(interrupted, *EXACT)
+        process = launch_train(interrupted, *EXACT)
         _wait_for_checkpoint_after(interrupted, last, process)
         time.sleep(delay)
         process.send_signal(signal.SIGTERM)
@@ -108,7 +98,7 @@ def test_sigterm_and_resume_give_bit_identical_weights_and_metrics(tmp_path):
         stop_line = next(line for line in output.splitlines() if line.startswith("Stopped by SIGTERM"))
         assert "resume with: launch train --config" in stop_line
         stops.append(int(stop_line.split(" at step ")[1].split()[0]))
-    final = _launch_train(interrupted, *EXACT)
+    final = launch_train(interrupted, *EXACT)
     output = final.stdout.read()
     assert final.wait(timeout=300) == 0, output
     assert f"Resuming from {interrupted / 'checkpoints' / f'ckpt-{stops[-1]}'}" in output
@@ -146,12 +136,12 @@ print("not reached")
 
 def test_sigkill_during_constant_saving_leaves_a_usable_checkpoint(tmp_path):
     overrides = (*EXACT, "checkpoint.every_steps=1", "checkpoint.keep=3")
-    process = _launch_train(tmp_path, *overrides)
+    process = launch_train(tmp_path, *overrides)
     _wait_for_checkpoint_after(tmp_path, 3, process)
     time.sleep(0.3)
     process.kill()
     process.wait()
-    resumed = _launch_train(tmp_path, *overrides)
+    resumed = launch_train(tmp_path, *overrides)
     output = resumed.stdout.read()
     assert resumed.wait(timeout=300) == 0, output
     assert "Resuming from" in output
@@ -195,27 +185,15 @@ def test_nan_exit_code_from_the_cli(tmp_path):
 @pytest.mark.parametrize("policy", ["stop", "skip_step"])
 def test_nonfinite_step_is_stopped_on_or_skipped(policy):
     strategy = cached_strategy("mirrored", ("/cpu:0", "/cpu:1"))
-    from trainer.config import OptimizerConfig
-
-    with strategy.scope():
-        model = build_model("paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
-        optimizer = build_optimizer(OptimizerConfig(), 10, 10, skip_nonfinite=policy == "skip_step")
-        optimizer.build(model.trainable_variables)
     batches = np.random.default_rng(0).uniform(0, 255, (3, 8, 32, 32, 3)).astype(np.float32)
     batches[1, 0, 0, 0, 0] = np.inf  # one poisoned example in the second step
-    labels = np.zeros((3, 8), np.int32)
-    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((batches, labels)))
-    loop = make_train_loop(
+    model, _, loop, iterator = tiny_loop(
         strategy,
-        model,
-        optimizer,
-        global_batch=8,
-        num_classes=10,
-        label_smoothing=0.0,
-        stop_flag=StopRequest().flag,
+        batches,
+        np.zeros((3, 8), np.int32),
+        optimizer_options={"skip_nonfinite": policy == "skip_step"},
         stop_on_nonfinite=policy == "stop",
     )
-    iterator = iter(dataset)
     if policy == "stop":
         sums, steps, _ = loop(iterator, tf.constant(3), tf.zeros([NUM_SUMS]))
         assert int(steps) == 2 and sums.numpy()[NONFINITE] == 1
