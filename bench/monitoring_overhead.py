@@ -18,6 +18,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from _common import data_overrides  # noqa: E402
+
 from trainer.config import load_config  # noqa: E402
 from trainer.training import train  # noqa: E402
 
@@ -30,16 +32,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    source = "cifar10" if os.environ.get("CIFAR10_DIR") else "synthetic"
-    common = [
-        f"data.source={source}",
-        f"data.train_examples={args.examples}",
-        "data.test_examples=2000",
-        f"data.synthetic_train_size={args.examples}",
-        "data.synthetic_test_size=2000",
-        f"train.epochs={args.epochs}",
-        "checkpoint.keep_best=false",
-    ]
+    source, common = data_overrides(args.examples, 2000)
+    common += [f"train.epochs={args.epochs}", "checkpoint.keep_best=false"]
     rare = 1000 * load_config(args.config).train.steps_per_loop  # in effect: only at epoch ends
     variants = {"full": [], "minimal": [f"tensorboard.every_steps={rare}", "tensorboard.images=false"]}
     results: dict[str, list[dict]] = {name: [] for name in variants}

@@ -17,6 +17,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
+from _common import data_overrides  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
@@ -38,16 +39,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json")
     args = parser.parse_args()
-    source = "cifar10" if os.environ.get("CIFAR10_DIR") else "synthetic"
-    config = load_config(
-        args.config,
-        [
-            f"data.source={source}",
-            f"data.train_examples={args.examples}",
-            f"data.synthetic_train_size={args.examples}",
-            *args.overrides,
-        ],
-    )
+    source, data_settings = data_overrides(args.examples, 1000)
+    config = load_config(args.config, [*data_settings, *args.overrides])
     runtime = setup_runtime(config.runtime)
     data = load_dataset(config.data, config.seed).train
     mean, std = normalization_stats(data.images)

@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import data_overrides  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
@@ -93,13 +94,8 @@ def main() -> None:
     )
     parser.add_argument("--json")
     args = parser.parse_args()
-    source = "cifar10" if os.environ.get("CIFAR10_DIR") else "synthetic"
-    overrides = [
-        f"data.source={source}",
-        f"data.train_examples={args.examples}",
-        "data.test_examples=1000",
-        f"data.synthetic_train_size={args.examples}",
-        "data.synthetic_test_size=1000",
+    source, overrides = data_overrides(args.examples, 1000)
+    overrides += [
         f"data.batch_size={args.batch}",
         f"train.epochs={args.epochs}",
         "train.eval_every_epochs=1000",

@@ -73,7 +73,7 @@ class Monitor:
 
     # --- during training ---------------------------------------------------------------
 
-    def log_train(self, step: int, sums: np.ndarray, seconds: float, extra: dict[str, float]) -> None:
+    def log_train(self, step: int, sums: np.ndarray, extra: dict[str, float]) -> None:
         """Scalars of one logging window: means over its steps, plus point values in `extra`."""
         if not self.enabled:
             return

@@ -507,7 +507,7 @@ class TrainingLoop:
             extra["loss_scale"] = float(scale.numpy())
         if self.peak and seconds:
             extra["model_flops_utilization"] = self.flops_per_step * steps / seconds / self.peak
-        self.monitor.log_train(step, sums, seconds, extra)
+        self.monitor.log_train(step, sums, extra)
 
     def _maybe_histograms(self, previous: int, step: int) -> None:
         every = self.config.tensorboard.histogram_every_steps
