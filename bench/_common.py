@@ -1,8 +1,10 @@
-"""What the bench scripts share: which data to use and how to slice it."""
+"""What the bench scripts share: which data to use and how to slice it, and the seed paper's model."""
 
 from __future__ import annotations
 
 import os
+
+import keras
 
 
 def data_overrides(train_examples: int, test_examples: int) -> tuple[str, list[str]]:
@@ -15,3 +17,25 @@ def data_overrides(train_examples: int, test_examples: int) -> tuple[str, list[s
         f"data.synthetic_train_size={train_examples}",
         f"data.synthetic_test_size={test_examples}",
     ]
+
+
+def seed_model() -> keras.Model:
+    """The paper's network exactly as its Keras workflow builds it (softmax included)."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.25),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.25),
+            layers.Flatten(),
+            layers.Dense(512, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )

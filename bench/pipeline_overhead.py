@@ -21,7 +21,7 @@ from _common import data_overrides  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
-from trainer.data.pipeline import InputSpec, normalization_stats, train_dataset_fn  # noqa: E402
+from trainer.data.pipeline import input_spec, normalization_stats, train_dataset_fn  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.monitoring import NUM_SUMS  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
         stop_flag=StopRequest().flag,
         jit_compile=runtime.jit_compile,
     )
-    spec = InputSpec(batch, config.seed, config.data.augment, config.data.crop_padding)
+    spec = input_spec(config)
     real = iter(
         runtime.strategy.distribute_datasets_from_function(train_dataset_fn(data.images, data.labels, spec, 0, 10**9))
     )

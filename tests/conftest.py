@@ -60,7 +60,9 @@ def tiny_loop(strategy, batches, labels, *, optimizer_options=None, **loop_optio
     from trainer.training import make_train_loop
 
     options = dict(optimizer_options or {})
-    optimizer_config = OptimizerConfig(learning_rate=options.pop("learning_rate", 0.05))
+    optimizer_config = OptimizerConfig(
+        learning_rate=options.pop("learning_rate", 0.05), ema_momentum=options.pop("ema_momentum", 0.0)
+    )
     with strategy.scope():
         model = build_model("paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
         optimizer = build_optimizer(optimizer_config, 10, 10, **options)

@@ -23,9 +23,8 @@ def _augment(indices, epoch, seed=0, padding=2):
         tf.gather(IMAGES, indices),
         tf.constant(indices, tf.int64),
         tf.constant(epoch, tf.int64),
-        seed=seed,
-        num_examples=N,
-        crop_padding=padding,
+        InputSpec(global_batch=1, seed=seed, augment=True, crop_padding=padding),
+        N,
     ).numpy()
 
 

@@ -86,7 +86,7 @@ def test_global_batch_must_divide_over_replicas(tmp_path):
         train(smoke_config("runtime.cpu_replicas=2", "data.batch_size=63"), tmp_path, echo=lambda _: None)
 
 
-@pytest.mark.parametrize("model", ["paper_cnn", "resnet_small"])
+@pytest.mark.parametrize("model", ["paper_cnn", "resnet_small", "airbench"])
 def test_models_train_under_mixed_bfloat16(tmp_path, model):
     config = smoke_config(
         f"model.name={model}", "model.width=8", "runtime.precision=mixed_bfloat16", "train.max_steps=8"

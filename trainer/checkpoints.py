@@ -137,6 +137,11 @@ class CheckpointStore:
             )
         return step
 
+    def _set_position(self, step: int, epoch: int, window_sums: np.ndarray | None) -> None:
+        self.step.assign(step)
+        self.epoch.assign(epoch)
+        self.window_sums.assign(np.zeros(NUM_SUMS, np.float32) if window_sums is None else window_sums)
+
     def _restore_path(self, path: str) -> None:
         status = self.checkpoint.restore(path)
         if self._for_training:
@@ -148,13 +153,12 @@ class CheckpointStore:
         self.replicas.assign(self._num_replicas)
 
     def save(self, step: int, epoch: int, window_sums: np.ndarray | None = None) -> str:
-        self.step.assign(step)
-        self.epoch.assign(epoch)
-        self.window_sums.assign(np.zeros(NUM_SUMS, np.float32) if window_sums is None else window_sums)
+        self._set_position(step, epoch, window_sums)
         return self.manager.save(checkpoint_number=step)
 
-    def save_best(self, step: int, accuracy: float) -> None:
-        """Keep this state as the best so far (the caller has just saved it at `step`)."""
+    def save_best(self, step: int, epoch: int, accuracy: float, window_sums: np.ndarray | None = None) -> None:
+        """Keep the current state (weights as evaluated) as the best so far, in best/."""
+        self._set_position(step, epoch, window_sums)
         self._best_manager.save(checkpoint_number=step)
         record = self.save_directory / "best" / "best.json"
         record.write_text(json.dumps({"step": step, "accuracy": accuracy}))

@@ -35,8 +35,15 @@ class DataConfig:
     batch_size: int = 128
     # Pad-and-random-crop plus horizontal flip on training images.
     augment: bool = True
-    # Pixels of zero padding before the random crop (0 = flip only).
+    # Pixels of padding before the random crop (0 = flip only).
     crop_padding: int = 4
+    # How the crop's border is filled: zeros, or a mirror of the image (airbench's way;
+    # no flat borders, which also keeps max pooling away from ties).
+    pad_mode: str = _choice("zeros", "zeros", "reflect")
+    # random: each image flipped with p=0.5 each epoch. alternating (airbench): random in
+    # the first epoch, then each image is flipped in every other epoch, so consecutive
+    # epochs always see both orientations.
+    flip: str = _choice("random", "random", "alternating")
     # Use only the first N training / test examples (0 = all): for tests and smoke runs.
     train_examples: int = 0
     test_examples: int = 0
@@ -50,7 +57,7 @@ class DataConfig:
 class ModelConfig:
     """Which network to build (see trainer.models for the registry)."""
 
-    name: str = _choice("paper_cnn", "paper_cnn", "resnet_small")
+    name: str = _choice("paper_cnn", "paper_cnn", "resnet_small", "airbench")
     # Channels of the first convolution; later stages scale from it.
     width: int = 32
 
@@ -62,7 +69,8 @@ class OptimizerConfig:
     name: str = _choice("sgd", "sgd", "adam", "adamw")
     # Peak learning rate for the global batch.
     learning_rate: float = 0.05
-    schedule: str = _choice("cosine", "constant", "cosine")
+    # After the warm-up: constant, cosine to 0, or linear to 0 (airbench's triangle).
+    schedule: str = _choice("cosine", "constant", "cosine", "linear")
     # Linear warm-up from 0 to learning_rate, in epochs (fractions allowed).
     warmup_epochs: float = 0.0
     momentum: float = 0.9
@@ -70,6 +78,20 @@ class OptimizerConfig:
     # Decoupled weight decay (Keras optimizers' `weight_decay`), per step, times the LR.
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    # Exponential moving average of the weights (Keras `use_ema`), 0 = off. Evaluations,
+    # the final checkpoint and exports use the averaged weights; e.g. 0.99.
+    ema_momentum: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    """How the test set is evaluated."""
+
+    # Test-time augmentation for the final evaluation and `launch evaluate`: none, flip
+    # (average the logits of each image and its mirror) or flip_translate (airbench's
+    # 6 views: those two, each also shifted by one pixel up-left and down-right).
+    # Evaluations during training stay single-view: they are for the curve, not the score.
+    tta: str = _choice("none", "none", "flip", "flip_translate")
 
 
 @dataclass
@@ -143,6 +165,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
@@ -163,6 +186,7 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "optimizer.momentum": (0, True),
     "optimizer.weight_decay": (0, True),
     "optimizer.label_smoothing": (0, True),
+    "optimizer.ema_momentum": (0, True),
     "train.epochs": (1, True),
     "train.max_steps": (0, True),
     "train.steps_per_loop": (1, True),
@@ -233,6 +257,8 @@ def validate(config: Config) -> None:
         if value < minimum or (not inclusive and value == minimum):
             relation = ">=" if inclusive else ">"
             raise ConfigError(f"{key} must be {relation} {minimum}, got {value}")
+    if config.optimizer.ema_momentum >= 1:
+        raise ConfigError(f"optimizer.ema_momentum must be < 1 (0 = off), got {config.optimizer.ema_momentum}")
     if config.optimizer.label_smoothing >= 1:
         raise ConfigError(f"optimizer.label_smoothing must be < 1, got {config.optimizer.label_smoothing}")
     spl, every = config.train.steps_per_loop, config.tensorboard.every_steps

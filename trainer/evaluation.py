@@ -38,6 +38,29 @@ def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, num_classes: int, lab
     return tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
 
 
+def tta_logits(model, images: tf.Tensor, tta: str = "none") -> tf.Tensor:
+    """Logits for float images (NHWC), averaged over test-time views.
+
+    flip: the image and its mirror. flip_translate (airbench): weight 1/2 on those two,
+    1/4 on each of two copies shifted by one pixel (up-left, down-right; mirrored border).
+    """
+
+    def mirrored_pair(x):
+        logits = model(x, training=False)
+        if tta == "none":
+            return logits
+        return 0.5 * (logits + model(tf.reverse(x, axis=[2]), training=False))
+
+    base = mirrored_pair(images)
+    if tta != "flip_translate":
+        return base
+    height, width = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+    up_left = mirrored_pair(padded[:, :height, :width])
+    down_right = mirrored_pair(padded[:, 2 : height + 2, 2 : width + 2])
+    return 0.5 * base + 0.25 * up_left + 0.25 * down_right
+
+
 class Evaluator:
     """Builds the distributed test set once and a compiled pass over it."""
 
@@ -49,12 +72,14 @@ class Evaluator:
         global_batch: int,
         class_names,
         jit_compile: bool = False,
+        tta: str = "none",
     ):
         check_batch_divides(global_batch, strategy.num_replicas_in_sync)
         self.strategy = strategy
         self.model = model
         self.class_names = list(class_names)
         self.examples = len(split)
+        self.tta = tta
         num_classes = len(self.class_names)
         self.dataset = strategy.distribute_datasets_from_function(
             eval_dataset_fn(split.images, split.labels, global_batch)
@@ -62,7 +87,7 @@ class Evaluator:
 
         @tf.function(jit_compile=jit_compile)
         def eval_step(images, labels, mask):
-            logits = model(tf.cast(images, tf.float32), training=False)
+            logits = tta_logits(model, tf.cast(images, tf.float32), tta)
             loss_sum = tf.reduce_sum(per_example_loss(labels, logits, num_classes) * mask)
             predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
             confusion = tf.math.confusion_matrix(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import keras
+import numpy as np
 from keras import layers
 
 from trainer.errors import ConfigError
@@ -105,3 +106,72 @@ def resnet_small(x, *, width: int):
             x = _conv_bn(x, filters, f"stage{stage}_res2")
             x = layers.Add(name=f"stage{stage}_add")([shortcut, x])
     return layers.GlobalMaxPooling2D(name="pool")(x)
+
+
+# airbench: the fastest known CIFAR-10 recipe (Keller Jordan, arXiv 2404.00498), written
+# from its description. A frozen 2x2 patch-whitening conv, then three conv groups.
+WHITEN_LAYER = "whiten"
+WHITEN_FILTERS = 24  # 12 eigen-directions of 2x2x3 patches, each with both signs
+
+
+def _conv_group(x, filters: int, name: str):
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU; BN learns a bias only."""
+    for index in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}")(x)
+        if index == 1:
+            x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+        # Scale frozen at 1 (scale=False), fast-moving statistics, as airbench does.
+        x = layers.BatchNormalization(
+            momentum=0.6, epsilon=1e-5, scale=False, synchronized=True, name=f"{name}_bn{index}"
+        )(x)
+        x = layers.Activation("gelu", name=f"{name}_gelu{index}")(x)
+    return x
+
+
+@register("airbench")
+def airbench(x, *, width: int):
+    """airbench94's network for model.width=64 (groups of 64/256/256 channels).
+
+    The whitening conv starts at zero and is frozen: `init_from_data` fills it from the
+    training images' patch covariance before the first step (checkpoints carry it after).
+    """
+    x = layers.Conv2D(WHITEN_FILTERS, 2, padding="valid", use_bias=True, trainable=False, name=WHITEN_LAYER)(x)
+    x = layers.Activation("gelu", name="whiten_gelu")(x)
+    for index, filters in enumerate((width, 4 * width, 4 * width), start=1):
+        x = _conv_group(x, filters, f"group{index}")
+    x = layers.GlobalMaxPooling2D(name="pool")(x)
+    # airbench scales the head's input by 1/9: smaller initial logits train better.
+    return layers.Rescaling(1 / 9, name="head_scale")(x)
+
+
+def patch_whitening_kernel(images: np.ndarray, mean, std, eps: float = 5e-4) -> np.ndarray:
+    """A 2x2 conv kernel that whitens patches of the normalised `images` (uint8, NHWC).
+
+    Eigen-decomposition of the 12x12 covariance of all 2x2x3 patches; each eigenvector
+    divided by sqrt(eigenvalue + eps) is one filter, used with both signs (so GELU after it
+    loses nothing): shape (2, 2, channels, 2 * 2 * 2 * channels).
+    """
+    x = (images.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    channels = x.shape[-1]
+    patches = np.concatenate(
+        [x[:, dy : x.shape[1] - 1 + dy, dx : x.shape[2] - 1 + dx, :] for dy in (0, 1) for dx in (0, 1)], axis=-1
+    )  # (n, h-1, w-1, 4*c): the four pixels of every 2x2 patch, in (dy, dx, c) order
+    flat = patches.reshape(-1, 4 * channels).astype(np.float64)
+    flat -= flat.mean(axis=0)
+    covariance = flat.T @ flat / len(flat)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    filters = eigenvectors / np.sqrt(eigenvalues + eps)  # column k: filter k
+    filters = filters.reshape(2, 2, channels, 4 * channels)  # rows follow (dy, dx, c)
+    return np.concatenate([filters, -filters], axis=-1).astype(np.float32)
+
+
+def init_from_data(model: keras.Model, images: np.ndarray, mean, std, max_images: int = 5000) -> bool:
+    """Data-dependent initialisation (the whitening conv); False if the model has none."""
+    try:
+        layer = model.get_layer(WHITEN_LAYER)
+    except ValueError:
+        return False
+    kernel = patch_whitening_kernel(images[:max_images], mean, std)
+    layer.kernel.assign(kernel)
+    layer.bias.assign(np.zeros(kernel.shape[-1], np.float32))
+    return True

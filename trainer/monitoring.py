@@ -130,6 +130,12 @@ class Monitor:
                     grid = sample_grid(misclassified[0], misclassified[1], columns=8)
                     tf.summary.image("misclassified", _image_tensor(grid))
 
+    def log_tta(self, step: int, metrics: EvalMetrics, tta: str) -> None:
+        """The final test-time-augmented score, beside the single-view curve."""
+        if self.enabled:
+            with self.eval.as_default(step=step):
+                tf.summary.scalar(f"accuracy_tta_{tta}", metrics.accuracy)
+
     def close(self) -> None:
         if self._profiling:
             with contextlib.suppress(Exception):

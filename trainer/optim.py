@@ -7,6 +7,8 @@ MirroredStrategy ("You must feed a value for placeholder tensor").
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 
 from trainer.config import OptimizerConfig
@@ -16,9 +18,30 @@ from trainer.config import OptimizerConfig
 _NO_DECAY = ["bias", "gamma", "beta"]
 
 
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear from 0 to `peak` over `warmup_steps`, then linear down to 0 at `total_steps`.
+
+    airbench's triangle; Keras' PolynomialDecay has no warm-up, hence this small class.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        up = (step + 1) / self.warmup_steps if self.warmup_steps else down
+        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
 def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int, total_steps: int):
-    """Peak `learning_rate` after `warmup_epochs` of linear warm-up, then constant or cosine to 0."""
+    """Peak `learning_rate` after `warmup_epochs` of linear warm-up, then constant, cosine or linear to 0."""
     warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    if config.schedule == "linear":
+        return WarmupLinearDecay(config.learning_rate, warmup, total_steps)
     if config.schedule == "constant" and not warmup:
         return config.learning_rate
     return keras.optimizers.schedules.CosineDecay(
@@ -47,12 +70,17 @@ def build_optimizer(
     """
     lr = learning_rate_schedule(config, steps_per_epoch, total_steps)
     decay = config.weight_decay or None
+    # Keras' own weight averaging; its `ema_overwrite_frequency` (lookahead) is not used:
+    # it fails under tf.distribute (a cond around the cross-replica update).
+    averaging = {"use_ema": config.ema_momentum > 0, "ema_momentum": config.ema_momentum or 0.99}
     if config.name == "sgd":
-        optimizer = keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay)
+        optimizer = keras.optimizers.SGD(
+            lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay, **averaging
+        )
     elif config.name == "adam":
-        optimizer = keras.optimizers.Adam(lr, weight_decay=decay)
+        optimizer = keras.optimizers.Adam(lr, weight_decay=decay, **averaging)
     else:
-        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay, **averaging)
     if decay or config.name == "adamw":
         optimizer.exclude_from_weight_decay(var_names=_NO_DECAY)
     if loss_scaling:
@@ -61,6 +89,34 @@ def build_optimizer(
     elif skip_nonfinite:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=1.0, dynamic_growth_steps=2**30)
     return optimizer
+
+
+def uses_weight_averaging(optimizer: keras.optimizers.Optimizer) -> bool:
+    return bool(getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False))
+
+
+@contextlib.contextmanager
+def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer):
+    """Within the block the model holds the optimizer's averaged weights, after it the live ones.
+
+    Uses Keras' `finalize_variable_values` (distribution-aware); a no-op without averaging.
+    """
+    if not uses_weight_averaging(optimizer):
+        yield
+        return
+    live = [variable.numpy() for variable in model.trainable_variables]
+    finalize_averaged_weights(model, optimizer)
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.trainable_variables, live):
+            variable.assign(value)
+
+
+def finalize_averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    """Copy the averaged weights into the model for good (the end of training)."""
+    if uses_weight_averaging(optimizer):
+        getattr(optimizer, "inner_optimizer", optimizer).finalize_variable_values(model.trainable_variables)
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

@@ -32,8 +32,9 @@ from trainer.config import Config, save_config
 from trainer.data import Dataset, load_dataset
 from trainer.data.pipeline import (
     InputSpec,
-    augment_batch,
+    augment_first,
     check_batch_divides,
+    input_spec,
     normalization_stats,
     steps_per_epoch,
     train_dataset_fn,
@@ -41,7 +42,7 @@ from trainer.data.pipeline import (
 from trainer.errors import DivergedError
 from trainer.evaluation import EvalMetrics, Evaluator, per_example_loss
 from trainer.flops import peak_flops, training_flops_per_example
-from trainer.models import build_for_dataset
+from trainer.models import build_for_dataset, init_from_data
 from trainer.monitoring import (
     CORRECT,
     COUNT,
@@ -52,7 +53,7 @@ from trainer.monitoring import (
     Monitor,
     misclassified_examples,
 )
-from trainer.optim import build_optimizer, current_learning_rate
+from trainer.optim import averaged_weights, build_optimizer, current_learning_rate, finalize_averaged_weights
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.runtime import Runtime, setup_runtime
 from trainer.summaries import drop_events_after
@@ -145,6 +146,8 @@ def _train(
             skip_nonfinite=config.train.nan_policy == "skip_step",
         )
         optimizer.build(model.trainable_variables)
+        if init_from_data(model, dataset.train.images, info.mean, info.std):
+            echo("Whitening layer initialised from the training images' 2x2 patch covariance")
     store = CheckpointStore(
         wd.checkpoints,
         model=model,
@@ -350,6 +353,15 @@ class TrainingLoop:
         self.evaluator = Evaluator(
             runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names, runtime.jit_compile
         )
+        tta = config.eval.tta
+        self.tta_evaluator = (
+            Evaluator(
+                runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names, runtime.jit_compile, tta
+            )
+            if tta != "none"
+            else None
+        )
+        self.single_view_accuracy: float | None = None
         self.monitor = Monitor(config, wd.tensorboard, runtime.is_chief, list(dataset.class_names))
         self.log_every = config.tensorboard.every_steps or config.train.steps_per_loop
         self.flops_per_step = training_flops_per_example(model) * self.global_batch
@@ -364,12 +376,7 @@ class TrainingLoop:
         return iter(self.runtime.strategy.distribute_datasets_from_function(fn))
 
     def _input_spec(self) -> InputSpec:
-        return InputSpec(
-            global_batch=self.global_batch,
-            seed=self.config.seed,
-            augment=self.config.data.augment,
-            crop_padding=self.config.data.crop_padding,
-        )
+        return input_spec(self.config)
 
     def _call_end(self, step: int) -> int:
         """Where the compiled call starting at `step` ends; independent of restarts."""
@@ -433,16 +440,23 @@ class TrainingLoop:
                             ("img/s", round(speed.last)),
                         ],
                     )
-                evaluated = None
+                if step == self.total_steps:
+                    # The averaged weights (optimizer.ema_momentum) become the model's for good.
+                    finalize_averaged_weights(self.model, self.optimizer)
+                save_due = self._save_due(step, epoch_done, last_save_time)
                 if epoch_done:
                     progress = None
                     if (epoch + 1) % self.config.train.eval_every_epochs == 0 or step == self.total_steps:
-                        last_eval = evaluated = self._evaluate(step)
-                if self._save_due(step, epoch_done, last_save_time):
+                        # Evaluated (and kept as best) with the averaged weights, if any.
+                        with averaged_weights(self.model, self.optimizer):
+                            last_eval = self._evaluate(step)
+                            if save_due:
+                                self._maybe_keep_best(step, last_eval, window_sums)
+                            if step == self.total_steps and self.tta_evaluator is not None:
+                                last_eval = self._evaluate_tta(step, last_eval)
+                if save_due:
                     self.store.save(step, step // self.per_epoch, window_sums)
                     saved_step, last_save_time = step, time.monotonic()
-                    if evaluated is not None:
-                        self._maybe_keep_best(step, evaluated)
             self.monitor.update_profiler(step)
             if stopped and step != saved_step:
                 self.store.save(step, step // self.per_epoch, window_sums)
@@ -461,14 +475,7 @@ class TrainingLoop:
             return
         count = min(32, len(self.dataset.train))
         images = (
-            augment_batch(
-                tf.constant(self.dataset.train.images[:count]),
-                tf.range(count, dtype=tf.int64),
-                tf.constant(0, tf.int64),
-                seed=self.config.seed,
-                num_examples=len(self.dataset.train),
-                crop_padding=self.config.data.crop_padding,
-            ).numpy()
+            augment_first(self.dataset.train.images[:count], self._input_spec(), len(self.dataset.train))
             if self.config.data.augment
             else self.dataset.train.images[:count]
         )
@@ -530,10 +537,22 @@ class TrainingLoop:
         )
         return metrics
 
-    def _maybe_keep_best(self, step: int, metrics: EvalMetrics) -> None:
+    def _evaluate_tta(self, step: int, single_view: EvalMetrics) -> EvalMetrics:
+        """The final score with test-time augmentation; the single view stays on the curve."""
+        self.single_view_accuracy = single_view.accuracy
+        tick = time.perf_counter()
+        metrics = self.tta_evaluator(step)
+        self.monitor.log_tta(step, metrics, self.config.eval.tta)
+        self.echo(
+            f"Eval at step {step} with eval.tta={self.config.eval.tta}: accuracy {metrics.accuracy:.2%}, "
+            f"loss {metrics.loss:.4f} ({time.perf_counter() - tick:.1f}s)"
+        )
+        return metrics
+
+    def _maybe_keep_best(self, step: int, metrics: EvalMetrics, window_sums: np.ndarray) -> None:
         if self.config.checkpoint.keep_best and metrics.accuracy > self.best_accuracy:
             self.best_accuracy, self.best_step = metrics.accuracy, step
-            self.store.save_best(step, metrics.accuracy)
+            self.store.save_best(step, step // self.per_epoch, metrics.accuracy, window_sums)
 
     def _summary(self, result: TrainResult) -> str:
         """The closing table: results, speed and where everything is."""
@@ -541,6 +560,12 @@ class TrainingLoop:
         if result.final_eval is not None:
             final = result.final_eval
             rows.append(("final test accuracy", f"{final.accuracy:.2%} (loss {final.loss:.4f})"))
+            if self.single_view_accuracy is not None:
+                rows[-1] = (
+                    "final test accuracy",
+                    f"{final.accuracy:.2%} with eval.tta={self.config.eval.tta}, "
+                    f"{self.single_view_accuracy:.2%} single view",
+                )
         if self.best_step is not None:
             rows.append(("best test accuracy", f"{self.best_accuracy:.2%} at step {self.best_step}"))
         rows += [

@@ -59,18 +59,9 @@ def show_samples(config: Config, out: str | Path, count: int = 32, augmented: bo
     count = min(count, len(dataset.train))
     images = dataset.train.images[:count]
     if augmented:
-        import tensorflow as tf  # deferred: the plain grid needs no TensorFlow
+        from trainer.data.pipeline import augment_first, input_spec  # deferred: needs TensorFlow
 
-        from trainer.data.pipeline import augment_batch
-
-        images = augment_batch(
-            tf.constant(images),
-            tf.range(count, dtype=tf.int64),
-            tf.constant(0, tf.int64),
-            seed=config.seed,
-            num_examples=len(dataset.train),
-            crop_padding=config.data.crop_padding,
-        ).numpy()
+        images = augment_first(images, input_spec(config), len(dataset.train))
     names = [dataset.class_names[label] for label in dataset.train.labels[:count]]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

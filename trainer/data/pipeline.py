@@ -22,6 +22,7 @@ from trainer.errors import ConfigError
 # Distinct stream ids so shuffling and augmentation never share random numbers.
 _SHUFFLE_STREAM = 1
 _AUGMENT_STREAM = 2
+_FLIP_STREAM = 3  # alternating flips: one draw per example for the whole run
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class InputSpec:
     seed: int
     augment: bool = False
     crop_padding: int = 4
+    pad_mode: str = "zeros"  # or "reflect"
+    flip: str = "random"  # or "alternating"
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -63,21 +66,30 @@ def epoch_permutation(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tens
     )
 
 
+def input_spec(config) -> InputSpec:
+    """The pipeline settings of a Config (global batch, seed, `data.*` augmentation)."""
+    data = config.data
+    return InputSpec(
+        global_batch=data.batch_size,
+        seed=config.seed,
+        augment=data.augment,
+        crop_padding=data.crop_padding,
+        pad_mode=data.pad_mode,
+        flip=data.flip,
+    )
+
+
 def augment_batch(
-    images: tf.Tensor,
-    indices: tf.Tensor,
-    epoch: tf.Tensor,
-    *,
-    seed: int,
-    num_examples: int,
-    crop_padding: int,
+    images: tf.Tensor, indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec, num_examples: int
 ) -> tf.Tensor:
     """Pad-and-random-crop plus horizontal flip, vectorised over a batch of uint8 images.
 
     Each example's crop offset and flip come from a per-epoch table indexed by the
     example's dataset index, so an image is augmented the same way whichever batch,
-    replica or resumed run it lands in.
+    replica or resumed run it lands in. `spec.flip="alternating"` flips an example in
+    epoch e iff its one draw for the run says so XOR e is odd (airbench's alternating flips).
     """
+    seed, crop_padding = spec.seed, spec.crop_padding
     table = tf.random.stateless_uniform(
         [num_examples, 3], seed=_stream_seed(seed, _AUGMENT_STREAM, epoch), dtype=tf.float32
     )
@@ -88,13 +100,26 @@ def augment_batch(
         offset_y = tf.minimum(tf.cast(draws[:, 0] * positions, tf.int32), positions - 1)
         offset_x = tf.minimum(tf.cast(draws[:, 1] * positions, tf.int32), positions - 1)
         pad = [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]]
-        padded = tf.pad(images, pad)
+        padded = tf.pad(images, pad, mode="REFLECT" if spec.pad_mode == "reflect" else "CONSTANT")
         rows = offset_y[:, None] + tf.range(height)[None, :]
         cols = offset_x[:, None] + tf.range(width)[None, :]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
-    flip = draws[:, 2] < 0.5
-    return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    if spec.flip == "alternating":
+        first = tf.random.stateless_uniform(
+            [num_examples], seed=_stream_seed(seed, _FLIP_STREAM, tf.constant(0)), dtype=tf.float32
+        )
+        flipped = tf.not_equal(tf.gather(first, indices) < 0.5, tf.equal(tf.cast(epoch, tf.int64) % 2, 1))
+    else:
+        flipped = draws[:, 2] < 0.5
+    return tf.where(flipped[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+
+def augment_first(images: np.ndarray, spec: InputSpec, num_examples: int) -> np.ndarray:
+    """The first len(images) training examples as epoch 0 augments them (for previews)."""
+    count = len(images)
+    indices = tf.range(count, dtype=tf.int64)
+    return augment_batch(tf.constant(images), indices, tf.constant(0, tf.int64), spec, num_examples).numpy()
 
 
 def train_dataset_fn(images: np.ndarray, labels: np.ndarray, spec: InputSpec, start_step: int, total_steps: int):
@@ -112,14 +137,7 @@ def train_dataset_fn(images: np.ndarray, labels: np.ndarray, spec: InputSpec, st
     def gather(epoch: tf.Tensor, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.gather(images_t, indices)
         if spec.augment:
-            batch = augment_batch(
-                batch,
-                indices,
-                epoch,
-                seed=spec.seed,
-                num_examples=num_examples,
-                crop_padding=spec.crop_padding,
-            )
+            batch = augment_batch(batch, indices, epoch, spec, num_examples)
         return batch, tf.gather(labels_t, indices)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
