@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _common import seed_model  # noqa: E402
+from tensorboard.compat.proto import event_pb2  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
@@ -35,7 +36,8 @@ def eval_curve(tensorboard: Path) -> list[tuple[float, int, float]]:
     """(wall time, step, accuracy) of every evaluation the run logged, in order."""
     points = []
     for path in sorted((tensorboard / "eval").glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
             for value in event.summary.value:
                 if value.tag == "accuracy":
                     points.append((event.wall_time, event.step, float(tf.make_ndarray(value.tensor))))
@@ -69,7 +71,7 @@ class _WallClockEval(keras.callbacks.Callback):
         self.curve: list[tuple[float, int, float]] = []
 
     def on_train_begin(self, logs=None):
-        self.started, self.eval_seconds = time.time(), 0.0
+        self.started, self.eval_seconds, self.done = time.time(), 0.0, False
 
     def on_epoch_end(self, epoch, logs=None):
         tick = time.time()
@@ -78,7 +80,12 @@ class _WallClockEval(keras.callbacks.Callback):
         self.eval_seconds += time.time() - tick
         self.curve.append((seconds, epoch + 1, float(accuracy)))
         print(f"seed: epoch {epoch + 1} at {seconds:.0f}s: test accuracy {accuracy:.2%}")
-        if seconds >= self.budget:
+        self.done = seconds >= self.budget
+        self.model.stop_training = self.done
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Set again here: the evaluate() call above can leave fit's stop flag reset.
+        if self.done:
             self.model.stop_training = True
 
 
