@@ -107,7 +107,9 @@ def test_averaged_weights_are_swapped_in_for_evaluation_and_kept_at_the_end(repl
     strategy = cached_strategy("mirrored", tuple(f"/cpu:{i}" for i in range(replicas)))
     batches = np.stack([IMAGES[:8]] * 6)
     labels = np.tile(np.arange(8, dtype=np.int32), (6, 1))
-    model, optimizer, loop, iterator = tiny_loop(strategy, batches, labels, optimizer_options={"ema_momentum": 0.5})
+    model, optimizer, loop, iterator = tiny_loop(
+        strategy, batches, labels, optimizer_options={"ema_momentum": 0.5, "learning_rate": 1e-3}
+    )
     loop(iterator, tf.constant(6), tf.zeros(NUM_SUMS))
     live = [v.numpy() for v in model.trainable_variables]
     average = [v.numpy() for v in optimizer._model_variables_moving_average]  # Keras keeps them here
