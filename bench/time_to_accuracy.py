@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _common import seed_model  # noqa: E402
-from tensorboard.compat.proto import event_pb2  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
@@ -34,14 +34,9 @@ from trainer.training import train  # noqa: E402
 
 def eval_curve(tensorboard: Path) -> list[tuple[float, int, float]]:
     """(wall time, step, accuracy) of every evaluation the run logged, in order."""
-    points = []
-    for path in sorted((tensorboard / "eval").glob("events.out.tfevents.*")):
-        for record in tf.data.TFRecordDataset(str(path)):
-            event = event_pb2.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                if value.tag == "accuracy":
-                    points.append((event.wall_time, event.step, float(tf.make_ndarray(value.tensor))))
-    return sorted(points)
+    events = EventAccumulator(str(tensorboard / "eval"), size_guidance={"tensors": 0})
+    events.Reload()
+    return sorted((e.wall_time, e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors("accuracy"))
 
 
 def run_ours(config_path: str, overrides: list[str], workdir: Path) -> dict:

@@ -77,27 +77,30 @@ def _weights(checkpoint_dir, step):
     }
 
 
+# The equivalence runs: synchronized BatchNorm, 8 steps of a small global batch.
+_EQUIVALENCE_RUN = ("model.name=resnet_small", "model.width=8", "train.max_steps=8", "data.batch_size=32")
+
+
+def _train_on_one_and_two_replicas(tmp_path, overrides):
+    """Final (step 8) weights of the same run on 1 and on 2 replicas in this process."""
+    train(smoke_config(*overrides), tmp_path / "one", echo=lambda _: None)
+    train(smoke_config(*overrides, "runtime.cpu_replicas=2"), tmp_path / "two", echo=lambda _: None)
+    return _weights(tmp_path / "one" / "checkpoints", 8), _weights(tmp_path / "two" / "checkpoints", 8)
+
+
 def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_path):
     # resnet_small: synchronized BatchNorm and no Dropout, so the maths does not depend
     # on how the global batch is split (Dropout masks are drawn per replica). Without
     # augmentation: see the README for what random crops do to this comparison.
-    overrides = (
-        "model.name=resnet_small",
-        "model.width=8",
-        "train.max_steps=8",
-        "data.batch_size=32",
-        "data.augment=false",
-        "checkpoint.every_steps=4",
-    )
-    train(smoke_config(*overrides), tmp_path / "one", echo=lambda _: None)
-    train(smoke_config(*overrides, "runtime.cpu_replicas=2"), tmp_path / "two", echo=lambda _: None)
+    overrides = (*_EQUIVALENCE_RUN, "data.augment=false", "checkpoint.every_steps=4")
+    one, two = _train_on_one_and_two_replicas(tmp_path, overrides)
     process = launch_train(tmp_path / "workers", *overrides, workers=2)
     output = process.stdout.read()
     assert process.wait(timeout=300) == 0, output
     assert "[worker 0] Strategy: multi_worker: MultiWorkerMirroredStrategy over 2 workers" in output
     assert "[worker 1] Done" not in output  # only the chief reports
 
-    one, two, workers = (_weights(tmp_path / run / "checkpoints", 8) for run in ("one", "two", "workers"))
+    workers = _weights(tmp_path / "workers" / "checkpoints", 8)
     trainable = [name for name in one if name.startswith("optimizer/_trainable_variables/")]
     assert one.keys() == two.keys() == workers.keys() and len(trainable) == 26
     # 2 replicas in one process and 2 worker processes: the same computation.
@@ -121,17 +124,7 @@ def test_with_random_crops_one_and_two_replicas_agree_when_pooling_is_smooth(tmp
     # made smooth, the crop pipeline on 1 and 2 replicas trains the same weights.
     monkeypatch.setattr(keras.layers, "MaxPooling2D", keras.layers.AveragePooling2D)
     monkeypatch.setattr(keras.layers, "GlobalMaxPooling2D", keras.layers.GlobalAveragePooling2D)
-    overrides = (
-        "model.name=resnet_small",
-        "model.width=8",
-        "train.max_steps=8",
-        "data.batch_size=32",
-        "data.augment=true",
-        "data.crop_padding=4",
-    )
-    train(smoke_config(*overrides), tmp_path / "one", echo=lambda _: None)
-    train(smoke_config(*overrides, "runtime.cpu_replicas=2"), tmp_path / "two", echo=lambda _: None)
-    one, two = (_weights(tmp_path / run / "checkpoints", 8) for run in ("one", "two"))
+    one, two = _train_on_one_and_two_replicas(tmp_path, (*_EQUIVALENCE_RUN, "data.augment=true", "data.crop_padding=4"))
     assert one.keys() == two.keys() and len(one) > 26
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=0, atol=2e-3, err_msg=name)

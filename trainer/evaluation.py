@@ -62,7 +62,7 @@ def tta_logits(model, images: tf.Tensor, tta: str = "none") -> tf.Tensor:
 
 
 class Evaluator:
-    """Builds the distributed test set once and a compiled pass over it."""
+    """Builds the distributed test set once and a compiled pass over it per TTA mode."""
 
     def __init__(
         self,
@@ -72,20 +72,25 @@ class Evaluator:
         global_batch: int,
         class_names,
         jit_compile: bool = False,
-        tta: str = "none",
     ):
         check_batch_divides(global_batch, strategy.num_replicas_in_sync)
         self.strategy = strategy
         self.model = model
         self.class_names = list(class_names)
         self.examples = len(split)
-        self.tta = tta
-        num_classes = len(self.class_names)
+        self.jit_compile = jit_compile
         self.dataset = strategy.distribute_datasets_from_function(
             eval_dataset_fn(split.images, split.labels, global_batch)
         )
+        self._passes: dict[str, object] = {}
 
-        @tf.function(jit_compile=jit_compile)
+    def _eval_pass(self, tta: str):
+        """The compiled pass for one `eval.tta` mode, built on first use."""
+        if tta in self._passes:
+            return self._passes[tta]
+        model, strategy, num_classes = self.model, self.strategy, len(self.class_names)
+
+        @tf.function(jit_compile=self.jit_compile)
         def eval_step(images, labels, mask):
             logits = tta_logits(model, tf.cast(images, tf.float32), tta)
             loss_sum = tf.reduce_sum(per_example_loss(labels, logits, num_classes) * mask)
@@ -105,10 +110,12 @@ class Evaluator:
                 confusion += strategy.reduce(tf.distribute.ReduceOp.SUM, replica_confusion, axis=None)
             return loss_sum, confusion
 
-        self._eval_pass = eval_pass
+        self._passes[tta] = eval_pass
+        return eval_pass
 
-    def __call__(self, step: int) -> EvalMetrics:
-        loss_sum, confusion = self._eval_pass(self.dataset)
+    def __call__(self, step: int, tta: str = "none") -> EvalMetrics:
+        """Metrics over the whole test set; `tta` as in `eval.tta`."""
+        loss_sum, confusion = self._eval_pass(tta)(self.dataset)
         confusion = confusion.numpy()
         seen = int(confusion.sum())
         if seen != self.examples:  # a broken pipeline must not report a plausible number

@@ -61,10 +61,8 @@ def evaluate(workdir: str | Path, overrides: Sequence[str] = (), checkpoint: str
     dataset = load_dataset(config.data, config.seed)
     with runtime.strategy.scope():
         model, step = _restore_model(wd, info, config, checkpoint)
-    evaluator = Evaluator(
-        runtime.strategy, model, dataset.test, config.data.batch_size, info.class_names, tta=config.eval.tta
-    )
-    metrics = evaluator(step)
+    evaluator = Evaluator(runtime.strategy, model, dataset.test, config.data.batch_size, info.class_names)
+    metrics = evaluator(step, tta=config.eval.tta)
     metrics.write(wd.metrics_path)
     return metrics
 

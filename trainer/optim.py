@@ -91,8 +91,13 @@ def build_optimizer(
     return optimizer
 
 
+def _unwrapped(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The configured optimizer inside a LossScaleOptimizer, or the optimizer itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
 def uses_weight_averaging(optimizer: keras.optimizers.Optimizer) -> bool:
-    return bool(getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False))
+    return bool(getattr(_unwrapped(optimizer), "use_ema", False))
 
 
 @contextlib.contextmanager
@@ -116,9 +121,8 @@ def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer):
 def finalize_averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
     """Copy the averaged weights into the model for good (the end of training)."""
     if uses_weight_averaging(optimizer):
-        getattr(optimizer, "inner_optimizer", optimizer).finalize_variable_values(model.trainable_variables)
+        _unwrapped(optimizer).finalize_variable_values(model.trainable_variables)
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return float(keras.ops.convert_to_numpy(inner.learning_rate))
+    return float(keras.ops.convert_to_numpy(_unwrapped(optimizer).learning_rate))

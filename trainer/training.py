@@ -31,7 +31,6 @@ from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, save_config
 from trainer.data import Dataset, load_dataset
 from trainer.data.pipeline import (
-    InputSpec,
     augment_first,
     check_batch_divides,
     input_spec,
@@ -353,14 +352,6 @@ class TrainingLoop:
         self.evaluator = Evaluator(
             runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names, runtime.jit_compile
         )
-        tta = config.eval.tta
-        self.tta_evaluator = (
-            Evaluator(
-                runtime.strategy, model, dataset.test, self.global_batch, dataset.class_names, runtime.jit_compile, tta
-            )
-            if tta != "none"
-            else None
-        )
         self.single_view_accuracy: float | None = None
         self.monitor = Monitor(config, wd.tensorboard, runtime.is_chief, list(dataset.class_names))
         self.log_every = config.tensorboard.every_steps or config.train.steps_per_loop
@@ -371,12 +362,9 @@ class TrainingLoop:
         self.best_step = best["step"] if best else None
 
     def _iterator(self, start_step: int):
-        spec = self._input_spec()
+        spec = input_spec(self.config)
         fn = train_dataset_fn(self.dataset.train.images, self.dataset.train.labels, spec, start_step, self.total_steps)
         return iter(self.runtime.strategy.distribute_datasets_from_function(fn))
-
-    def _input_spec(self) -> InputSpec:
-        return input_spec(self.config)
 
     def _call_end(self, step: int) -> int:
         """Where the compiled call starting at `step` ends; independent of restarts."""
@@ -452,7 +440,7 @@ class TrainingLoop:
                             last_eval = self._evaluate(step)
                             if save_due:
                                 self._maybe_keep_best(step, last_eval, window_sums)
-                            if step == self.total_steps and self.tta_evaluator is not None:
+                            if step == self.total_steps and self.config.eval.tta != "none":
                                 last_eval = self._evaluate_tta(step, last_eval)
                 if save_due:
                     self.store.save(step, step // self.per_epoch, window_sums)
@@ -475,7 +463,7 @@ class TrainingLoop:
             return
         count = min(32, len(self.dataset.train))
         images = (
-            augment_first(self.dataset.train.images[:count], self._input_spec(), len(self.dataset.train))
+            augment_first(self.dataset.train.images[:count], input_spec(self.config), len(self.dataset.train))
             if self.config.data.augment
             else self.dataset.train.images[:count]
         )
@@ -541,7 +529,7 @@ class TrainingLoop:
         """The final score with test-time augmentation; the single view stays on the curve."""
         self.single_view_accuracy = single_view.accuracy
         tick = time.perf_counter()
-        metrics = self.tta_evaluator(step)
+        metrics = self.evaluator(step, tta=self.config.eval.tta)
         self.monitor.log_tta(step, metrics, self.config.eval.tta)
         self.echo(
             f"Eval at step {step} with eval.tta={self.config.eval.tta}: accuracy {metrics.accuracy:.2%}, "
@@ -559,13 +547,12 @@ class TrainingLoop:
         rows = [("steps", f"{result.step} of {result.total_steps} (global batch {self.global_batch})")]
         if result.final_eval is not None:
             final = result.final_eval
-            rows.append(("final test accuracy", f"{final.accuracy:.2%} (loss {final.loss:.4f})"))
-            if self.single_view_accuracy is not None:
-                rows[-1] = (
-                    "final test accuracy",
-                    f"{final.accuracy:.2%} with eval.tta={self.config.eval.tta}, "
-                    f"{self.single_view_accuracy:.2%} single view",
-                )
+            detail = (
+                f"with eval.tta={self.config.eval.tta}, {self.single_view_accuracy:.2%} single view"
+                if self.single_view_accuracy is not None
+                else f"(loss {final.loss:.4f})"
+            )
+            rows.append(("final test accuracy", f"{final.accuracy:.2%} {detail}"))
         if self.best_step is not None:
             rows.append(("best test accuracy", f"{self.best_accuracy:.2%} at step {self.best_step}"))
         rows += [
