@@ -51,20 +51,22 @@ def launch_train(workdir, *overrides: str, workers: int = 1):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def tiny_loop(strategy, batches, labels, *, optimizer_options=None, **loop_options):
-    """A width-4 paper_cnn, its optimizer and compiled loop over `batches`: for step-level tests."""
+def tiny_loop(strategy, batches, labels, *, optimizer_options=None, model_name="paper_cnn", **loop_options):
+    """A width-4 model, its optimizer and compiled loop over `batches`: for step-level tests."""
     from trainer.config import OptimizerConfig
     from trainer.models import build_model
-    from trainer.optim import build_optimizer
+    from trainer.optim import build_optimizer, gradient_multipliers
     from trainer.preemption import StopRequest
     from trainer.training import make_train_loop
 
     options = dict(optimizer_options or {})
     optimizer_config = OptimizerConfig(
-        learning_rate=options.pop("learning_rate", 0.05), ema_momentum=options.pop("ema_momentum", 0.0)
+        learning_rate=options.pop("learning_rate", 0.05),
+        ema_momentum=options.pop("ema_momentum", 0.0),
+        bias_lr_multiplier=options.pop("bias_lr_multiplier", 1.0),
     )
     with strategy.scope():
-        model = build_model("paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
+        model = build_model(model_name, input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
         optimizer = build_optimizer(optimizer_config, 10, 10, **options)
         optimizer.build(model.trainable_variables)
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((batches, labels)))
@@ -76,6 +78,7 @@ def tiny_loop(strategy, batches, labels, *, optimizer_options=None, **loop_optio
         num_classes=10,
         label_smoothing=0.0,
         stop_flag=StopRequest().flag,
+        gradient_multipliers=gradient_multipliers(model.trainable_variables, optimizer_config),
         **loop_options,
     )
     return model, optimizer, loop, iter(dataset)

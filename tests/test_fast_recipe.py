@@ -15,7 +15,7 @@ from trainer.errors import ConfigError
 from trainer.evaluation import tta_logits
 from trainer.models import build_model, init_from_data, patch_whitening_kernel
 from trainer.monitoring import NUM_SUMS
-from trainer.optim import averaged_weights, finalize_averaged_weights, learning_rate_schedule
+from trainer.optim import Lookahead, averaged_weights, finalize_averaged_weights, learning_rate_schedule
 from trainer.runtime import cached_strategy
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -53,6 +53,51 @@ def test_linear_schedule_warms_up_then_falls_to_zero():
     schedule = learning_rate_schedule(config, steps_per_epoch=10, total_steps=50)
     values = [float(schedule(step)) for step in (0, 4, 9, 10, 30, 50)]
     np.testing.assert_allclose(values, [0.04, 0.2, 0.4, 0.4, 0.2, 0.0], atol=1e-6)
+
+
+def test_linear_schedule_can_start_and_end_above_zero():
+    config = OptimizerConfig(
+        learning_rate=1.0, schedule="linear", warmup_epochs=2.3, initial_lr_fraction=0.2, final_lr_fraction=0.07
+    )
+    schedule = learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+    values = [float(schedule(step)) for step in (0, 22, 23, 100, 120)]
+    np.testing.assert_allclose(values, [0.2 + 0.8 / 23, 1.0, 1.0, 0.07, 0.07], atol=1e-6)
+    cosine = learning_rate_schedule(OptimizerConfig(**{**config.__dict__, "schedule": "cosine"}), 10, 100)
+    np.testing.assert_allclose([float(cosine(0)), float(cosine(23)), float(cosine(100))], [0.2, 1.0, 0.07], atol=1e-6)
+
+
+def test_airbench_convs_start_by_passing_their_inputs_through():
+    model = build_model("airbench", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=16)
+    first = model.get_layer("group1_conv1").kernel.numpy()  # 24 whitened channels in, 16 out
+    np.testing.assert_array_equal(
+        first[:, :, :16, :16], np.eye(16)[None, None] * np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]])[:, :, None, None]
+    )
+    assert np.abs(first[:, :, 16:, :16]).max() == 0  # the passed filters read one channel only
+    wide = model.get_layer("group2_conv1").kernel.numpy()  # 16 in, 64 out: 16 identities, 48 random
+    np.testing.assert_array_equal(wide[1, 1, :, :16], np.eye(16))
+    assert 0 < np.abs(wide[..., 16:]).max() <= 1 / np.sqrt(9 * 16)  # PyTorch's U(+/- 1/sqrt(fan_in))
+
+
+def test_bias_lr_multiplier_scales_only_batchnorm_shift_updates_on_two_replicas():
+    strategy = cached_strategy("mirrored", ("/cpu:0", "/cpu:1"))
+    batches, labels = IMAGES[None, :8], np.arange(8, dtype=np.int32)[None]
+    deltas = []
+    start = None
+    for multiplier in (1.0, 8.0):
+        model, _, loop, iterator = tiny_loop(
+            strategy, batches, labels, model_name="airbench", optimizer_options={"bias_lr_multiplier": multiplier}
+        )
+        if start is None:
+            init_from_data(model, IMAGES, [0] * 3, [1] * 3)
+            start = [v.numpy() for v in model.variables]
+        for variable, value in zip(model.variables, start):
+            variable.assign(value)
+        loop(iterator, tf.constant(1), tf.zeros(NUM_SUMS))
+        deltas.append({v.path: v.numpy() - s for v, s in zip(model.variables, start) if v.trainable})
+    shifts = [path for path in deltas[0] if path.endswith("/beta")]
+    assert len(shifts) == 6 and min(np.abs(delta).max() for delta in deltas[0].values()) > 0
+    for path, delta in deltas[0].items():
+        np.testing.assert_allclose(deltas[1][path], delta * (8.0 if path in shifts else 1.0), rtol=1e-4, atol=1e-7)
 
 
 def _flipped(out: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -124,7 +169,40 @@ def test_averaged_weights_are_swapped_in_for_evaluation_and_kept_at_the_end(repl
         np.testing.assert_array_equal(variable.numpy(), expected)
 
 
-def test_fast_recipe_trains_and_reports_accuracy_with_and_without_tta(tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_lookahead_copies_averages_and_resets_the_live_weights(replicas):
+    strategy = cached_strategy("mirrored", tuple(f"/cpu:{i}" for i in range(replicas)))
+    with strategy.scope():
+        model = build_model("airbench", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
+        lookahead = Lookahead(model, every=5, start_step=3, per_epoch=12, total_steps=40, decay=0.9)
+    assert lookahead.first_step == 5
+    kernel = model.get_layer("logits").kernel
+    index = next(i for i, v in enumerate(lookahead.fast) if v.path == kernel.path)
+    assert any(v.path.endswith("moving_mean") for v in lookahead.fast)  # BatchNorm statistics too
+    after_step = tf.function(lookahead.after_step)
+
+    def step(number, live):
+        kernel.assign(np.full(kernel.shape, live, np.float32))
+        after_step(tf.constant(number, tf.int64))
+        copies = [c.numpy() for c in getattr(kernel.value, "values", [kernel.value])]  # one per replica
+        assert len(copies) == replicas and all(np.array_equal(c, copies[0]) for c in copies)
+        return float(copies[0].flat[0]), float(lookahead.slow[index].numpy().flat[0])
+
+    assert step(5, 1.0) == (1.0, 1.0)  # first beat: take the copy, leave the live weights
+    assert step(7, 3.0) == (3.0, 1.0)  # between beats: nothing
+    rho = 0.9**5 * (10 / 40) ** 3
+    live, slow = step(10, 3.0)  # a beat: slow moves toward live, live is reset to it
+    np.testing.assert_allclose([live, slow], [rho + (1 - rho) * 3.0] * 2, rtol=1e-6)
+    assert step(12, 7.0) == (slow, slow)  # an epoch's end, between beats: live reset to slow
+    assert step(13, 7.0) == (7.0, slow)
+
+
+@pytest.mark.parametrize(
+    "averaging",
+    [("optimizer.ema_momentum=0.9",), ("optimizer.lookahead_every_steps=5", "optimizer.lookahead_start_epochs=0.5")],
+    ids=["ema", "lookahead"],
+)
+def test_fast_recipe_trains_and_reports_accuracy_with_and_without_tta(tmp_path, averaging):
     workdir = tmp_path / "run"
     args = ["train", "--config", SMOKE, "--workdir", str(workdir)]
     for override in (
@@ -132,7 +210,8 @@ def test_fast_recipe_trains_and_reports_accuracy_with_and_without_tta(tmp_path):
         "model.width=8",
         "train.epochs=2",
         "optimizer.schedule=linear",
-        "optimizer.ema_momentum=0.9",
+        "optimizer.bias_lr_multiplier=64",
+        *averaging,
         "data.flip=alternating",
         "data.pad_mode=reflect",
         "eval.tta=flip_translate",
@@ -159,3 +238,11 @@ def test_shipped_fast_config_and_bad_values():
         smoke_config("eval.tta=flips")
     with pytest.raises(ConfigError, match="optimizer.ema_momentum must be < 1"):
         smoke_config("optimizer.ema_momentum=1")
+    with pytest.raises(ConfigError, match="optimizer.final_lr_fraction must be between 0 and 1 .* got 1.5"):
+        smoke_config("optimizer.final_lr_fraction=1.5")
+    with pytest.raises(ConfigError, match="lookahead_every_steps and optimizer.ema_momentum both average"):
+        smoke_config("optimizer.lookahead_every_steps=5", "optimizer.ema_momentum=0.9")
+    with pytest.raises(ConfigError, match="optimizer.bias_lr_multiplier"):
+        smoke_config("optimizer.bias_lr_multiplier=0")
+    wide = load_config(REPO / "configs" / "cifar10_airbench94.yaml")
+    assert (wide.model.width, wide.optimizer.bias_lr_multiplier) == (64, 64)

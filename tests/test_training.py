@@ -56,8 +56,15 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     assert steps == [8, 16, 24, 32]  # the resumed run continues the curve, no restart at 0
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    overrides = ("runtime.deterministic=true", "train.epochs=2")
+# The lookahead variant stops at step 12, between its beats at 10 and 15: its slow weights
+# must come back from the checkpoint.
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("optimizer.lookahead_every_steps=5", "optimizer.lookahead_start_epochs=0.5")],
+    ids=["plain", "lookahead"],
+)
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, extra):
+    overrides = ("runtime.deterministic=true", "train.epochs=2", *extra)
     straight = train(smoke_config(*overrides), tmp_path / "a", echo=lambda _: None)
     train(smoke_config(*overrides, "train.max_steps=12"), tmp_path / "b", echo=lambda _: None)
     resumed = train(smoke_config(*overrides), tmp_path / "b", echo=lambda _: None)

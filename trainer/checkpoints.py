@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -55,10 +56,12 @@ class CheckpointStore:
         keep: int = 3,
         num_replicas: int = 1,
         save_directory: str | Path | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """Args:
         directory: where checkpoints are read from (the chief's folder).
         save_directory: where they are written, if elsewhere (non-chief workers).
+        extra: more training state to carry, by name (e.g. the lookahead's slow weights).
         """
         self.directory = Path(directory)
         self.save_directory = Path(save_directory) if save_directory else self.directory
@@ -77,6 +80,7 @@ class CheckpointStore:
         }
         if optimizer is not None:
             objects["optimizer"] = optimizer
+        objects.update(extra or {})
         self._for_training = optimizer is not None
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)

@@ -71,16 +71,30 @@ class OptimizerConfig:
     learning_rate: float = 0.05
     # After the warm-up: constant, cosine to 0, or linear to 0 (airbench's triangle).
     schedule: str = _choice("cosine", "constant", "cosine", "linear")
-    # Linear warm-up from 0 to learning_rate, in epochs (fractions allowed).
+    # Linear warm-up to learning_rate, in epochs (fractions allowed)...
     warmup_epochs: float = 0.0
+    # ...from this fraction of it (airbench: 0.2)...
+    initial_lr_fraction: float = 0.0
+    # ...and, for cosine and linear, down to this fraction at the last step (airbench: 0.07).
+    final_lr_fraction: float = 0.0
     momentum: float = 0.9
     nesterov: bool = True
     # Decoupled weight decay (Keras optimizers' `weight_decay`), per step, times the LR.
     weight_decay: float = 0.0
+    # BatchNorm shifts (beta) learn this many times faster than the other weights (their
+    # gradients are multiplied before the update; they are never decayed). airbench: 64.
+    bias_lr_multiplier: float = 1.0
     label_smoothing: float = 0.0
     # Exponential moving average of the weights (Keras `use_ema`), 0 = off. Evaluations,
     # the final checkpoint and exports use the averaged weights; e.g. 0.99.
     ema_momentum: float = 0.0
+    # airbench's lookahead: every N steps (0 = off) from `lookahead_start_epochs` on, a slow
+    # copy of the weights moves toward the live ones, which are then reset to it (and at
+    # each epoch's end). Its decay is lookahead_decay**N * (step / total steps)**3: weak
+    # early, strong as training ends. airbench: 5, 3, 0.95.
+    lookahead_every_steps: int = 0
+    lookahead_start_epochs: float = 3.0
+    lookahead_decay: float = 0.95
 
 
 @dataclass
@@ -185,8 +199,12 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "optimizer.warmup_epochs": (0, True),
     "optimizer.momentum": (0, True),
     "optimizer.weight_decay": (0, True),
+    "optimizer.bias_lr_multiplier": (0, False),
     "optimizer.label_smoothing": (0, True),
     "optimizer.ema_momentum": (0, True),
+    "optimizer.lookahead_every_steps": (0, True),
+    "optimizer.lookahead_start_epochs": (0, True),
+    "optimizer.lookahead_decay": (0, False),
     "train.epochs": (1, True),
     "train.max_steps": (0, True),
     "train.steps_per_loop": (1, True),
@@ -259,6 +277,18 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be {relation} {minimum}, got {value}")
     if config.optimizer.ema_momentum >= 1:
         raise ConfigError(f"optimizer.ema_momentum must be < 1 (0 = off), got {config.optimizer.ema_momentum}")
+    if config.optimizer.lookahead_decay >= 1:
+        raise ConfigError(f"optimizer.lookahead_decay must be < 1, got {config.optimizer.lookahead_decay}")
+    if config.optimizer.lookahead_every_steps and config.optimizer.ema_momentum:
+        raise ConfigError(
+            "optimizer.lookahead_every_steps and optimizer.ema_momentum both average the weights; set one of them to 0"
+        )
+    for key in ("initial_lr_fraction", "final_lr_fraction"):
+        if not 0 <= getattr(config.optimizer, key) <= 1:
+            raise ConfigError(
+                f"optimizer.{key} must be between 0 and 1 (a fraction of optimizer.learning_rate), "
+                f"got {getattr(config.optimizer, key)}"
+            )
     if config.optimizer.label_smoothing >= 1:
         raise ConfigError(f"optimizer.label_smoothing must be < 1, got {config.optimizer.label_smoothing}")
     spl, every = config.train.steps_per_loop, config.tensorboard.every_steps

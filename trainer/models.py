@@ -114,10 +114,29 @@ WHITEN_LAYER = "whiten"
 WHITEN_FILTERS = 24  # 12 eigen-directions of 2x2x3 patches, each with both signs
 
 
+# PyTorch's default conv initialisation, U(+/- 1/sqrt(fan_in)), which airbench was tuned with.
+_TORCH_DEFAULT = keras.initializers.VarianceScaling(1 / 3, mode="fan_in", distribution="uniform")
+
+
+def _pass_inputs_through(conv: layers.Conv2D) -> None:
+    """Identity ("dirac") start for the first in_channels filters, as airbench does: each of
+    them begins by copying one input channel, so early training sees the whitened input."""
+    kernel = keras.ops.convert_to_numpy(conv.kernel)
+    size, _, inputs, outputs = kernel.shape
+    passed = min(inputs, outputs)
+    kernel[:, :, :, :passed] = 0.0
+    kernel[size // 2, size // 2, np.arange(passed), np.arange(passed)] = 1.0
+    conv.kernel.assign(kernel)
+
+
 def _conv_group(x, filters: int, name: str):
     """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU; BN learns a bias only."""
     for index in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}")(x)
+        conv = layers.Conv2D(
+            filters, 3, padding="same", use_bias=False, kernel_initializer=_TORCH_DEFAULT, name=f"{name}_conv{index}"
+        )
+        x = conv(x)
+        _pass_inputs_through(conv)
         if index == 1:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
         # Scale frozen at 1 (scale=False), fast-moving statistics, as airbench does.

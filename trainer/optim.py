@@ -8,8 +8,10 @@ MirroredStrategy ("You must feed a value for placeholder tensor").
 from __future__ import annotations
 
 import contextlib
+import math
 
 import keras
+import tensorflow as tf
 
 from trainer.config import OptimizerConfig
 
@@ -19,36 +21,51 @@ _NO_DECAY = ["bias", "gamma", "beta"]
 
 
 class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear from 0 to `peak` over `warmup_steps`, then linear down to 0 at `total_steps`.
+    """Linear from `start * peak` to `peak` over `warmup_steps`, then linear to `end * peak` at `total_steps`.
 
     airbench's triangle; Keras' PolynomialDecay has no warm-up, hence this small class.
     """
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start: float = 0.0, end: float = 0.0):
         self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+        self.start, self.end = start, end
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
-        up = (step + 1) / self.warmup_steps if self.warmup_steps else down
-        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+        falling = keras.ops.clip((self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0)
+        down = self.end + (1.0 - self.end) * falling
+        if not self.warmup_steps:
+            return self.peak * down
+        rising = keras.ops.clip((step + 1) / self.warmup_steps, 0.0, 1.0)
+        up = self.start + (1.0 - self.start) * rising
+        return self.peak * keras.ops.minimum(up, down)
 
     def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "start": self.start,
+            "end": self.end,
+        }
 
 
 def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int, total_steps: int):
-    """Peak `learning_rate` after `warmup_epochs` of linear warm-up, then constant, cosine or linear to 0."""
+    """Peak `learning_rate` after `warmup_epochs` of linear warm-up, then constant, cosine or linear.
+
+    Warm-up starts at `initial_lr_fraction` of the peak; cosine and linear end at `final_lr_fraction`.
+    """
     warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+    start, end = config.initial_lr_fraction, config.final_lr_fraction
     if config.schedule == "linear":
-        return WarmupLinearDecay(config.learning_rate, warmup, total_steps)
+        return WarmupLinearDecay(config.learning_rate, warmup, total_steps, start=start, end=end)
     if config.schedule == "constant" and not warmup:
         return config.learning_rate
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else config.learning_rate,
+        initial_learning_rate=start * config.learning_rate if warmup else config.learning_rate,
         decay_steps=max(total_steps - warmup, 1),
         # alpha=1 keeps the rate at its peak: a constant schedule with warm-up.
-        alpha=1.0 if config.schedule == "constant" else 0.0,
+        alpha=1.0 if config.schedule == "constant" else end,
         warmup_target=config.learning_rate if warmup else None,
         warmup_steps=warmup,
     )
@@ -91,6 +108,21 @@ def build_optimizer(
     return optimizer
 
 
+def gradient_multipliers(variables, config: OptimizerConfig) -> list[float] | None:
+    """Per-variable gradient multipliers that give BatchNorm shifts their own learning rate.
+
+    Keras optimizers have one learning rate; with (Nesterov) momentum SGD multiplying a
+    gradient by k is exactly a k-times learning rate for that variable. None: all 1.
+    """
+    if config.bias_lr_multiplier == 1.0:
+        return None
+    return [config.bias_lr_multiplier if _is_batchnorm_shift(v) else 1.0 for v in variables]
+
+
+def _is_batchnorm_shift(variable) -> bool:
+    return variable.path.split("/")[-1] == "beta"
+
+
 def _unwrapped(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
     """The configured optimizer inside a LossScaleOptimizer, or the optimizer itself."""
     return getattr(optimizer, "inner_optimizer", optimizer)
@@ -122,6 +154,73 @@ def finalize_averaged_weights(model: keras.Model, optimizer: keras.optimizers.Op
     """Copy the averaged weights into the model for good (the end of training)."""
     if uses_weight_averaging(optimizer):
         _unwrapped(optimizer).finalize_variable_values(model.trainable_variables)
+
+
+class Lookahead:
+    """airbench's lookahead (from hlb-cifar10): averaging that also pulls the live weights back.
+
+    Every `every` steps from `start_step` on, a slow copy of the model's float variables
+    (weights and BatchNorm statistics) moves toward the live ones by 1 - rho and the live
+    ones are reset to it; at each epoch's end (and the last step) the live ones are reset to
+    it too, so evaluations and checkpoints see the averaged model. rho = decay**every *
+    (step / total_steps)**3 grows over training. Keras' own `ema_overwrite_frequency` does
+    the same kind of thing but fails under tf.distribute (a merge_call inside a cond); this
+    runs in cross-replica context, between steps. Create inside `strategy.scope()`; the
+    slow copies belong in the checkpoint (`state`) for an exact resume.
+    """
+
+    def __init__(
+        self, model: keras.Model, *, every: int, start_step: int, per_epoch: int, total_steps: int, decay: float
+    ) -> None:
+        self.every, self.per_epoch, self.total_steps = every, per_epoch, total_steps
+        self.rho_base = decay**every
+        # The first beat at or after start_step only takes the copy.
+        self.first_step = max(math.ceil(start_step / every), 1) * every
+        self.fast = [v for v in model.variables if "float" in str(v.dtype)]
+        self.slow = [tf.Variable(v.value, trainable=False, name=f"lookahead_{i}") for i, v in enumerate(self.fast)]
+
+    @property
+    def state(self) -> dict[str, tf.Variable]:
+        return {str(i): v for i, v in enumerate(self.slow)}
+
+    def after_step(self, step) -> None:
+        """Call in cross-replica context with the number of steps done (optimizer.iterations)."""
+        step = tf.cast(step, tf.int64)
+        beat = (step > self.first_step) & (step % self.every == 0)
+        epoch_end = (step > self.first_step) & ((step % self.per_epoch == 0) | (step >= self.total_steps))
+        tf.cond(
+            tf.equal(step, self.first_step),
+            self._take_copy,
+            lambda: tf.cond(beat, lambda: self._average(step), lambda: tf.cond(epoch_end, self._reset, tf.no_op)),
+        )
+
+    def _take_copy(self):
+        return tf.group([slow.assign(fast.value) for slow, fast in zip(self.slow, self.fast)])
+
+    def _average(self, step):
+        rho = self.rho_base * (tf.cast(step, tf.float32) / self.total_steps) ** 3
+        updates = []
+        for slow, fast in zip(self.slow, self.fast):
+            averaged = rho * slow.read_value() + (1.0 - rho) * fast.value
+            updates += [slow.assign(averaged), fast.assign(averaged)]
+        return tf.group(updates)
+
+    def _reset(self):
+        return tf.group([fast.assign(slow.read_value()) for slow, fast in zip(self.slow, self.fast)])
+
+
+def build_lookahead(model: keras.Model, config: OptimizerConfig, per_epoch: int, total_steps: int) -> Lookahead | None:
+    """The configured lookahead, or None; call inside `strategy.scope()`."""
+    if not config.lookahead_every_steps:
+        return None
+    return Lookahead(
+        model,
+        every=config.lookahead_every_steps,
+        start_step=int(round(config.lookahead_start_epochs * per_epoch)),
+        per_epoch=per_epoch,
+        total_steps=total_steps,
+        decay=config.lookahead_decay,
+    )
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

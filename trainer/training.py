@@ -52,7 +52,15 @@ from trainer.monitoring import (
     Monitor,
     misclassified_examples,
 )
-from trainer.optim import averaged_weights, build_optimizer, current_learning_rate, finalize_averaged_weights
+from trainer.optim import (
+    Lookahead,
+    averaged_weights,
+    build_lookahead,
+    build_optimizer,
+    current_learning_rate,
+    finalize_averaged_weights,
+    gradient_multipliers,
+)
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.runtime import Runtime, setup_runtime
 from trainer.summaries import drop_events_after
@@ -147,6 +155,8 @@ def _train(
         optimizer.build(model.trainable_variables)
         if init_from_data(model, dataset.train.images, info.mean, info.std):
             echo("Whitening layer initialised from the training images' 2x2 patch covariance")
+        # Over the whole schedule, as the LR: a run cut short by max_steps resumes identically.
+        lookahead = build_lookahead(model, config.optimizer, per_epoch, config.train.epochs * per_epoch)
     store = CheckpointStore(
         wd.checkpoints,
         model=model,
@@ -155,6 +165,7 @@ def _train(
         num_replicas=runtime.num_replicas,
         # TF needs every worker to save; the others write to a scratch folder.
         save_directory=None if runtime.is_chief else wd.worker_temp(runtime.worker_index) / "checkpoints",
+        extra={"lookahead": lookahead.state} if lookahead else None,
     )
     start_step = store.restore("latest", warn=echo) or 0
     if store.restored_path:
@@ -167,7 +178,9 @@ def _train(
         )
         return TrainResult(start_step, total_steps, 0.0, 0.0, None, wd.root)
 
-    loop = TrainingLoop(config, runtime, model, optimizer, dataset, per_epoch, total_steps, wd, store, echo)
+    loop = TrainingLoop(
+        config, runtime, model, optimizer, dataset, per_epoch, total_steps, wd, store, echo, lookahead=lookahead
+    )
     result = loop.run(start_step, store.window_sums.numpy(), started)
     if result.stopped_by:
         how = f"resume with: {resume_command}" if resume_command else "run the same command to resume"
@@ -231,6 +244,8 @@ def make_train_loop(
     stop_on_nonfinite: bool = True,
     check_gradients: bool = True,
     jit_compile: bool = False,
+    gradient_multipliers: list[float] | None = None,
+    lookahead: Lookahead | None = None,
 ):
     """A compiled function: `train_loop(iterator, num_steps, sums) -> (sums, steps_done, stopped)`.
 
@@ -242,7 +257,9 @@ def make_train_loop(
     a NaN/Inf loss, or NaN/Inf gradients where `check_gradients` (off under float16 loss
     scaling, whose optimizer skips such steps by design). With `jit_compile` the
     forward and backward pass is compiled by XLA; the optimizer update and its
-    cross-replica reduction stay outside the compiled cluster.
+    cross-replica reduction stay outside the compiled cluster. `gradient_multipliers`
+    (one per trainable variable) scale gradients before the update: per-variable learning
+    rates (see trainer.optim.gradient_multipliers). `lookahead` runs after every step.
     """
 
     def forward_backward(images, labels):
@@ -264,8 +281,11 @@ def make_train_loop(
 
     def train_step(images, labels):
         gradients, losses, logits = compute(images, labels)
+        updates = gradients
+        if gradient_multipliers is not None:
+            updates = [g if k == 1.0 else g * k for g, k in zip(gradients, gradient_multipliers)]
         # A non-finite step is stopped on (controller) or skipped (LossScaleOptimizer).
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        optimizer.apply_gradients(zip(updates, model.trainable_variables))
         context = tf.distribute.get_replica_context()
         local_bad = tf.stack(
             [
@@ -305,6 +325,8 @@ def make_train_loop(
         stopped = agreed_stop()
         while steps < num_steps and not stopped and not diverged:
             per_replica = strategy.run(train_step, args=next(iterator))
+            if lookahead is not None:
+                lookahead.after_step(optimizer.iterations)
             step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             sums += step_sums
             steps += 1
@@ -331,6 +353,7 @@ class TrainingLoop:
         wd: Workdir,
         store: CheckpointStore,
         echo: Echo,
+        lookahead: Lookahead | None = None,
     ) -> None:
         self.config, self.runtime, self.model, self.optimizer = config, runtime, model, optimizer
         self.per_epoch, self.total_steps, self.wd, self.store, self.echo = per_epoch, total_steps, wd, store, echo
@@ -347,6 +370,8 @@ class TrainingLoop:
             stop_on_nonfinite=config.train.nan_policy == "stop",
             check_gradients=not runtime.loss_scaling,
             jit_compile=runtime.jit_compile,
+            gradient_multipliers=gradient_multipliers(model.trainable_variables, config.optimizer),
+            lookahead=lookahead,
         )
         self.dataset = dataset
         self.evaluator = Evaluator(
