@@ -238,6 +238,10 @@ def test_shipped_fast_config_and_bad_values():
         smoke_config("eval.tta=flips")
     with pytest.raises(ConfigError, match="optimizer.ema_momentum must be < 1"):
         smoke_config("optimizer.ema_momentum=1")
+    with pytest.raises(ConfigError, match="optimizer.lookahead_decay must be < 1, got 1"):
+        smoke_config("optimizer.lookahead_decay=1")
+    with pytest.raises(ConfigError, match="optimizer.label_smoothing must be < 1, got 1.5"):
+        smoke_config("optimizer.label_smoothing=1.5")
     with pytest.raises(ConfigError, match="optimizer.final_lr_fraction must be between 0 and 1 .* got 1.5"):
         smoke_config("optimizer.final_lr_fraction=1.5")
     with pytest.raises(ConfigError, match="lookahead_every_steps and optimizer.ema_momentum both average"):

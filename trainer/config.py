@@ -216,6 +216,12 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "tensorboard.every_steps": (0, True),
     "tensorboard.histogram_every_steps": (0, True),
 }
+# Exclusive upper bounds: momenta and decays of averages, and label smoothing, stop below 1.
+_BELOW: dict[str, float] = {
+    "optimizer.label_smoothing": 1,
+    "optimizer.ema_momentum": 1,
+    "optimizer.lookahead_decay": 1,
+}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -266,19 +272,22 @@ def apply_override(config: Config, override: str) -> None:
                 raise ConfigError(f"{full_key} is a key, not a section; use --set {full_key}=VALUE")
 
 
+def _flat_value(flat: dict[str, Any], key: str):
+    section, name = key.split(".")
+    return flat[section][name]
+
+
 def validate(config: Config) -> None:
     """Check ranges and cross-key rules that single fields cannot express."""
     flat = to_dict(config)
     for key, (minimum, inclusive) in _MINIMUMS.items():
-        section, name = key.split(".")
-        value = flat[section][name]
+        value = _flat_value(flat, key)
         if value < minimum or (not inclusive and value == minimum):
-            relation = ">=" if inclusive else ">"
-            raise ConfigError(f"{key} must be {relation} {minimum}, got {value}")
-    if config.optimizer.ema_momentum >= 1:
-        raise ConfigError(f"optimizer.ema_momentum must be < 1 (0 = off), got {config.optimizer.ema_momentum}")
-    if config.optimizer.lookahead_decay >= 1:
-        raise ConfigError(f"optimizer.lookahead_decay must be < 1, got {config.optimizer.lookahead_decay}")
+            raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {minimum}, got {value}")
+    for key, maximum in _BELOW.items():
+        value = _flat_value(flat, key)
+        if value >= maximum:
+            raise ConfigError(f"{key} must be < {maximum}, got {value}")
     if config.optimizer.lookahead_every_steps and config.optimizer.ema_momentum:
         raise ConfigError(
             "optimizer.lookahead_every_steps and optimizer.ema_momentum both average the weights; set one of them to 0"
@@ -289,8 +298,6 @@ def validate(config: Config) -> None:
                 f"optimizer.{key} must be between 0 and 1 (a fraction of optimizer.learning_rate), "
                 f"got {getattr(config.optimizer, key)}"
             )
-    if config.optimizer.label_smoothing >= 1:
-        raise ConfigError(f"optimizer.label_smoothing must be < 1, got {config.optimizer.label_smoothing}")
     spl, every = config.train.steps_per_loop, config.tensorboard.every_steps
     if every % spl:
         raise ConfigError(

@@ -195,7 +195,7 @@ class Lookahead:
         )
 
     def _take_copy(self):
-        return tf.group([slow.assign(fast.value) for slow, fast in zip(self.slow, self.fast)])
+        return _assign_all(self.slow, self.fast)
 
     def _average(self, step):
         rho = self.rho_base * (tf.cast(step, tf.float32) / self.total_steps) ** 3
@@ -206,7 +206,12 @@ class Lookahead:
         return tf.group(updates)
 
     def _reset(self):
-        return tf.group([fast.assign(slow.read_value()) for slow, fast in zip(self.slow, self.fast)])
+        return _assign_all(self.fast, self.slow)
+
+
+def _assign_all(targets, sources):
+    """Each target variable takes its source's current value (cross-replica: on every replica)."""
+    return tf.group([target.assign(tf.convert_to_tensor(source)) for target, source in zip(targets, sources)])
 
 
 def build_lookahead(model: keras.Model, config: OptimizerConfig, per_epoch: int, total_steps: int) -> Lookahead | None:
