@@ -115,6 +115,14 @@ def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_pat
     # Only the chief wrote the workdir: one event file per run folder, no scratch left.
     assert len(list((tmp_path / "workers" / "tensorboard" / "train").iterdir())) == 1
     assert not (tmp_path / "workers" / ".worker-temp").exists()
+    # The same with the training set on each worker's devices (data.placement=device).
+    process = launch_train(tmp_path / "device", *overrides, "data.placement=device", workers=2)
+    output = process.stdout.read()
+    assert process.wait(timeout=300) == 0, output
+    assert "[worker 0] Input: the training set is kept on each replica's device" in output
+    on_device = _weights(tmp_path / "device" / "checkpoints", 8)
+    for name, value in two.items():
+        np.testing.assert_allclose(on_device[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_with_random_crops_one_and_two_replicas_agree_when_pooling_is_smooth(tmp_path, monkeypatch):

@@ -44,6 +44,11 @@ class DataConfig:
     # the first epoch, then each image is flipped in every other epoch, so consecutive
     # epochs always see both orientations.
     flip: str = _choice("random", "random", "alternating")
+    # Where training batches are made. host: a tf.data pipeline on the CPU. device: the
+    # training set kept on every accelerator, each batch gathered and augmented there, in
+    # the compiled step (airbench's way). auto: device on GPUs, host on CPUs and TPUs.
+    # The batches are the same either way, so a run may resume with the other one.
+    placement: str = _choice("auto", "auto", "host", "device")
     # Use only the first N training / test examples (0 = all): for tests and smoke runs.
     train_examples: int = 0
     test_examples: int = 0

@@ -30,6 +30,7 @@ import tensorflow as tf
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, save_config
 from trainer.data import Dataset, load_dataset
+from trainer.data.device import DeviceFeed, resolve_placement
 from trainer.data.pipeline import (
     augment_first,
     check_batch_divides,
@@ -246,8 +247,12 @@ def make_train_loop(
     jit_compile: bool = False,
     gradient_multipliers: list[float] | None = None,
     lookahead: Lookahead | None = None,
+    device_feed: DeviceFeed | None = None,
 ):
-    """A compiled function: `train_loop(iterator, num_steps, sums) -> (sums, steps_done, stopped)`.
+    """A compiled function: `train_loop(batches, num_steps, sums) -> (sums, steps_done, stopped)`.
+
+    `batches` is a distributed iterator, or with `device_feed` (data.placement=device) the
+    feed's `plan(step)` for the call's first step.
 
     `sums` ([loss, correct, examples, non-finite steps, gradient norm, steps]; see
     trainer.monitoring for the indices) is carried in and out so that a
@@ -318,13 +323,18 @@ def make_train_loop(
         requested = strategy.run(lambda: tf.cast(stop_flag.read_value(), tf.float32))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, requested, axis=None) > 0
 
+    def run_step(batches, steps_done):
+        if device_feed is not None:
+            return device_feed.run(strategy, train_step, batches, steps_done)
+        return strategy.run(train_step, args=next(batches))
+
     @tf.function
-    def train_loop(iterator, num_steps, sums):
+    def train_loop(batches, num_steps, sums):
         steps = tf.constant(0)
         diverged = tf.constant(False)
         stopped = agreed_stop()
         while steps < num_steps and not stopped and not diverged:
-            per_replica = strategy.run(train_step, args=next(iterator))
+            per_replica = run_step(batches, steps)
             if lookahead is not None:
                 lookahead.after_step(optimizer.iterations)
             step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
@@ -359,6 +369,7 @@ class TrainingLoop:
         self.per_epoch, self.total_steps, self.wd, self.store, self.echo = per_epoch, total_steps, wd, store, echo
         self.global_batch = config.data.batch_size
         self.stop = StopRequest()
+        self.device_feed = self._device_feed(dataset)
         self.train_loop = make_train_loop(
             runtime.strategy,
             model,
@@ -372,6 +383,7 @@ class TrainingLoop:
             jit_compile=runtime.jit_compile,
             gradient_multipliers=gradient_multipliers(model.trainable_variables, config.optimizer),
             lookahead=lookahead,
+            device_feed=self.device_feed,
         )
         self.dataset = dataset
         self.evaluator = Evaluator(
@@ -386,7 +398,26 @@ class TrainingLoop:
         self.best_accuracy = best["accuracy"] if best else -1.0
         self.best_step = best["step"] if best else None
 
+    def _device_feed(self, dataset: Dataset) -> DeviceFeed | None:
+        """The training set on the devices when data.placement resolves to "device", else None."""
+        train = dataset.train
+        if resolve_placement(self.config.data.placement, self.runtime.device_kind, train.images) == "host":
+            self.echo("Input: tf.data pipeline on the host")
+            return None
+        feed = DeviceFeed(self.runtime.strategy, train.images, train.labels, input_spec(self.config))
+        self.echo(
+            f"Input: the training set is kept on each replica's device ({feed.bytes_per_replica / 2**20:.0f} MiB "
+            "each); batches are gathered and augmented there"
+        )
+        return feed
+
+    def _batches(self, iterator, step: int):
+        """The compiled call's `batches` argument for a call starting at `step`."""
+        return self.device_feed.plan(step) if self.device_feed else iterator
+
     def _iterator(self, start_step: int):
+        if self.device_feed:
+            return None
         spec = input_spec(self.config)
         fn = train_dataset_fn(self.dataset.train.images, self.dataset.train.labels, spec, start_step, self.total_steps)
         return iter(self.runtime.strategy.distribute_datasets_from_function(fn))
@@ -424,7 +455,10 @@ class TrainingLoop:
                 tick = time.perf_counter()
                 # The worker runs the compiled call; the main thread stays free to take signals.
                 future = worker.submit(
-                    self.train_loop, iterator, tf.constant(call_end - step), tf.constant(window_sums)
+                    self.train_loop,
+                    self._batches(iterator, step),
+                    tf.constant(call_end - step),
+                    tf.constant(window_sums),
                 )
                 new_sums, done, stopped = (t.numpy() for t in future.result())
                 seconds = time.perf_counter() - tick

@@ -79,32 +79,23 @@ def input_spec(config) -> InputSpec:
     )
 
 
-def augment_batch(
-    images: tf.Tensor, indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec, num_examples: int
-) -> tf.Tensor:
-    """Pad-and-random-crop plus horizontal flip, vectorised over a batch of uint8 images.
+def augmentation_draws(
+    indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec, num_examples: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Each example's crop offsets (y, x) and flip in epoch `epoch`, keyed by its dataset index.
 
-    Each example's crop offset and flip come from a per-epoch table indexed by the
-    example's dataset index, so an image is augmented the same way whichever batch,
-    replica or resumed run it lands in. `spec.flip="alternating"` flips an example in
-    epoch e iff its one draw for the run says so XOR e is odd (airbench's alternating flips).
+    A per-epoch table indexed by the example's index, so an image is augmented the same way
+    whichever batch, replica, device or resumed run it lands in. `spec.flip="alternating"`
+    flips an example in epoch e iff its one draw for the run says so XOR e is odd
+    (airbench's alternating flips).
     """
-    seed, crop_padding = spec.seed, spec.crop_padding
+    seed, positions = spec.seed, 2 * spec.crop_padding + 1
     table = tf.random.stateless_uniform(
         [num_examples, 3], seed=_stream_seed(seed, _AUGMENT_STREAM, epoch), dtype=tf.float32
     )
     draws = tf.gather(table, indices)
-    height, width = images.shape[1], images.shape[2]
-    if crop_padding:
-        positions = 2 * crop_padding + 1
-        offset_y = tf.minimum(tf.cast(draws[:, 0] * positions, tf.int32), positions - 1)
-        offset_x = tf.minimum(tf.cast(draws[:, 1] * positions, tf.int32), positions - 1)
-        pad = [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]]
-        padded = tf.pad(images, pad, mode="REFLECT" if spec.pad_mode == "reflect" else "CONSTANT")
-        rows = offset_y[:, None] + tf.range(height)[None, :]
-        cols = offset_x[:, None] + tf.range(width)[None, :]
-        images = tf.gather(padded, rows, axis=1, batch_dims=1)
-        images = tf.gather(images, cols, axis=2, batch_dims=1)
+    offset_y = tf.minimum(tf.cast(draws[:, 0] * positions, tf.int32), positions - 1)
+    offset_x = tf.minimum(tf.cast(draws[:, 1] * positions, tf.int32), positions - 1)
     if spec.flip == "alternating":
         first = tf.random.stateless_uniform(
             [num_examples], seed=_stream_seed(seed, _FLIP_STREAM, tf.constant(0)), dtype=tf.float32
@@ -112,7 +103,33 @@ def augment_batch(
         flipped = tf.not_equal(tf.gather(first, indices) < 0.5, tf.equal(tf.cast(epoch, tf.int64) % 2, 1))
     else:
         flipped = draws[:, 2] < 0.5
+    return offset_y, offset_x, flipped
+
+
+def apply_augmentation(
+    images: tf.Tensor, offset_y: tf.Tensor, offset_x: tf.Tensor, flipped: tf.Tensor, spec: InputSpec
+) -> tf.Tensor:
+    """Pad-and-crop at the given offsets, then flip where `flipped`: vectorised over the batch.
+
+    Only gathers, pads and selects: cheap wherever the images are, host or accelerator.
+    """
+    crop_padding = spec.crop_padding
+    if crop_padding:
+        height, width = images.shape[1], images.shape[2]
+        pad = [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]]
+        padded = tf.pad(images, pad, mode="REFLECT" if spec.pad_mode == "reflect" else "CONSTANT")
+        rows = offset_y[:, None] + tf.range(height)[None, :]
+        cols = offset_x[:, None] + tf.range(width)[None, :]
+        images = tf.gather(padded, rows, axis=1, batch_dims=1)
+        images = tf.gather(images, cols, axis=2, batch_dims=1)
     return tf.where(flipped[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+
+def augment_batch(
+    images: tf.Tensor, indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec, num_examples: int
+) -> tf.Tensor:
+    """Pad-and-random-crop plus horizontal flip of the examples `indices` in epoch `epoch`."""
+    return apply_augmentation(images, *augmentation_draws(indices, epoch, spec, num_examples), spec)
 
 
 def augment_first(images: np.ndarray, spec: InputSpec, num_examples: int) -> np.ndarray:
