@@ -39,3 +39,30 @@ def seed_model() -> keras.Model:
             layers.Dense(10, activation="softmax"),
         ]
     )
+
+
+def matmul_peak_flops(dtype: str = "float32", size: int = 2048, chain: int = 8, repeats: int = 5) -> float:
+    """The best FLOP/s a chain of dense matmuls reaches here: a practical ceiling for conv nets.
+
+    Convolutions run as matmul-like kernels (oneDNN on CPUs), so a training loop's FLOP/s
+    over this number says how much any loop could still gain on the same model.
+    """
+    import time
+
+    import tensorflow as tf
+
+    matrix = tf.cast(tf.random.normal([size, size], stddev=size**-0.5, seed=0), dtype)  # keeps norms ~constant
+
+    @tf.function
+    def run(x):
+        for _ in range(chain):
+            x = tf.matmul(x, matrix)
+        return x
+
+    run(matrix).numpy()  # trace and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        run(matrix).numpy()
+        best = min(best, time.perf_counter() - tick)
+    return 2 * size**3 * chain / best

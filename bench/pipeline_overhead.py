@@ -1,8 +1,10 @@
-"""Input-pipeline overhead: our training loop fed by the real pipeline vs one cached batch.
+"""Input-pipeline overhead: our training loop fed by the real pipelines vs one cached batch.
 
-The same compiled loop, model and optimizer run N steps on (a) the real tf.data pipeline
-(gather from the decoded uint8 arrays, augmentation, per-replica slicing, prefetch) and
-(b) one in-memory batch repeated, alternating (a b a b ...). Overhead = 1 - a/b.
+The same model and optimizer run N steps on (a) the host tf.data pipeline (gather from
+the decoded uint8 arrays, augmentation, per-replica slicing, prefetch), (b) the device
+feed (data.placement=device: the training set on the device, batches gathered and
+augmented inside the compiled step) and (c) one in-memory batch repeated, in turns
+(a b c a b c ...). Overhead = 1 - a/c and 1 - b/c.
 
     CIFAR10_DIR=../shared/data/cifar10 python bench/pipeline_overhead.py --json pipeline.json
 """
@@ -21,7 +23,8 @@ from _common import data_overrides  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
-from trainer.data.pipeline import input_spec, normalization_stats, train_dataset_fn  # noqa: E402
+from trainer.data.device import DeviceFeed  # noqa: E402
+from trainer.data.pipeline import input_spec, normalization_stats, steps_per_epoch, train_dataset_fn  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.monitoring import NUM_SUMS  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
@@ -56,17 +59,25 @@ def main() -> None:
         )
         optimizer = build_optimizer(config.optimizer, len(data) // batch, 10 * len(data) // batch)
         optimizer.build(model.trainable_variables)
-    loop = make_train_loop(
-        runtime.strategy,
-        model,
-        optimizer,
-        global_batch=batch,
-        num_classes=10,
-        label_smoothing=config.optimizer.label_smoothing,
-        stop_flag=StopRequest().flag,
-        jit_compile=runtime.jit_compile,
-    )
     spec = input_spec(config)
+    if args.steps > steps_per_epoch(len(data), batch):
+        raise SystemExit(f"--steps {args.steps} must fit in one epoch ({steps_per_epoch(len(data), batch)} steps)")
+    feed = DeviceFeed(runtime.strategy, data.images, data.labels, spec)
+
+    def loop_for(device_feed=None):
+        return make_train_loop(
+            runtime.strategy,
+            model,
+            optimizer,
+            global_batch=batch,
+            num_classes=10,
+            label_smoothing=config.optimizer.label_smoothing,
+            stop_flag=StopRequest().flag,
+            jit_compile=runtime.jit_compile,
+            device_feed=device_feed,
+        )
+
+    loop, device_loop = loop_for(), loop_for(feed)
     real = iter(
         runtime.strategy.distribute_datasets_from_function(train_dataset_fn(data.images, data.labels, spec, 0, 10**9))
     )
@@ -77,23 +88,27 @@ def main() -> None:
         )
     )
     steps, zeros = tf.constant(args.steps), tf.zeros([NUM_SUMS])
-    for iterator in (real, cached):  # trace and warm up both
-        loop(iterator, steps, zeros)
-    speeds: dict[str, list[float]] = {"real pipeline": [], "one cached batch": []}
-    for _ in range(args.repeats):
-        for name, iterator in (("real pipeline", real), ("one cached batch", cached)):
+    per_epoch = steps_per_epoch(len(data), batch)
+    feeds = {
+        "host pipeline": lambda turn: loop(real, steps, zeros),
+        # Each turn starts a new epoch, so its calls never cross an epoch's end.
+        "device feed": lambda turn: device_loop(feed.plan(turn * per_epoch), steps, zeros),
+        "one cached batch": lambda turn: loop(cached, steps, zeros),
+    }
+    for run in feeds.values():  # trace and warm up each
+        run(0)
+    speeds: dict[str, list[float]] = {name: [] for name in feeds}
+    for turn in range(1, args.repeats + 1):
+        for name, run in feeds.items():
             tick = time.perf_counter()
-            loop(iterator, steps, zeros)[0].numpy()
+            run(turn)[0].numpy()
             speeds[name].append(args.steps * batch / (time.perf_counter() - tick))
     best = {name: max(values) for name, values in speeds.items()}
-    overhead = 1 - best["real pipeline"] / best["one cached batch"]
-    print(f"{'feed':<18} {'img/s (best of ' + str(args.repeats) + ')':>22}")
+    overhead = {name: 1 - best[name] / best["one cached batch"] for name in ("host pipeline", "device feed")}
+    print(f"{'feed':<18} {'img/s (best of ' + str(args.repeats) + ')':>22} {'overhead':>9}")
     for name, value in best.items():
-        print(f"{name:<18} {value:>22.0f}")
-    print(
-        f"pipeline overhead: {overhead:.1%}  ({source}, {config.model.name}, batch {batch}, "
-        f"augment={config.data.augment})"
-    )
+        print(f"{name:<18} {value:>22.0f} {overhead.get(name, 0.0):>9.1%}")
+    print(f"({source}, {config.model.name}, batch {batch}, augment={config.data.augment}, {runtime.reason})")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"source": source, "speeds": speeds, "best": best, "overhead": overhead}, handle, indent=2)

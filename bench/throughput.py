@@ -22,10 +22,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import data_overrides, seed_model  # noqa: E402
+from _common import data_overrides, matmul_peak_flops, seed_model  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
+from trainer.flops import training_flops_per_example  # noqa: E402
 from trainer.training import train  # noqa: E402
 
 
@@ -87,16 +88,24 @@ def main() -> None:
         results["seed model.fit"].append(run_seed(data.images, data.labels, args.batch, args.epochs))
     best = {name: max(values) for name, values in results.items()}
     ratio = best["ours"] / best["seed model.fit"]
-    print(f"{'path':<16} {'img/s (best of ' + str(args.repeats) + ')':>22}")
+    # How close each path is to what this machine can do at all (both train the same FLOPs).
+    flops_per_image = training_flops_per_example(seed_model())
+    peak = matmul_peak_flops("float32")
+    print(f"{'path':<16} {'img/s (best of ' + str(args.repeats) + ')':>22} {'GFLOP/s':>8} {'of fp32 peak':>13}")
     for name, value in best.items():
-        print(f"{name:<16} {value:>22.0f}")
+        achieved = value * flops_per_image
+        print(f"{name:<16} {value:>22.0f} {achieved / 1e9:>8.0f} {achieved / peak:>13.0%}")
     extra = f"; ours with {', '.join(args.ours_overrides)}" if args.ours_overrides else ""
     print(f"ratio ours / seed: {ratio:.2f}x  ({source}, {args.examples} examples, batch {args.batch}{extra})")
+    print(
+        f"fp32 peak = best chain of 2048x2048 float32 matmuls here: {peak / 1e9:.0f} GFLOP/s; "
+        f"{flops_per_image / 1e6:.0f} MFLOP per trained image (3x forward)"
+    )
     if args.json:
+        report = {"source": source, "runs": results, "best": best, "ratio": ratio, "args": vars(args)}
+        report.update(flops_per_image=flops_per_image, float32_matmul_peak=peak)
         with open(args.json, "w") as handle:
-            json.dump(
-                {"source": source, "runs": results, "best": best, "ratio": ratio, "args": vars(args)}, handle, indent=2
-            )
+            json.dump(report, handle, indent=2)
 
 
 if __name__ == "__main__":
