@@ -113,6 +113,13 @@ def test_devices_reports_strategy(tmp_path):
     assert "CPU" in result.output
 
 
+def test_devices_warns_that_float16_is_slow_on_a_cpu():
+    result = _run("devices", "--set", "runtime.precision=mixed_float16")
+    assert result.exit_code == 0, result.output
+    assert "CPUs have no fast float16 kernels" in result.output
+    assert "float16 kernels" not in _run("devices", "--set", "runtime.precision=mixed_bfloat16").output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

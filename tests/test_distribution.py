@@ -11,10 +11,12 @@ from click.testing import CliRunner
 
 from launch.cli import cli
 from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
+from trainer.config import RuntimeConfig
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
+from trainer.errors import RuntimeSetupError
 from trainer.launcher import run_local_workers
 from trainer.monitoring import NUM_SUMS
-from trainer.runtime import cached_strategy
+from trainer.runtime import _resolve_jit, cached_strategy, setup_runtime
 from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -78,7 +80,13 @@ def _weights(checkpoint_dir, step):
 
 
 # The equivalence runs: synchronized BatchNorm, 8 steps of a small global batch.
-_EQUIVALENCE_RUN = ("model.name=resnet_small", "model.width=8", "train.max_steps=8", "data.batch_size=32")
+_EQUIVALENCE_RUN = (
+    "model.name=resnet_small",
+    "model.width=8",
+    "train.max_steps=8",
+    "data.batch_size=32",
+    "runtime.deterministic=true",  # the reduction order of each op is fixed, so the comparisons are repeatable
+)
 
 
 def _train_on_one_and_two_replicas(tmp_path, overrides):
@@ -183,6 +191,33 @@ def test_xla_compiled_training_and_evaluation_run_on_cpu(tmp_path):
     result = train(smoke_config("runtime.jit_compile=true", "train.max_steps=16"), tmp_path, echo=lines.append)
     assert "XLA on" in lines[0]
     assert result.final_eval.accuracy > 0.2 and np.isfinite(result.final_eval.loss)
+
+
+def test_a_deterministic_run_does_not_leave_determinism_on_for_the_next_run_in_the_process(tmp_path):
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    setup_runtime(RuntimeConfig(deterministic=True))
+    assert is_op_determinism_enabled()
+    setup_runtime(RuntimeConfig())
+    assert not is_op_determinism_enabled()
+    # Determinism left on made XLA refuse the max-pool gradient here ("no deterministic XLA implementation").
+    setup_runtime(RuntimeConfig(deterministic=True))
+    result = train(smoke_config("runtime.jit_compile=true", "train.max_steps=2"), tmp_path, echo=lambda _: None)
+    assert result.step == 2
+
+
+def test_xla_is_off_under_determinism_and_asking_for_both_is_a_clear_error():
+    # auto: XLA on a single GPU, but not when the run must be deterministic.
+    assert _resolve_jit("auto", "gpu", 1) is True
+    assert _resolve_jit("auto", "gpu", 1, deterministic=True) is False
+    assert setup_runtime(RuntimeConfig(deterministic=True, jit_compile="auto")).jit_compile is False
+    with pytest.raises(RuntimeSetupError, match="runtime.jit_compile=true cannot run with runtime.deterministic=true"):
+        setup_runtime(RuntimeConfig(deterministic=True, jit_compile="true"))
+    result = CliRunner().invoke(
+        cli, ["train", "--config", SMOKE, "--set", "runtime.jit_compile=true", "--set", "runtime.deterministic=true"]
+    )
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "XLA has no deterministic max-pool gradient" in result.output
 
 
 def test_tpu_request_without_a_tpu_is_one_line():
