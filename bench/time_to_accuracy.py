@@ -100,7 +100,7 @@ def time_to(curve: list[tuple[float, int, float]], target: float) -> float | Non
     return next((seconds for seconds, _, accuracy in curve if accuracy >= target), None)
 
 
-def _fraction(text: str) -> float:
+def target_fraction(text: str) -> float:
     """A target accuracy given as a fraction (0.9) or in percent (90)."""
     value = float(text)
     return value / 100 if value > 1 else value
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/cifar10_fast.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
-        "--targets", type=_fraction, nargs="+", default=[0.85, 0.90], help="accuracies: 0.9 or 90 (percent)"
+        "--targets", type=target_fraction, nargs="+", default=[0.85, 0.90], help="accuracies: 0.9 or 90 (percent)"
     )
     parser.add_argument("--no-seed", action="store_true", help="skip the seed CNN at the same wall time")
     parser.add_argument("--workdir", help="keep our run here (default: a temporary folder)")

@@ -113,6 +113,14 @@ def test_devices_reports_strategy(tmp_path):
     assert "CPU" in result.output
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_devices_suggests_bfloat16_only_on_cpus_that_have_it(monkeypatch, native):
+    monkeypatch.setattr("trainer.runtime.cpu_has_bfloat16", lambda: native)
+    result = _run("devices")
+    assert "precision float32 (auto: CPU" in result.output
+    assert ("runtime.precision=mixed_bfloat16 trains faster" in result.output) is native
+
+
 def test_devices_warns_that_float16_is_slow_on_a_cpu():
     result = _run("devices", "--set", "runtime.precision=mixed_float16")
     assert result.exit_code == 0, result.output

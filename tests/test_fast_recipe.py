@@ -17,6 +17,7 @@ from trainer.models import build_model, init_from_data, patch_whitening_kernel
 from trainer.monitoring import NUM_SUMS
 from trainer.optim import Lookahead, averaged_weights, finalize_averaged_weights, learning_rate_schedule
 from trainer.runtime import cached_strategy
+from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 N = 24
@@ -250,3 +251,28 @@ def test_shipped_fast_config_and_bad_values():
         smoke_config("optimizer.bias_lr_multiplier=0")
     wide = load_config(REPO / "configs" / "cifar10_airbench94.yaml")
     assert (wide.model.width, wide.optimizer.bias_lr_multiplier) == (64, 64)
+
+
+def test_the_gpu_settings_of_the_recipe_run_together_on_a_cpu(tmp_path):
+    # bench/gpu.py's combination (batches made on the device, float16 with loss scaling, XLA,
+    # lookahead, TTA), checked here so that a session with a GPU does not spend it on debugging.
+    lines: list[str] = []
+    config = smoke_config(
+        "model.name=airbench",
+        "train.epochs=2",
+        "data.placement=device",
+        "runtime.precision=mixed_float16",
+        "runtime.jit_compile=true",
+        "optimizer.lookahead_every_steps=5",
+        "optimizer.lookahead_start_epochs=0.5",
+        "data.flip=alternating",
+        "data.pad_mode=reflect",
+        "data.crop_padding=2",
+        "eval.tta=flip_translate",
+    )
+    result = train(config, tmp_path, echo=lines.append)
+    assert "precision mixed_float16" in lines[0] and "XLA on" in lines[0]
+    assert any(line.startswith("Input: the training set is kept on each replica's device") for line in lines)
+    assert any("with eval.tta=flip_translate" in line for line in lines)
+    assert result.step == 32 and np.isfinite(result.final_eval.loss)
+    assert result.final_eval.accuracy > 0.3  # chance is 0.1

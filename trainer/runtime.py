@@ -212,6 +212,9 @@ def _resolve_precision(requested: str, kind: str) -> tuple[str, str]:
     if kind == "tpu":
         return "mixed_bfloat16", "auto: TPU"
     if kind == "cpu":
+        if cpu_has_bfloat16():
+            # Not chosen for the user (it changes the numerics), but worth knowing about.
+            return "float32", "auto: CPU; it has bfloat16 instructions: runtime.precision=mixed_bfloat16 trains faster"
         return "float32", "auto: CPU"
     capabilities = [
         tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
@@ -220,6 +223,20 @@ def _resolve_precision(requested: str, kind: str) -> tuple[str, str]:
     if capabilities and min(capabilities) >= (7, 0):
         return "mixed_float16", "auto: GPUs with compute capability >= 7.0"
     return "float32", f"auto: GPU compute capability {min(capabilities, default=(0, 0))} < 7.0"
+
+
+def cpu_has_bfloat16() -> bool:
+    """This CPU has native bfloat16 math (AVX512_BF16 or AMX), where mixed_bfloat16 pays off.
+
+    Measured on such a 2-core CPU: 1.3x (airbench) to 1.6x (paper CNN) the float32 speed.
+    Elsewhere bfloat16 is emulated and slower than float32. Linux only (/proc/cpuinfo).
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _resolve_jit(requested: str, kind: str, replicas: int, deterministic: bool = False) -> bool:
