@@ -254,8 +254,9 @@ def test_shipped_fast_config_and_bad_values():
 
 
 def test_the_gpu_settings_of_the_recipe_run_together_on_a_cpu(tmp_path):
-    # bench/gpu.py's combination (batches made on the device, float16 with loss scaling, XLA,
-    # lookahead, TTA), checked here so that a session with a GPU does not spend it on debugging.
+    # What bench/gpu.py's `auto` settings resolve to on one GPU (batches made on the device,
+    # float16 with loss scaling, XLA) with the recipe's TTA, plus lookahead, all at once: checked
+    # here so that a session with a GPU does not spend it on debugging.
     lines: list[str] = []
     config = smoke_config(
         "model.name=airbench",
