@@ -11,13 +11,14 @@ import importlib
 import importlib.util
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from trainer.errors import RuntimeSetupError, TrainerError
+from trainer.errors import DataError, RuntimeSetupError, TrainerError
 
 _INSTALL_HINT = (
     "TensorFlow is not installed: run pip install -e '.[cpu]' (CPU only), '.[gpu]' (NVIDIA GPUs) "
@@ -183,8 +184,9 @@ def _run_training(verbose: bool, config_path: str, config, workdir: Path, overri
             command += ["--set", override]
         return run_local_workers(command, workers, echo=click.echo)
     training = _load("trainer.training", verbose)
-    resume = " ".join(
-        ["launch train --config", config_path, "--workdir", str(workdir)] + [f"--set {o}" for o in overrides]
+    resume = shlex.join(
+        ["launch", "train", "--config", config_path, "--workdir", str(workdir)]
+        + [word for override in overrides for word in ("--set", override)]
     )
     return training.train(config, workdir, fresh=fresh, echo=click.echo, resume_command=resume).exit_code
 
@@ -195,12 +197,25 @@ def _run_training(verbose: bool, config_path: str, config, workdir: Path, overri
 @_set_option
 @click.pass_obj
 def evaluate(obj, workdir: Path, checkpoint: str, overrides: tuple[str, ...]) -> None:
-    """Test accuracy and per-class accuracy of a checkpoint; writes WORKDIR/metrics.json."""
+    """Test accuracy and per-class accuracy of a checkpoint; writes WORKDIR/metrics.json.
+
+    While a trainer is running in WORKDIR, metrics.json is the trainer's: the result goes
+    to WORKDIR/metrics-evaluate.json instead.
+    """
     inference = _load("trainer.inference", obj["verbose"])
     evaluation = _load("trainer.evaluation", obj["verbose"])
-    metrics = inference.evaluate(workdir, overrides, checkpoint=checkpoint)
-    click.echo(evaluation.format_metrics(metrics))
-    click.echo(f"Wrote {workdir / 'metrics.json'}")
+    metrics = inference.evaluate(workdir, overrides, checkpoint=checkpoint, warn=_warn)
+    click.echo(evaluation.format_metrics(metrics))  # shown before saving: a failed save loses nothing
+    path, busy = inference.save_metrics(workdir, metrics)
+    if busy:
+        click.echo(f"A trainer is using {workdir}, and metrics.json is its file: wrote {path} instead")
+    else:
+        click.echo(f"Wrote {path}")
+
+
+def _warn(line: str) -> None:
+    """Warnings of commands whose standard output is data go to standard error."""
+    click.echo(line, err=True)
 
 
 @cli.command()
@@ -210,9 +225,19 @@ def evaluate(obj, workdir: Path, checkpoint: str, overrides: tuple[str, ...]) ->
 @_checkpoint_option
 @click.pass_obj
 def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool, checkpoint: str) -> None:
-    """Classify image files: one line per image with path, class and probability."""
+    """Classify image files: one line per image with path, class and probability.
+
+    The lines are tab-separated; a path holding a tab or line break needs --json.
+    """
+    if not as_json:
+        for image in images:
+            if "\t" in image or "\n" in image or "\r" in image:
+                raise DataError(
+                    f"image path {image[:80]!r} holds a tab or line break, which would break the tab-separated "
+                    "output; use --json (or rename the file)"
+                )
     inference = _load("trainer.inference", obj["verbose"])
-    for prediction in inference.predict(workdir, images, checkpoint=checkpoint):
+    for prediction in inference.predict(workdir, images, checkpoint=checkpoint, warn=_warn):
         if as_json:
             click.echo(json.dumps(vars(prediction)))
         else:
@@ -226,7 +251,7 @@ def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool, checkpoi
 def export(obj, workdir: Path, checkpoint: str) -> None:
     """Write WORKDIR/export/model.keras and a SavedModel that tf.saved_model.load serves."""
     inference = _load("trainer.inference", obj["verbose"])
-    paths = inference.export(workdir, checkpoint=checkpoint)
+    paths = inference.export(workdir, checkpoint=checkpoint, warn=_warn)
     click.echo(
         f"Exported step {paths['step']}: {paths['keras']} and {paths['saved_model']} (labels in {paths['labels']})"
     )

@@ -114,12 +114,15 @@ def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_pat
     # 2 replicas in one process and 2 worker processes: the same computation.
     for name, value in two.items():
         np.testing.assert_allclose(workers[name], value, rtol=0, atol=1e-6, err_msg=name)
-    # 1 replica vs 2: the same weights up to float rounding, amplified over 8 steps.
+    # 1 replica vs 2: the same weights up to float rounding, amplified over 8 steps. Measured
+    # maxima: 2.5e-4 on the Intel hosts of earlier sessions, 2.8e-3 on an AMD EPYC host
+    # (oneDNN picks other kernels there), reproducibly.
+    tolerance = 5e-3
     for name in one:
-        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=2e-3, err_msg=name)
-    # ...while 4 steps of training move them by far more than that tolerance.
+        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=tolerance, err_msg=name)
+    # ...while 4 steps of training move them by far more than that tolerance (0.1 measured).
     halfway = _weights(tmp_path / "one" / "checkpoints", 4)
-    assert max(np.abs(one[name] - halfway[name]).max() for name in trainable) > 20 * 2e-3
+    assert max(np.abs(one[name] - halfway[name]).max() for name in trainable) > 10 * tolerance
     # Only the chief wrote the workdir: one event file per run folder, no scratch left.
     assert len(list((tmp_path / "workers" / "tensorboard" / "train").iterdir())) == 1
     assert not (tmp_path / "workers" / ".worker-temp").exists()

@@ -8,12 +8,17 @@ different masks. The input stream needs no state: it is a function of (seed, ste
 
 `tf.train.CheckpointManager` writes and rotates. Restoring tries the newest checkpoint
 file on disk first and falls back to older ones if it is unreadable (a save killed
-half-way, a truncated copy), so the last good checkpoint is never lost.
+half-way, a truncated copy), so the last good checkpoint is never lost. A checkpoint that
+reads fine but does not fit the model (another width, another optimizer) is NOT
+unreadable: that raises `CheckpointMismatchError`, and nothing is skipped or rotated away.
+
+The best checkpoint lives in best/ with best.json beside it. It is written in an order
+that a kill at any moment cannot break: the new checkpoint first, then best.json
+(atomically) naming it, and only then the older best checkpoint is deleted.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,10 +27,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.errors import CheckpointError
+from trainer import files
+from trainer.errors import CheckpointError, CheckpointMismatchError
 from trainer.monitoring import NUM_SUMS
 
 _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.index$")
+# Errors that mean "this file cannot be read": try an older checkpoint.
+_UNREADABLE = (tf.errors.OpError, IndexError, KeyError)
+# Errors that mean "this file is fine but holds another model or optimizer": refuse.
+_MISMATCH = (ValueError, AssertionError)
 
 
 def seed_generator_states(model: keras.Model) -> dict[str, tf.Variable]:
@@ -57,6 +67,7 @@ class CheckpointStore:
         num_replicas: int = 1,
         save_directory: str | Path | None = None,
         extra: dict[str, Any] | None = None,
+        warn: files.Warn = print,
     ) -> None:
         """Args:
         directory: where checkpoints are read from (the chief's folder).
@@ -64,6 +75,7 @@ class CheckpointStore:
         extra: more training state to carry, by name (e.g. the lookahead's slow weights).
         """
         self.directory = Path(directory)
+        self.warn = warn
         self.save_directory = Path(save_directory) if save_directory else self.directory
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -85,9 +97,6 @@ class CheckpointStore:
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.save_directory), max_to_keep=keep)
-        self._best_manager = tf.train.CheckpointManager(
-            self.checkpoint, str(self.save_directory / "best"), max_to_keep=1
-        )
         self.restored_path: str | None = None
         self.restored_replicas: int | None = None
 
@@ -97,39 +106,47 @@ class CheckpointStore:
 
     @property
     def best_record(self) -> dict | None:
-        """{"step", "accuracy"} of the best checkpoint, if one was kept."""
-        path = self.best_directory / "best.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        """{"step", "accuracy"} of the best checkpoint, if one was kept.
 
-    def restore(self, which: str = "latest", warn=print) -> int | None:
+        A damaged or stale best.json (naming a checkpoint that is gone) is rebuilt from
+        the newest checkpoint in best/, with accuracy None (unknown).
+        """
+        steps = checkpoint_steps(self.best_directory)
+        if not steps:
+            return None
+        record = files.read_json(self.best_directory / "best.json", self.warn, "rebuilding it from best/")
+        if isinstance(record, dict) and record.get("step") in steps and isinstance(record.get("accuracy"), float):
+            return record
+        return {"step": steps[0], "accuracy": None}
+
+    def restore(self, which: str = "latest", warn: files.Warn | None = None) -> int | None:
         """Restore `latest`, `best` or a step number; returns the restored global step.
 
-        `latest` returns None when there is no checkpoint yet; the others raise.
+        `latest` returns None when there is no checkpoint yet; the others raise. An
+        unreadable `latest` falls back to an older checkpoint; a mismatched one raises.
         """
+        warn = warn or self.warn
         if which == "best":
             record = self.best_record
             if record is None:
                 raise CheckpointError(f"no best checkpoint in {self.best_directory} (checkpoint.keep_best was off?)")
-            self._restore_path(str(self.best_directory / f"ckpt-{record['step']}"))
+            self._restore_named(str(self.best_directory / f"ckpt-{record['step']}"))
             return int(self.step.numpy())
         if which != "latest":
             step = _parse_step(which)
             if step not in checkpoint_steps(self.directory):
                 available = ", ".join(map(str, sorted(checkpoint_steps(self.directory)))) or "none"
                 raise CheckpointError(f"no checkpoint at step {step} in {self.directory} (available: {available})")
-            self._restore_path(str(self.directory / f"ckpt-{step}"))
+            self._restore_named(str(self.directory / f"ckpt-{step}"))
             return int(self.step.numpy())
         for step in checkpoint_steps(self.directory):
             path = str(self.directory / f"ckpt-{step}")
             try:
                 self._restore_path(path)
                 return int(self.step.numpy())
-            except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError) as err:
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                warn(
-                    f"Warning: checkpoint {path} is unreadable ({type(err).__name__}: {reason[:160]}); "
-                    "trying an older one"
-                )
+            except _UNREADABLE as err:
+                reason = files.short(str(err)) or type(err).__name__
+                warn(f"Warning: checkpoint {path} is unreadable ({type(err).__name__}: {reason}); trying an older one")
         return None
 
     def require(self, which: str = "latest") -> int:
@@ -146,12 +163,24 @@ class CheckpointStore:
         self.epoch.assign(epoch)
         self.window_sums.assign(np.zeros(NUM_SUMS, np.float32) if window_sums is None else window_sums)
 
+    def _restore_named(self, path: str) -> None:
+        """A checkpoint the user asked for by name: unreadable is an error, not a fallback."""
+        try:
+            self._restore_path(path)
+        except _UNREADABLE as err:
+            raise CheckpointError(f"checkpoint {path} is unreadable ({files.short(str(err))})") from err
+
     def _restore_path(self, path: str) -> None:
-        status = self.checkpoint.restore(path)
-        if self._for_training:
-            status.assert_existing_objects_matched()
-        else:
-            status.expect_partial()  # evaluation needs the weights, not the optimizer slots
+        try:
+            status = self.checkpoint.restore(path)
+            if self._for_training:
+                status.assert_existing_objects_matched()
+            else:
+                status.expect_partial()  # evaluation needs the weights, not the optimizer slots
+        except _MISMATCH as err:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not fit this model/optimizer ({files.short(str(err))})"
+            ) from err
         self.restored_path = path
         self.restored_replicas = int(self.replicas.numpy())
         self.replicas.assign(self._num_replicas)
@@ -161,11 +190,20 @@ class CheckpointStore:
         return self.manager.save(checkpoint_number=step)
 
     def save_best(self, step: int, epoch: int, accuracy: float, window_sums: np.ndarray | None = None) -> None:
-        """Keep the current state (weights as evaluated) as the best so far, in best/."""
+        """Keep the current state (weights as evaluated) as the best so far, in best/.
+
+        Order matters for a kill at any moment: new checkpoint, then best.json naming it,
+        then the old best goes. best.json never names a checkpoint that is already gone.
+        """
         self._set_position(step, epoch, window_sums)
-        self._best_manager.save(checkpoint_number=step)
-        record = self.save_directory / "best" / "best.json"
-        record.write_text(json.dumps({"step": step, "accuracy": accuracy}))
+        folder = self.save_directory / "best"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint.write(str(folder / f"ckpt-{step}"))
+        files.write_json(folder / "best.json", {"step": step, "accuracy": float(accuracy)})
+        for old in checkpoint_steps(folder):
+            if old != step:
+                for path in folder.glob(f"ckpt-{old}.*"):
+                    path.unlink(missing_ok=True)
 
 
 def _parse_step(which: str) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from trainer import files
 from trainer.errors import ConfigError
 
 
@@ -192,6 +195,7 @@ class Config:
 
 # Lower bounds checked after loading: key -> (minimum, inclusive).
 _MINIMUMS: dict[str, tuple[float, bool]] = {
+    "seed": (0, True),
     "data.batch_size": (1, True),
     "data.crop_padding": (0, True),
     "data.train_examples": (0, True),
@@ -221,6 +225,31 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "tensorboard.every_steps": (0, True),
     "tensorboard.histogram_every_steps": (0, True),
 }
+# Inclusive upper bounds: sizes past these are typos (1e8 for 128), not experiments, and
+# would only fail later, deep inside TensorFlow, after minutes of work.
+_MAXIMUMS: dict[str, float] = {
+    "seed": 2**31 - 1,
+    "data.batch_size": 2**20,
+    "data.crop_padding": 1024,
+    "data.synthetic_train_size": 10_000_000,
+    "data.synthetic_test_size": 10_000_000,
+    "data.synthetic_classes": 100_000,
+    "model.width": 4096,
+    "optimizer.warmup_epochs": 100_000,
+    "optimizer.bias_lr_multiplier": 10**6,
+    "optimizer.lookahead_every_steps": 10**9,
+    "optimizer.lookahead_start_epochs": 100_000,
+    "train.epochs": 100_000,
+    "train.max_steps": 10**12,
+    "train.steps_per_loop": 10**6,
+    "train.eval_every_epochs": 100_000,
+    "runtime.cpu_replicas": 256,
+    "checkpoint.every_steps": 10**12,
+    "checkpoint.every_minutes": 10**6,
+    "checkpoint.keep": 10_000,
+    "tensorboard.every_steps": 10**12,
+    "tensorboard.histogram_every_steps": 10**12,
+}
 # Exclusive upper bounds: momenta and decays of averages, and label smoothing, stop below 1.
 _BELOW: dict[str, float] = {
     "optimizer.label_smoothing": 1,
@@ -242,9 +271,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
+            raise ConfigError(f"{path} is not valid YAML: {files.short(str(err).replace(chr(10), ' '), 300)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     config = _from_dict(Config, raw, prefix="")
@@ -259,7 +290,7 @@ def apply_override(config: Config, override: str) -> None:
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--set expects section.key=value, got {override!r}")
+        raise ConfigError(f"--set expects section.key=value, got {shown(override)}")
     target: Any = config
     parts = key.split(".")
     for depth, name in enumerate(parts):
@@ -278,8 +309,24 @@ def apply_override(config: Config, override: str) -> None:
 
 
 def _flat_value(flat: dict[str, Any], key: str):
+    if "." not in key:
+        return flat[key]
     section, name = key.split(".")
     return flat[section][name]
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlevel = 60, 60, 2
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A repr of `value` of at most `limit` characters, built without expanding it.
+
+    Error messages stay one short line even for hostile input: a YAML alias bomb is a few
+    hundred bytes that `repr` would expand to megabytes.
+    """
+    text = _BRIEF.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate(config: Config) -> None:
@@ -289,6 +336,11 @@ def validate(config: Config) -> None:
         value = _flat_value(flat, key)
         if value < minimum or (not inclusive and value == minimum):
             raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {minimum}, got {value}")
+    for key, maximum in _MAXIMUMS.items():
+        value = _flat_value(flat, key)
+        if value > maximum:
+            minimum = _MINIMUMS.get(key, (0, True))[0]
+            raise ConfigError(f"{key} must be between {minimum} and {maximum}, got {value}")
     for key, maximum in _BELOW.items():
         value = _flat_value(flat, key)
         if value >= maximum:
@@ -323,7 +375,9 @@ def profile_range(text: str) -> tuple[int, int]:
     except ValueError:
         first = last = -1
     if not sep or first < 0 or last <= first:
-        raise ConfigError(f"tensorboard.profile_steps must look like START:END with 0 <= START < END, got {text!r}")
+        raise ConfigError(
+            f"tensorboard.profile_steps must look like START:END with 0 <= START < END, got {shown(text)}"
+        )
     return first, last
 
 
@@ -336,8 +390,25 @@ def to_yaml(config: Config) -> str:
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config, so a run can be understood and repeated later."""
-    Path(path).write_text(to_yaml(config))
+    """Write the resolved config (atomically), so a run can be understood and repeated later."""
+    files.write_text(path, to_yaml(config))
+
+
+def config_differences(before: Config, after: Config) -> list[tuple[str, str, str]]:
+    """(key, old value, new value) of every leaf key that differs, values shown briefly."""
+    old, new = hyperparameter_items(before), hyperparameter_items(after)
+    return [(key, shown(old[key], 40), shown(new[key], 40)) for key in old if old[key] != new[key]]
+
+
+def hyperparameter_items(config: Config) -> dict[str, Any]:
+    """Every leaf key as a flat `section.key` -> value."""
+    flat: dict[str, Any] = {}
+    for section, values in to_dict(config).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
 
 
 def describe_keys() -> list[tuple[str, str, Any]]:
@@ -359,7 +430,7 @@ def describe_keys() -> list[tuple[str, str, Any]]:
 def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         where = prefix or "the config"
-        raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{where} must be a mapping of keys, got {shown(raw)}")
     instance = cls()
     for name, value in raw.items():
         f = _field_named(instance, str(name), prefix)
@@ -377,6 +448,7 @@ def _field_named(instance: Any, name: str, prefix: str) -> dataclasses.Field:
     if name in fields:
         return fields[name]
     where = f"in section '{prefix}'" if prefix else "at the top level"
+    name = shown(name, 60).strip("'")
     full = f"{prefix}.{name}" if prefix else name
     close = difflib.get_close_matches(name, fields, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
@@ -405,7 +477,7 @@ def _check_choice(key: str, value: Any, f: dataclasses.Field) -> Any:
     if choices and value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {shown(value)}{hint}")
     return value
 
 
@@ -425,8 +497,15 @@ def _coerce_value(key: str, value: Any, ftype: Any, f: dataclasses.Field) -> Any
     else:  # pragma: no cover - only the types above are used in the dataclasses
         raise TypeError(f"unsupported config type {ftype} for {key}")
     if not ok:
-        raise ConfigError(f"{key} must be {_article(ftype)}, got {value!r}")
+        raise ConfigError(f"{key} must be {_article(ftype)}, got {shown(value)}")
+    _check_finite(key, value)
     return _check_choice(key, value, f)
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """nan and inf pass every range check (comparisons with nan are false): refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -445,9 +524,11 @@ def _coerce_text(key: str, text: str, ftype: Any, f: dataclasses.Field) -> Any:
         if ftype is int:
             return int(text)
         if ftype is float:
-            return float(text)
+            value = float(text)
+            _check_finite(key, value)
+            return value
     except ValueError:
-        raise ConfigError(f"{key} must be {_article(ftype)}, got {text!r}") from None
+        raise ConfigError(f"{key} must be {_article(ftype)}, got {shown(text)}") from None
     return _check_choice(key, text, f)
 
 

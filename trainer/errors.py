@@ -38,3 +38,15 @@ class DivergedError(TrainerError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
 
     exit_code = 3
+
+
+class WorkdirNotOursError(TrainerError):
+    """A folder holds files that `launch train` did not create: it will not write or delete there."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint is readable but belongs to another model or optimizer: not corrupt, refused."""
+
+
+class WorkdirWriteError(TrainerError):
+    """The workdir cannot be written (read-only, full disk, no permission)."""

@@ -6,13 +6,13 @@ per-class accuracy are derived from the matrix, so nothing is averaged twice.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from trainer import files
 from trainer.data import Split
 from trainer.data.pipeline import check_batch_divides, eval_dataset_fn
 
@@ -27,7 +27,8 @@ class EvalMetrics:
     step: int
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        """Atomically: a reader never sees half of it."""
+        files.write_json(path, asdict(self))
 
 
 def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, num_classes: int, label_smoothing: float = 0.0):

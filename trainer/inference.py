@@ -15,11 +15,15 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from trainer import files
 from trainer.checkpoints import CheckpointStore
-from trainer.config import apply_override, validate
+from trainer.config import Config, apply_override, validate
 from trainer.data import load_dataset
+from trainer.data.pipeline import normalization_stats
 from trainer.data.sources import read_image
+from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
+from trainer.files import Warn
 from trainer.models import build_for_dataset
 from trainer.runtime import setup_runtime
 from trainer.workdir import DatasetInfo, Workdir
@@ -31,14 +35,39 @@ def _restore_model(wd: Workdir, info: DatasetInfo, config, checkpoint: str) -> t
     return model, step
 
 
-def load_trained_model(workdir: str | Path, checkpoint: str = "latest") -> tuple[keras.Model, DatasetInfo, int]:
+def trained_workdir(wd: Workdir, warn: Warn = print) -> tuple[Config, DatasetInfo]:
+    """Config and dataset info of a trained workdir; a damaged dataset.json is rebuilt."""
+    config = wd.require_config()
+    info = wd.read_dataset_info(warn)
+    if info is None:
+        info = rebuild_dataset_info(wd, config, warn)
+    return config, info
+
+
+def rebuild_dataset_info(wd: Workdir, config: Config, warn: Warn) -> DatasetInfo:
+    """dataset.json from the data config.yaml names (what training wrote, recomputed)."""
+    dataset = load_dataset(config.data, config.seed)
+    mean, std = normalization_stats(dataset.train.images)
+    info = DatasetInfo(list(dataset.class_names), list(dataset.image_shape), mean, std, dataset.origin)
+    if wd.is_busy():
+        return info  # the trainer holding the workdir writes its own
+    try:
+        wd.write_dataset_info(info)
+    except OSError as err:
+        warn(f"Warning: could not rewrite {wd.dataset_info_path} ({err.strerror}); using the rebuilt values")
+    return info
+
+
+def load_trained_model(
+    workdir: str | Path, checkpoint: str = "latest", warn: Warn = print
+) -> tuple[keras.Model, DatasetInfo, int]:
     """A checkpoint's model in float32 (logits out), its dataset info and step.
 
     Args:
         checkpoint: `latest`, `best` (highest eval accuracy) or a global step.
     """
     wd = Workdir(Path(workdir))
-    config, info = wd.require_trained()
+    config, info = trained_workdir(wd, warn)
     # Serving and prediction run in float32 whatever the training precision: the
     # variables are float32 either way, so the checkpoint restores unchanged.
     keras.mixed_precision.set_global_policy("float32")
@@ -46,14 +75,16 @@ def load_trained_model(workdir: str | Path, checkpoint: str = "latest") -> tuple
     return model, info, step
 
 
-def evaluate(workdir: str | Path, overrides: Sequence[str] = (), checkpoint: str = "latest") -> EvalMetrics:
+def evaluate(
+    workdir: str | Path, overrides: Sequence[str] = (), checkpoint: str = "latest", warn: Warn = print
+) -> EvalMetrics:
     """Test accuracy of a checkpoint, under the run's own strategy and precision.
 
-    Writes WORKDIR/metrics.json. `overrides` (e.g. `data.path=...`) adjust the saved
-    config, for data that moved since training.
+    Writes nothing: `save_metrics` does, once the caller has shown the numbers.
+    `overrides` (e.g. `data.path=...`) adjust the saved config, for data that moved.
     """
     wd = Workdir(Path(workdir))
-    config, info = wd.require_trained()
+    config, info = trained_workdir(wd, warn)
     for override in overrides:
         apply_override(config, override)
     validate(config)
@@ -62,9 +93,26 @@ def evaluate(workdir: str | Path, overrides: Sequence[str] = (), checkpoint: str
     with runtime.strategy.scope():
         model, step = _restore_model(wd, info, config, checkpoint)
     evaluator = Evaluator(runtime.strategy, model, dataset.test, config.data.batch_size, info.class_names)
-    metrics = evaluator(step, tta=config.eval.tta)
-    metrics.write(wd.metrics_path)
-    return metrics
+    return evaluator(step, tta=config.eval.tta)
+
+
+def save_metrics(workdir: str | Path, metrics: EvalMetrics) -> tuple[Path, bool]:
+    """Write `launch evaluate`'s metrics; returns (path, whether a trainer was running).
+
+    metrics.json belongs to the trainer while it runs (it writes its final evaluation
+    there), so an evaluation of a busy workdir goes to metrics-evaluate.json instead.
+    """
+    wd = Workdir(Path(workdir))
+    busy = wd.is_busy()
+    path = wd.root / "metrics-evaluate.json" if busy else wd.metrics_path
+    try:
+        metrics.write(path)
+    except OSError as err:
+        raise WorkdirWriteError(
+            f"cannot write {path}: {err.strerror or err}; the metrics above were not saved "
+            "(use a writable --workdir, or copy the workdir)"
+        ) from err
+    return path, busy
 
 
 @dataclass
@@ -76,20 +124,26 @@ class Prediction:
 
 
 def load_images(paths: Sequence[str | Path], image_shape: Sequence[int]) -> np.ndarray:
-    """Decode image files to uint8 [N, H, W, 3], resizing any other size to the model's."""
+    """Decode image files to uint8 [N, H, W, 3], resizing any other size to the model's.
+
+    Large JPEGs are decoded at a reduced scale close to the model's input size (PIL's
+    draft mode), so a photo costs memory for a thumbnail, not for its full size.
+    """
     height, width = image_shape[0], image_shape[1]
     batch = np.empty((len(paths), height, width, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        pixels = read_image(Path(path))
+        pixels = read_image(Path(path), draft_size=(width, height))
         if pixels.shape[:2] != (height, width):
             pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
         batch[i] = pixels
     return batch
 
 
-def predict(workdir: str | Path, paths: Sequence[str | Path], checkpoint: str = "latest") -> list[Prediction]:
+def predict(
+    workdir: str | Path, paths: Sequence[str | Path], checkpoint: str = "latest", warn: Warn = print
+) -> list[Prediction]:
     """Class and softmax probability for each image file."""
-    model, info, _ = load_trained_model(workdir, checkpoint)
+    model, info, _ = load_trained_model(workdir, checkpoint, warn)
     images = load_images(paths, info.image_shape)
     logits = model.predict_on_batch(images.astype(np.float32))
     probabilities = tf.nn.softmax(logits).numpy()
@@ -113,15 +167,28 @@ def inference_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, probabilities, name=f"{model.name}_inference")
 
 
-def export(workdir: str | Path, checkpoint: str = "latest") -> dict[str, Path]:
-    """Write WORKDIR/export/model.keras and a SavedModel (`serve` endpoint) beside it."""
-    model, info, step = load_trained_model(workdir, checkpoint)
+def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) -> dict[str, Path]:
+    """Write WORKDIR/export/model.keras and a SavedModel (`serve` endpoint) beside it.
+
+    Everything is written into a temporary folder beside export/, which replaces it only
+    once complete: an interrupted export leaves the previous one as it was.
+    """
+    model, info, step = load_trained_model(workdir, checkpoint, warn)
+    if not all(name.isprintable() for name in info.class_names):
+        raise DataError("a class name holds a line break or control character; labels.txt needs one name per line")
     wd = Workdir(Path(workdir))
-    wd.export.mkdir(parents=True, exist_ok=True)
     serving = inference_model(model)
-    keras_path = wd.export / "model.keras"
-    saved_model_path = wd.export / "saved_model"
-    serving.save(keras_path)
-    serving.export(str(saved_model_path), format="tf_saved_model", verbose=False)
-    (wd.export / "labels.txt").write_text("\n".join(info.class_names) + "\n")
-    return {"keras": keras_path, "saved_model": saved_model_path, "labels": wd.export / "labels.txt", "step": step}
+    try:
+        with files.replacing_folder(wd.export) as folder:
+            serving.save(folder / "model.keras")
+            serving.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
+            files.write_text(folder / "labels.txt", "\n".join(info.class_names) + "\n")
+    except OSError as err:
+        reason = err.strerror or err
+        raise WorkdirWriteError(f"cannot write {wd.export}: {reason}; the previous export is kept") from err
+    return {
+        "keras": wd.export / "model.keras",
+        "saved_model": wd.export / "saved_model",
+        "labels": wd.export / "labels.txt",
+        "step": step,
+    }

@@ -1,7 +1,13 @@
 """`launch train --workers N`: N local worker processes forming one multi-worker cluster.
 
 Each worker gets a TF_CONFIG naming all N on free localhost ports and its own index
-(worker 0 is the chief). Output is prefixed `[worker i]`. If a worker fails, the
+(worker 0 is the chief). The ports are reserved before the workers start and held until
+they end (SO_REUSEPORT, which TensorFlow's gRPC server joins when TF_GRPC_REUSE_PORT=1),
+so no other program can take one between our choice and TensorFlow's bind.
+
+Security: TensorFlow's gRPC server binds every network interface (0.0.0.0; its bind
+address is hard-coded in grpc_server_lib.cc), whatever host TF_CONFIG names, and it has
+no authentication. `run_local_workers` says so when it starts. Output is prefixed `[worker i]`. If a worker fails, the
 others are stopped and the failure's exit code is returned; otherwise the chief's.
 SIGTERM/SIGINT to the launcher are forwarded once to every worker, which then stop
 together at a checkpoint; a second signal kills them. The workers run in their own
@@ -12,6 +18,7 @@ This module needs no TensorFlow: it only starts and watches processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 Echo = Callable[[str], None]
 # Exit codes that mean "the worker did what it was asked": done, or stopped to resume later.
@@ -28,14 +35,28 @@ _CLEAN_EXITS = (0, 75)
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the OS reports free now (bound to port 0 and released)."""
+    """Ports the OS reports free now (bound to port 0 and released): for servers that
+    bind localhost only, where a lost race is a failed start, not an exposure."""
+    with reserved_ports(count) as ports:
+        return ports
+
+
+@contextlib.contextmanager
+def reserved_ports(count: int) -> Iterator[list[int]]:
+    """Free ports, held (bound with SO_REUSEPORT, not listening) while the block runs.
+
+    A process that binds without SO_REUSEPORT (any other program) is refused these ports
+    until the block ends; TensorFlow's gRPC server binds them with TF_GRPC_REUSE_PORT=1.
+    """
     sockets = []
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("localhost", 0))
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("0.0.0.0", 0))
             sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+        yield [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
@@ -48,11 +69,25 @@ def tf_config(ports: Sequence[int], index: int) -> str:
 
 def run_local_workers(command: Sequence[str], num_workers: int, echo: Echo = print, grace_seconds: float = 20) -> int:
     """Run `command` as `num_workers` cooperating workers; returns the run's exit code."""
-    ports = free_ports(num_workers)
+    with reserved_ports(num_workers) as ports:
+        echo(
+            f"Note: the workers' TensorFlow servers listen on ports {', '.join(map(str, ports))} of every network "
+            "interface, without authentication (TensorFlow cannot bind them to localhost only); on an untrusted "
+            "network, firewall these ports"
+        )
+        return _run_workers(command, ports, echo, grace_seconds)
+
+
+def _run_workers(command: Sequence[str], ports: list[int], echo: Echo, grace_seconds: float) -> int:
     lock = threading.Lock()
     workers = []
-    for index in range(num_workers):
-        env = {**os.environ, "TF_CONFIG": tf_config(ports, index), "PYTHONUNBUFFERED": "1"}
+    for index in range(len(ports)):
+        env = {
+            **os.environ,
+            "TF_CONFIG": tf_config(ports, index),
+            "TF_GRPC_REUSE_PORT": "1",  # join the port reservation held by reserved_ports
+            "PYTHONUNBUFFERED": "1",
+        }
         process = subprocess.Popen(
             list(command),
             stdout=subprocess.PIPE,
@@ -136,6 +171,20 @@ class _forward_signals:  # noqa: N801 - used like a function
             signal.signal(sig, handler)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the trainer dies.
+
+    A `finally:` in the trainer stops TensorBoard on every exit Python sees; this covers
+    the one it cannot (SIGKILL, a crash), which would leave TensorBoard serving forever.
+    Other systems keep the `finally:` only.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start_tensorboard(logdir: str, echo: Echo = print) -> subprocess.Popen | None:
     """`launch train --tensorboard`: TensorBoard on a free localhost port beside the run."""
     port = free_ports(1)[0]
@@ -151,7 +200,9 @@ def start_tensorboard(logdir: str, echo: Echo = print) -> subprocess.Popen | Non
         "localhost",
     ]
     try:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
     except OSError as err:
         echo(f"Warning: could not start TensorBoard ({err}); run: tensorboard --logdir {logdir}")
         return None

@@ -15,7 +15,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, DataError
+from trainer.files import short
 
 if TYPE_CHECKING:
     from trainer.config import ModelConfig
@@ -51,7 +52,14 @@ def build_model(
         raise ConfigError(f"model.name={name!r} is not registered; choose one of {', '.join(model_names())}")
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(inputs)
-    features = _REGISTRY[name](x, width=width)
+    try:
+        features = _REGISTRY[name](x, width=width)
+    except ValueError as err:  # a pooling or valid convolution left nothing of the image
+        height, width_px = input_shape[0], input_shape[1]
+        raise DataError(
+            f"images of {width_px}x{height} pixels are too small for model.name={name}, whose pooling needs "
+            f"larger inputs ({short(str(err), 100)}); use larger images (32x32 works for every model)"
+        ) from None
     logits = layers.Dense(num_classes, dtype="float32", name="logits")(features)
     return keras.Model(inputs, logits, name=name)
 

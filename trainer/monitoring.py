@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams
 
-from trainer.config import Config, profile_range, to_dict, to_yaml
+from trainer.config import Config, hyperparameter_items, profile_range, to_yaml
 from trainer.evaluation import EvalMetrics
 from trainer.visualize import confusion_matrix_image, sample_grid
 
@@ -146,13 +146,7 @@ class Monitor:
 
 def hyperparameters(config: Config) -> dict[str, object]:
     """Every config key as a flat `section.key` -> value, for the HParams table."""
-    flat: dict[str, object] = {}
-    for section, values in to_dict(config).items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{key}": value for key, value in values.items()})
-        else:
-            flat[section] = values
-    return flat
+    return hyperparameter_items(config)
 
 
 def misclassified_examples(model: keras.Model, images: np.ndarray, labels: np.ndarray, class_names: list[str]):

@@ -112,11 +112,32 @@ def tf_config_workers() -> int:
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         return 0
-    try:
-        cluster = json.loads(raw).get("cluster", {})
-    except json.JSONDecodeError as err:
-        raise RuntimeSetupError(f"TF_CONFIG is not valid JSON ({err}); see the README's multi-worker section") from None
+    cluster = _checked_tf_config(raw)["cluster"]
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+def _checked_tf_config(raw: str) -> dict:
+    """$TF_CONFIG parsed and checked for the shape TensorFlow expects, or one clear error.
+
+    {"cluster": {"worker": ["host:port", ...], "chief": [...]}, "task": {"type": "worker", "index": 0}}
+    """
+    hint = 'it must look like {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise RuntimeSetupError(f"TF_CONFIG is not valid JSON ({err}); {hint}") from None
+    cluster = parsed.get("cluster") if isinstance(parsed, dict) else None
+    task = parsed.get("task", {}) if isinstance(parsed, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise RuntimeSetupError(f"TF_CONFIG has no cluster/task mapping; {hint}")
+    for job, addresses in cluster.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a for a in addresses):
+            raise RuntimeSetupError(f'TF_CONFIG cluster job "{str(job)[:40]}" must be a list of "host:port"; {hint}')
+    if task:
+        job, index = task.get("type"), task.get("index", 0)
+        if job not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[job]):
+            raise RuntimeSetupError(f"TF_CONFIG task {str(task)[:80]} names no task of its cluster; {hint}")
+    return parsed
 
 
 def tpu_is_resolvable(config: RuntimeConfig) -> bool:

@@ -3,28 +3,73 @@
 A run killed between writing a summary and saving the next checkpoint leaves points
 that the resumed run writes again. Before resuming at step S, events with a step
 above S are removed from the existing files, so every step has exactly one point.
+
+A run killed while TensorBoard flushed can also leave a file whose last record is cut
+short. Reading stops there: the readable records are kept (the file is rewritten without
+the damaged tail, atomically) and a warning says so; a resume never fails on it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
+from trainer.files import short
 
-def drop_events_after(logdir: Path, step: int) -> int:
+
+def read_records(path: Path) -> tuple[list[bytes], str | None]:
+    """The readable records of an event file, and why reading stopped early (or None)."""
+    records: list[bytes] = []
+    iterator = iter(tf.data.TFRecordDataset(str(path)))
+    while True:
+        try:
+            records.append(bytes(next(iterator).numpy()))
+        except StopIteration:
+            return records, None
+        except tf.errors.OpError as err:  # DataLossError: truncated or corrupted record
+            return records, short(str(err), 120)
+
+
+def _events(records: list[bytes]) -> Iterator[event_pb2.Event]:
+    for record in records:
+        yield event_pb2.Event.FromString(record)
+
+
+def drop_events_after(logdir: Path, step: int, warn: Callable[[str], None] = print) -> int:
     """Rewrite event files under `logdir` without events past `step`; returns how many went."""
     dropped = 0
     for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
-        records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
-        kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
-        if len(kept) == len(records):
+        records, damage = read_records(path)
+        kept = [record for record, event in zip(records, _events(records)) if event.step <= step]
+        if damage:
+            warn(f"Warning: {path} ends in a damaged record ({damage}); keeping the {len(records)} readable ones")
+        elif len(kept) == len(records):
             continue
         dropped += len(records) - len(kept)
-        temporary = path.with_name(path.name + ".tmp")
-        with tf.io.TFRecordWriter(str(temporary)) as writer:
-            for record in kept:
-                writer.write(record)
-        temporary.replace(path)
+        _rewrite(path, kept)
     return dropped
+
+
+def _rewrite(path: Path, records: list[bytes]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with tf.io.TFRecordWriter(str(temporary)) as writer:
+        for record in records:
+            writer.write(record)
+    os.replace(temporary, path)
+
+
+def scalar_at(logdir: Path, tag: str, step: int) -> float | None:
+    """The value of scalar `tag` logged at `step` under `logdir`, if any file has it."""
+    found = None
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        for event in _events(read_records(path)[0]):
+            if event.step != step:
+                continue
+            for value in event.summary.value:
+                if value.tag == tag:
+                    found = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+    return found

@@ -27,8 +27,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import files
 from trainer.checkpoints import CheckpointStore
-from trainer.config import Config, save_config
+from trainer.config import Config, config_differences, save_config
 from trainer.data import Dataset, load_dataset
 from trainer.data.device import DeviceFeed, resolve_placement
 from trainer.data.pipeline import (
@@ -39,8 +40,9 @@ from trainer.data.pipeline import (
     steps_per_epoch,
     train_dataset_fn,
 )
-from trainer.errors import DivergedError
+from trainer.errors import CheckpointMismatchError, DivergedError, TrainerError
 from trainer.evaluation import EvalMetrics, Evaluator, per_example_loss
+from trainer.files import describe_write_error, is_write_failure
 from trainer.flops import peak_flops, training_flops_per_example
 from trainer.models import build_for_dataset, init_from_data
 from trainer.monitoring import (
@@ -64,7 +66,7 @@ from trainer.optim import (
 )
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.runtime import Runtime, setup_runtime
-from trainer.summaries import drop_events_after
+from trainer.summaries import drop_events_after, scalar_at
 from trainer.workdir import DatasetInfo, Workdir
 
 Echo = Callable[[str], None]
@@ -95,6 +97,11 @@ def train(
 ) -> TrainResult:
     """Train `config` in `workdir`, resuming from its latest checkpoint unless `fresh`.
 
+    Nothing on disk changes before the workdir, the config, the data and the model are
+    known to be usable: a folder that `launch train` did not create is refused, the data
+    is read and the model built first, and config.yaml/dataset.json are written only
+    once the checkpoint (if any) has been restored.
+
     Args:
         resume_command: shown when the run is interrupted, so the user can resume.
     """
@@ -103,14 +110,16 @@ def train(
     runtime = setup_runtime(config.runtime)
     if not runtime.is_chief:
         echo = _worker_echo(echo)
+    if runtime.is_chief:
+        wd.check_trainable(fresh)
+        wd.check_not_busy()
     echo(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
-    # Only the chief writes the workdir; the other workers read its checkpoints.
-    with wd.locked() if runtime.is_chief else contextlib.nullcontext():
-        if fresh and runtime.is_chief:
-            wd.clear_training_state()
-        _barrier(runtime, "start")  # nobody restores before the chief has cleared
-        result = _train(config, wd, runtime, echo, resume_command, started)
-        _barrier(runtime, "end")  # nobody leaves while a peer may still pull data from it
+    try:
+        result = _train(config, wd, runtime, fresh, echo, resume_command, started)
+    except (OSError, tf.errors.OpError) as err:
+        if not is_write_failure(err):
+            raise
+        raise describe_write_error(err, wd.root) from err
     if not runtime.is_chief:
         shutil.rmtree(wd.worker_temp(runtime.worker_index), ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -118,22 +127,29 @@ def train(
     return result
 
 
-def _train(
-    config: Config, wd: Workdir, runtime: Runtime, echo: Echo, resume_command: str | None, started: float
-) -> TrainResult:
+@dataclass
+class _Parts:
+    """What a run trains: built before the workdir is touched."""
+
+    dataset: Dataset
+    info: DatasetInfo
+    per_epoch: int
+    total_steps: int
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    lookahead: Lookahead | None
+
+
+def _prepare(config: Config, runtime: Runtime, echo: Echo, started: float) -> _Parts:
+    """Data, schedule length, model and optimizer: every check that needs no disk write."""
     check_batch_divides(config.data.batch_size, runtime.num_replicas)
     keras.utils.set_random_seed(config.seed)  # weight initialisation
-
     dataset = load_dataset(config.data, config.seed)
     echo(
         f"Data: {dataset.origin}: {len(dataset.train)} train / {len(dataset.test)} test images, "
         f"{len(dataset.class_names)} classes ({time.perf_counter() - started:.1f}s)"
     )
     info = _dataset_info(dataset)
-    if runtime.is_chief:
-        save_config(config, wd.config_path)
-        wd.write_dataset_info(info)
-
     if runtime.device_kind == "tpu" and config.train.steps_per_loop < 50:
         echo(
             f"Warning: train.steps_per_loop={config.train.steps_per_loop} is small for a TPU, where host round "
@@ -143,7 +159,6 @@ def _train(
     total_steps = config.train.epochs * per_epoch
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
-
     with runtime.strategy.scope():
         model = build_for_dataset(config.model, info)
         optimizer = build_optimizer(
@@ -158,21 +173,67 @@ def _train(
             echo("Whitening layer initialised from the training images' 2x2 patch covariance")
         # Over the whole schedule, as the LR: a run cut short by max_steps resumes identically.
         lookahead = build_lookahead(model, config.optimizer, per_epoch, config.train.epochs * per_epoch)
+    return _Parts(dataset, info, per_epoch, total_steps, model, optimizer, lookahead)
+
+
+def _train(
+    config: Config,
+    wd: Workdir,
+    runtime: Runtime,
+    fresh: bool,
+    echo: Echo,
+    resume_command: str | None,
+    started: float,
+) -> TrainResult:
+    parts = _prepare(config, runtime, echo, started)
     store = CheckpointStore(
         wd.checkpoints,
-        model=model,
-        optimizer=optimizer,
+        model=parts.model,
+        optimizer=parts.optimizer,
         keep=config.checkpoint.keep,
         num_replicas=runtime.num_replicas,
         # TF needs every worker to save; the others write to a scratch folder.
         save_directory=None if runtime.is_chief else wd.worker_temp(runtime.worker_index) / "checkpoints",
-        extra={"lookahead": lookahead.state} if lookahead else None,
+        extra={"lookahead": parts.lookahead.state} if parts.lookahead else None,
+        warn=echo,
     )
-    start_step = store.restore("latest", warn=echo) or 0
+    # Only the chief writes the workdir; the other workers read its checkpoints.
+    with wd.locked() if runtime.is_chief else contextlib.nullcontext():
+        if runtime.is_chief:
+            _claim_workdir(wd, fresh, echo)
+        _barrier(runtime, "start")  # nobody restores before the chief has cleared
+        result = _resume_and_run(config, wd, runtime, parts, store, echo, resume_command, started)
+        _barrier(runtime, "end")  # nobody leaves while a peer may still pull data from it
+    return result
+
+
+def _claim_workdir(wd: Workdir, fresh: bool, echo: Echo) -> None:
+    if fresh:
+        removed = wd.clear_training_state()
+        if removed:
+            echo(f"--fresh: removed {len(removed)} checkpoint, TensorBoard and metrics file(s) of earlier runs")
+    wd.claim()
+
+
+def _resume_and_run(
+    config: Config,
+    wd: Workdir,
+    runtime: Runtime,
+    parts: _Parts,
+    store: CheckpointStore,
+    echo: Echo,
+    resume_command: str | None,
+    started: float,
+) -> TrainResult:
+    per_epoch, total_steps = parts.per_epoch, parts.total_steps
+    start_step = _restore_latest(store, wd, config, echo)
+    if runtime.is_chief:  # the run is known to start (or to be complete): record what it is
+        save_config(config, wd.config_path)
+        wd.write_dataset_info(parts.info)
     if store.restored_path:
         _announce_resume(store, start_step, per_epoch, runtime.num_replicas, config.data.batch_size, echo)
         if runtime.is_chief:
-            drop_events_after(wd.tensorboard, start_step)
+            drop_events_after(wd.tensorboard, start_step, warn=echo)
     if start_step >= total_steps:
         echo(
             f"Already trained to step {start_step} of {total_steps}; nothing to do (raise train.epochs or use --fresh)"
@@ -180,7 +241,17 @@ def _train(
         return TrainResult(start_step, total_steps, 0.0, 0.0, None, wd.root)
 
     loop = TrainingLoop(
-        config, runtime, model, optimizer, dataset, per_epoch, total_steps, wd, store, echo, lookahead=lookahead
+        config,
+        runtime,
+        parts.model,
+        parts.optimizer,
+        parts.dataset,
+        per_epoch,
+        total_steps,
+        wd,
+        store,
+        echo,
+        lookahead=parts.lookahead,
     )
     result = loop.run(start_step, store.window_sums.numpy(), started)
     if result.stopped_by:
@@ -190,6 +261,32 @@ def _train(
             f"(epoch {result.step // per_epoch + 1}); checkpoint saved in {wd.checkpoints}; {how}"
         )
     return result
+
+
+def _restore_latest(store: CheckpointStore, wd: Workdir, config: Config, echo: Echo) -> int:
+    """The step to start from; a checkpoint of another model is refused, not skipped."""
+    try:
+        return store.restore("latest", warn=echo) or 0
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(
+            f"{wd.root} holds a run this config cannot continue: {err}. {_config_change(wd, config)} "
+            "Nothing was changed. Use --fresh to start over in this workdir (it deletes its checkpoints), "
+            "or choose another --workdir"
+        ) from err
+
+
+def _config_change(wd: Workdir, config: Config) -> str:
+    """Which keys differ between the workdir's config.yaml and this run's, in one sentence."""
+    try:
+        saved = wd.require_config()
+    except TrainerError:
+        return "Its config.yaml is missing or unreadable, so what changed is unknown."
+    changes = config_differences(saved, config)
+    if not changes:
+        return "config.yaml names the same settings (was it trained by another version?)."
+    shown = ", ".join(f"{key} {before} -> {after}" for key, before, after in changes[:4])
+    more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+    return f"Changed since config.yaml: {shown}{more}."
 
 
 def _barrier(runtime: Runtime, name: str) -> None:
@@ -394,9 +491,7 @@ class TrainingLoop:
         self.log_every = config.tensorboard.every_steps or config.train.steps_per_loop
         self.flops_per_step = training_flops_per_example(model) * self.global_batch
         self.peak = peak_flops(_accelerator_names(runtime), runtime.precision)
-        best = store.best_record
-        self.best_accuracy = best["accuracy"] if best else -1.0
-        self.best_step = best["step"] if best else None
+        self.best_step, self.best_accuracy = _best_so_far(store, wd, echo)
 
     def _device_feed(self, dataset: Dataset) -> DeviceFeed | None:
         """The training set on the devices when data.placement resolves to "device", else None."""
@@ -640,6 +735,28 @@ def environment(runtime: Runtime) -> dict[str, str]:
         "XLA": str(runtime.jit_compile),
         "why": runtime.reason,
     }
+
+
+def _best_so_far(store: CheckpointStore, wd: Workdir, echo: Echo) -> tuple[int | None, float]:
+    """(step, accuracy) of the kept best checkpoint; a lost best.json is rebuilt.
+
+    Its accuracy is read back from the eval curve at that step; if the curve lacks it
+    too, the next evaluation replaces the best checkpoint.
+    """
+    record = store.best_record
+    if record is None:
+        return None, -1.0
+    if record["accuracy"] is None:
+        step = record["step"]
+        accuracy = scalar_at(wd.tensorboard / "eval", "accuracy", step)
+        known = "unknown" if accuracy is None else f"{accuracy:.2%}, from TensorBoard's eval curve"
+        echo(f"Warning: best.json rebuilt for {store.best_directory / f'ckpt-{step}'} (accuracy {known})")
+        if accuracy is None:
+            return record["step"], -1.0
+        if store.save_directory == store.directory:
+            files.write_json(store.best_directory / "best.json", {"step": record["step"], "accuracy": accuracy})
+        return record["step"], accuracy
+    return record["step"], record["accuracy"]
 
 
 def _accelerator_names(runtime: Runtime) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from trainer.config import DataConfig
 from trainer.errors import DataError
+from trainer.files import short
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -30,6 +32,21 @@ CIFAR10_CLASSES = (
     "truck",
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# Largest image decoded (width x height), checked from the header before decoding: a
+# 20000x20000 PNG is a few KB on disk and 1.2 GB in memory. 64 MP is a large camera photo.
+MAX_IMAGE_PIXELS = 64 * 2**20
+# What the CIFAR-10 python batches may contain besides dicts, lists, bytes and ints: one
+# uint8 numpy array. Anything else in a "data_batch_N" (os.system, eval, ...) is refused.
+_CIFAR_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+)
+_CIFAR_ORIGIN = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 _OFFLINE_HINT = (
     "set CIFAR10_DIR or data.path to a folder holding cifar-10-batches-py or train/<class>/ "
     "and test/<class>/ images, or use data.source=synthetic"
@@ -82,6 +99,13 @@ def keras_cache_dir() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
 
 
+def keras_cifar10_folders() -> list[Path]:
+    """Where Keras leaves CIFAR-10: Keras 3 extracts into cifar-10-batches-py-target/
+    (holding cifar-10-batches-py/), Keras 2 into cifar-10-batches-py/."""
+    cache = keras_cache_dir()
+    return [cache / "cifar-10-batches-py-target", cache / "cifar-10-batches-py"]
+
+
 def load_cifar10(config: DataConfig) -> Dataset:
     """Find CIFAR-10: data.path, then $CIFAR10_DIR, then the Keras cache, then download."""
     for where, value in (("data.path", config.path), ("CIFAR10_DIR", os.environ.get("CIFAR10_DIR"))):
@@ -90,9 +114,9 @@ def load_cifar10(config: DataConfig) -> Dataset:
             if not folder.is_dir():
                 raise DataError(f"{where}={value} is not a folder; {_OFFLINE_HINT}")
             return _read_cifar10_folder(folder, config, where)
-    cached = keras_cache_dir() / "cifar-10-batches-py"
-    if cached.is_dir():
-        return _read_cifar10_folder(cached, config, "Keras cache")
+    for cached in keras_cifar10_folders():
+        if cached.is_dir():
+            return _read_cifar10_folder(cached, config, "Keras cache")
     return _download_cifar10()
 
 
@@ -110,18 +134,32 @@ def _read_cifar10_folder(folder: Path, config: DataConfig, where: str) -> Datase
     )
 
 
-def read_cifar10_pickles(folder: Path) -> Dataset:
-    """Read the official python version (`cifar-10-batches-py`)."""
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: a pickle can run any code it names."""
 
-    def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            with open(path, "rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")
-            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            labels = np.asarray(batch[b"labels"], dtype=np.int32)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
-            raise DataError(f"cannot read CIFAR-10 batch {path}: {err}") from err
-        return data.transpose(0, 2, 3, 1), labels
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never does (refused)")
+
+
+def read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 32, 32, 3] and labels of one `data_batch_N`/`test_batch` file."""
+    try:
+        with open(path, "rb") as handle:
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int32)
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError) as err:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {short(str(err))}") from err
+    if len(labels) != len(data):
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {len(data)} images but {len(labels)} labels")
+    return data.transpose(0, 2, 3, 1), labels
+
+
+def read_cifar10_pickles(folder: Path) -> Dataset:
+    """Read the official python version (`cifar-10-batches-py`), refusing foreign pickles."""
+    read_batch = read_cifar10_batch
 
     train_parts = [read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
     test_images, test_labels = read_batch(folder / "test_batch")
@@ -133,19 +171,20 @@ def read_cifar10_pickles(folder: Path) -> Dataset:
 
 
 def _download_cifar10() -> Dataset:
+    """Download with Keras' own fetcher (same cache and checksum as keras.datasets.cifar10),
+    then read the batches with the restricted unpickler above, whatever the Keras version."""
     import keras  # deferred: only this path needs it
 
     try:
-        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        folder = keras.utils.get_file(
+            fname="cifar-10-batches-py-target", origin=_CIFAR_ORIGIN, extract=True, file_hash=_CIFAR_SHA256
+        )
     except Exception as err:  # noqa: BLE001 - any download failure means "offline" to the user
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = short(str(err)) or type(err).__name__
         raise DataError(f"CIFAR-10 not found locally and the download failed ({reason}); {_OFFLINE_HINT}") from err
-    return Dataset(
-        Split(x_train, y_train.reshape(-1).astype(np.int32)),
-        Split(x_test, y_test.reshape(-1).astype(np.int32)),
-        list(CIFAR10_CLASSES),
-        f"CIFAR-10 from keras.datasets ({keras_cache_dir()})",
-    )
+    dataset = read_cifar10_pickles(Path(folder) / "cifar-10-batches-py")
+    dataset.origin = f"CIFAR-10 downloaded by Keras into {folder}"
+    return dataset
 
 
 # --- image folders ---------------------------------------------------------------------
@@ -164,6 +203,12 @@ def read_image_folder(root: Path, train_limit: int, test_limit: int, expected_si
     class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not class_names:
         raise DataError(f"{train_dir} has no class folders (expected train/<class>/images)")
+    for name in class_names:
+        if not name.isprintable():
+            raise DataError(
+                f"class folder {name!r} in {train_dir} has a line break, tab or other control character in its "
+                "name; rename it (class names are written one per line, e.g. to labels.txt)"
+            )
     missing = [name for name in class_names if not (test_dir / name).is_dir()]
     if missing:
         raise DataError(f"class folder {test_dir / missing[0]} is missing from the test split")
@@ -211,13 +256,46 @@ def _read_split(split_dir: Path, class_names: list[str], limit: int, expected_si
     return Split(images, labels)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode one image file to uint8 RGB [H, W, 3], naming the file if it is unusable."""
+def read_image(path: Path, draft_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode one image file to uint8 RGB [H, W, 3], naming the file if it is unusable.
+
+    The pixel count is checked from the header before anything is decoded. `draft_size`
+    (width, height) lets JPEG decode at a reduced scale when only a small copy is needed.
+    """
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from err
+        with warnings.catch_warnings():  # PIL's bomb warning: our own limit, below, is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            _check_pixels(path, *image.size)
+            if draft_size:
+                image.draft("RGB", draft_size)
+            return _rgb8(image)
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"{path} is over the {MAX_IMAGE_PIXELS / 2**20:.0f} MP limit for one image; shrink it first"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot read image {path}: {short(str(err))}") from err
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{path} is {width}x{height} pixels ({width * height / 2**20:.0f} MP), over the "
+            f"{MAX_IMAGE_PIXELS / 2**20:.0f} MP limit for one image; shrink it first"
+        )
+
+
+def _rgb8(image: Image.Image) -> np.ndarray:
+    """8-bit RGB. 16-bit grey ("I;16", "I") is scaled down, not clipped: PIL's own convert
+    would turn every value above 255 (mid-grey is 32768) into white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    if image.mode == "F":
+        return np.repeat(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 # --- synthetic ---------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Atomic writes and forgiving reads of the workdir's side files.
+
+A kill (SIGKILL, a full disk, a lost VM) can land in the middle of any write. Every file
+the trainer writes therefore goes to a temporary file in the same folder, is flushed to
+disk, and then replaces the old one with `os.replace`, which is atomic within one
+filesystem: a reader, or the next run, sees the old file or the new one, never half of
+either. Folders (the export) are written beside the old one and swapped in.
+
+Reading is the other half: a side file that is damaged anyway (written by an older
+version, edited by hand, cut short by a full disk) is reported by `read_json` as None
+with a warning, and the caller rebuilds it; it never ends a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import WorkdirWriteError
+
+Warn = Callable[[str], None]
+# How TensorFlow's errors (which are not OSErrors) say that the disk refused a write.
+_WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; side files are as readable as checkpoints
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike, warn: Warn, what: str) -> Any | None:
+    """The parsed file, or None if it is missing or damaged (then `warn` says so)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warn(f"Warning: {path} is damaged ({type(err).__name__}: {short(str(err))}); {what}")
+        return None
+
+
+@contextlib.contextmanager
+def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path`.
+
+    If the body fails (or the process dies), `path` keeps its old content; the leftover
+    temporary folder is named `.NAME.tmp-*` and removed by the next successful call.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    os.chmod(temporary, 0o755)
+    old = path.parent / f".{path.name}.tmp-old"
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(temporary, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def short(text: str, limit: int = 160) -> str:
+    """The first line of `text`, cut to `limit` characters: safe to echo in one line."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe_write_error(err: BaseException, where: str | os.PathLike) -> WorkdirWriteError:
+    """A write that failed (read-only, full disk, no permission) as one user-facing line."""
+    path = getattr(err, "filename", None) or where
+    known = [reason for reason in _WRITE_FAILURES if reason in str(err)]
+    reason = getattr(err, "strerror", None) or (known[0] if known else short(str(err))) or type(err).__name__
+    return WorkdirWriteError(f"cannot write {path}: {reason}; free some space, or choose a writable --workdir")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """An OSError, or a TensorFlow error whose cause is the disk (full, read-only, denied)."""
+    if isinstance(err, OSError):
+        return True
+    return any(reason in str(err) for reason in _WRITE_FAILURES)
