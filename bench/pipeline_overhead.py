@@ -25,12 +25,10 @@ from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.data.device import DeviceFeed  # noqa: E402
 from trainer.data.pipeline import input_spec, normalization_stats, steps_per_epoch, train_dataset_fn  # noqa: E402
+from trainer.loop.step import NUM_SUMS, StepOptions, Votes, make_train_loop  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-from trainer.monitoring import NUM_SUMS  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
-from trainer.preemption import StopRequest  # noqa: E402
 from trainer.runtime import setup_runtime  # noqa: E402
-from trainer.training import make_train_loop  # noqa: E402
 
 
 def main() -> None:
@@ -65,17 +63,16 @@ def main() -> None:
     feed = DeviceFeed(runtime.strategy, data.images, data.labels, spec)
 
     def loop_for(device_feed=None):
-        return make_train_loop(
-            runtime.strategy,
-            model,
-            optimizer,
+        options = StepOptions(
             global_batch=batch,
             num_classes=10,
             label_smoothing=config.optimizer.label_smoothing,
-            stop_flag=StopRequest().flag,
             jit_compile=runtime.jit_compile,
             device_feed=device_feed,
         )
+        compiled = make_train_loop(runtime.strategy, model, optimizer, Votes.create(), options)
+        first, never = tf.constant(0, tf.int64), tf.constant(-1, tf.int64)
+        return lambda batches, steps, sums: compiled(batches, first, steps, sums, never)
 
     loop, device_loop = loop_for(), loop_for(feed)
     real = iter(

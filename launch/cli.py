@@ -175,6 +175,11 @@ def train(
 
 def _run_training(verbose: bool, config_path: str, config, workdir: Path, overrides, fresh: bool, workers: int) -> int:
     """One process, or `workers` local processes re-running this command as a cluster."""
+    resume = shlex.join(
+        ["launch", "train", "--config", config_path, "--workdir", str(workdir)]
+        + [word for override in overrides for word in ("--set", override)]
+        + (["--workers", str(workers)] if workers > 1 else [])
+    )
     if workers > 1:
         from trainer.launcher import run_local_workers
 
@@ -182,13 +187,15 @@ def _run_training(verbose: bool, config_path: str, config, workdir: Path, overri
         command += ["--config", config_path, "--workdir", str(workdir), *(["--fresh"] if fresh else [])]
         for override in (*overrides, "runtime.strategy=multi_worker"):
             command += ["--set", override]
-        return run_local_workers(command, workers, echo=click.echo)
+        return run_local_workers(command, workers, echo=click.echo, env={_RESUME_VARIABLE: resume})
     training = _load("trainer.training", verbose)
-    resume = shlex.join(
-        ["launch", "train", "--config", config_path, "--workdir", str(workdir)]
-        + [word for override in overrides for word in ("--set", override)]
-    )
+    resume = os.environ.get(_RESUME_VARIABLE) or resume  # a worker of `--workers N` says what to rerun
     return training.train(config, workdir, fresh=fresh, echo=click.echo, resume_command=resume).exit_code
+
+
+# The command a `--workers N` launcher was started with, passed to its workers so that
+# their "resume with:" line names it (and not their own `--set runtime.strategy=...`).
+_RESUME_VARIABLE = "TRAINER_RESUME_COMMAND"
 
 
 @cli.command()

@@ -15,7 +15,7 @@ from trainer.config import RuntimeConfig
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
 from trainer.errors import RuntimeSetupError
 from trainer.launcher import run_local_workers
-from trainer.monitoring import NUM_SUMS
+from trainer.loop.step import NUM_SUMS
 from trainer.runtime import _resolve_jit, cached_strategy, setup_runtime
 from trainer.training import train
 
@@ -106,6 +106,7 @@ def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_pat
     output = process.stdout.read()
     assert process.wait(timeout=300) == 0, output
     assert "[worker 0] Strategy: multi_worker: MultiWorkerMirroredStrategy over 2 workers" in output
+    assert "listen on ports" in output and "without authentication" in output  # the exposure is stated
     assert "[worker 1] Done" not in output  # only the chief reports
 
     workers = _weights(tmp_path / "workers" / "checkpoints", 8)
@@ -165,7 +166,9 @@ def test_launcher_prefixes_output_and_returns_the_chief_exit_code():
         echo=lines.append,
     )
     assert code == 0
-    assert sorted(lines) == [f"[worker {i}] hello from {i} 3" for i in range(3)]
+    note = next(line for line in lines if line.startswith("Note: the workers' TensorFlow servers listen on ports"))
+    assert "without authentication" in note and "firewall" in note
+    assert sorted(line for line in lines if line != note) == [f"[worker {i}] hello from {i} 3" for i in range(3)]
 
 
 def test_launcher_stops_everyone_when_one_worker_fails():

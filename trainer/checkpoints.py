@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from trainer import files
 from trainer.errors import CheckpointError, CheckpointMismatchError
-from trainer.monitoring import NUM_SUMS
+from trainer.loop.step import NUM_SUMS
 
 _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.index$")
 # Errors that mean "this file cannot be read": try an older checkpoint.
@@ -79,7 +79,7 @@ class CheckpointStore:
         self.save_directory = Path(save_directory) if save_directory else self.directory
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        # Metric sums of the logging window in flight (trainer.monitoring.NUM_SUMS of them).
+        # Metric sums of the logging window in flight (trainer.loop.step.StepSums).
         self.window_sums = tf.Variable(tf.zeros([NUM_SUMS]), trainable=False, name="window_sums")
         self.replicas = tf.Variable(num_replicas, dtype=tf.int64, trainable=False, name="replicas")
         objects = {

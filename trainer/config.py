@@ -331,7 +331,11 @@ def shown(value: Any, limit: int = 80) -> str:
 
 def validate(config: Config) -> None:
     """Check ranges and cross-key rules that single fields cannot express."""
-    flat = to_dict(config)
+    _check_ranges(to_dict(config))
+    _check_cross_keys(config)
+
+
+def _check_ranges(flat: dict[str, Any]) -> None:
     for key, (minimum, inclusive) in _MINIMUMS.items():
         value = _flat_value(flat, key)
         if value < minimum or (not inclusive and value == minimum):
@@ -345,6 +349,9 @@ def validate(config: Config) -> None:
         value = _flat_value(flat, key)
         if value >= maximum:
             raise ConfigError(f"{key} must be < {maximum}, got {value}")
+
+
+def _check_cross_keys(config: Config) -> None:
     if config.optimizer.lookahead_every_steps and config.optimizer.ema_momentum:
         raise ConfigError(
             "optimizer.lookahead_every_steps and optimizer.ema_momentum both average the weights; set one of them to 0"

@@ -7,6 +7,8 @@ pass (forward, gradient w.r.t. activations, gradient w.r.t. weights).
 
 from __future__ import annotations
 
+import re
+
 import keras
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s, by GPU name (no sparsity), for
@@ -40,13 +42,18 @@ def training_flops_per_example(model: keras.Model) -> int:
     return 3 * forward_flops_per_example(model)
 
 
+def _names(device_name: str, model: str) -> bool:
+    """`model` as a whole word of the device name: "L4" is in "NVIDIA L4", not "NVIDIA L40S"."""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(model)}(?![A-Za-z0-9])", device_name) is not None
+
+
 def peak_flops(device_names: list[str], precision: str) -> float | None:
     """Total peak FLOP/s of the devices in use, when known."""
     if not device_names or precision not in ("mixed_float16", "mixed_bfloat16"):
         return None
     total = 0.0
     for name in device_names:
-        peak = next((tflops for key, tflops in _MIXED_PRECISION_PEAK_TFLOPS.items() if key in name), None)
+        peak = next((tflops for key, tflops in _MIXED_PRECISION_PEAK_TFLOPS.items() if _names(name, key)), None)
         if peak is None:
             return None
         total += peak * 1e12

@@ -6,6 +6,7 @@ checkpoint's weights, so they need neither the training data nor the optimizer s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,14 @@ from trainer import files
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, apply_override, validate
 from trainer.data import load_dataset
-from trainer.data.pipeline import normalization_stats
+from trainer.data.info import DatasetInfo, dataset_info
 from trainer.data.sources import read_image
 from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.files import Warn
 from trainer.models import build_for_dataset
 from trainer.runtime import setup_runtime
-from trainer.workdir import DatasetInfo, Workdir
+from trainer.workdir import Workdir
 
 
 def _restore_model(wd: Workdir, info: DatasetInfo, config, checkpoint: str) -> tuple[keras.Model, int]:
@@ -46,9 +47,7 @@ def trained_workdir(wd: Workdir, warn: Warn = print) -> tuple[Config, DatasetInf
 
 def rebuild_dataset_info(wd: Workdir, config: Config, warn: Warn) -> DatasetInfo:
     """dataset.json from the data config.yaml names (what training wrote, recomputed)."""
-    dataset = load_dataset(config.data, config.seed)
-    mean, std = normalization_stats(dataset.train.images)
-    info = DatasetInfo(list(dataset.class_names), list(dataset.image_shape), mean, std, dataset.origin)
+    info = dataset_info(load_dataset(config.data, config.seed))
     if wd.is_busy():
         return info  # the trainer holding the workdir writes its own
     try:
@@ -88,6 +87,9 @@ def evaluate(
     for override in overrides:
         apply_override(config, override)
     validate(config)
+    if config.runtime.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
+        # Trained with `--workers N`: one process evaluates the same checkpoint.
+        config.runtime.strategy = "auto"
     runtime = setup_runtime(config.runtime)
     dataset = load_dataset(config.data, config.seed)
     with runtime.strategy.scope():

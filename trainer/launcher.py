@@ -67,23 +67,35 @@ def tf_config(ports: Sequence[int], index: int) -> str:
     return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
 
 
-def run_local_workers(command: Sequence[str], num_workers: int, echo: Echo = print, grace_seconds: float = 20) -> int:
-    """Run `command` as `num_workers` cooperating workers; returns the run's exit code."""
+def run_local_workers(
+    command: Sequence[str],
+    num_workers: int,
+    echo: Echo = print,
+    grace_seconds: float = 20,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run `command` as `num_workers` cooperating workers; returns the run's exit code.
+
+    `env`: more environment variables for every worker.
+    """
     with reserved_ports(num_workers) as ports:
         echo(
             f"Note: the workers' TensorFlow servers listen on ports {', '.join(map(str, ports))} of every network "
             "interface, without authentication (TensorFlow cannot bind them to localhost only); on an untrusted "
             "network, firewall these ports"
         )
-        return _run_workers(command, ports, echo, grace_seconds)
+        return _run_workers(command, ports, echo, grace_seconds, env or {})
 
 
-def _run_workers(command: Sequence[str], ports: list[int], echo: Echo, grace_seconds: float) -> int:
+def _run_workers(
+    command: Sequence[str], ports: list[int], echo: Echo, grace_seconds: float, extra_env: dict[str, str]
+) -> int:
     lock = threading.Lock()
     workers = []
     for index in range(len(ports)):
         env = {
             **os.environ,
+            **extra_env,
             "TF_CONFIG": tf_config(ports, index),
             "TF_GRPC_REUSE_PORT": "1",  # join the port reservation held by reserved_ports
             "PYTHONUNBUFFERED": "1",

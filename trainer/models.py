@@ -20,7 +20,7 @@ from trainer.files import short
 
 if TYPE_CHECKING:
     from trainer.config import ModelConfig
-    from trainer.workdir import DatasetInfo
+    from trainer.data.info import DatasetInfo
 
 ModelBuilder = Callable[..., keras.Model]
 _REGISTRY: dict[str, ModelBuilder] = {}

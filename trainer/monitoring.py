@@ -20,11 +20,9 @@ from tensorboard.plugins.hparams import api as hparams
 
 from trainer.config import Config, hyperparameter_items, profile_range, to_yaml
 from trainer.evaluation import EvalMetrics
+from trainer.loop.step import StepSums
 from trainer.visualize import confusion_matrix_image, sample_grid
 
-# Indices into the sums the compiled training loop returns.
-LOSS, CORRECT, COUNT, NONFINITE, GRAD_NORM, STEPS = range(6)
-NUM_SUMS = 6
 _MISCLASSIFIED_SHOWN = 16
 
 
@@ -73,16 +71,16 @@ class Monitor:
 
     # --- during training ---------------------------------------------------------------
 
-    def log_train(self, step: int, sums: np.ndarray, extra: dict[str, float]) -> None:
+    def log_train(self, step: int, sums: StepSums, extra: dict[str, float]) -> None:
         """Scalars of one logging window: means over its steps, plus point values in `extra`."""
         if not self.enabled:
             return
         with self.train.as_default(step=step):
-            if sums[COUNT]:
-                tf.summary.scalar("loss", sums[LOSS] / sums[COUNT])
-                tf.summary.scalar("accuracy", sums[CORRECT] / sums[COUNT])
-            if sums[STEPS]:
-                tf.summary.scalar("gradient_norm", sums[GRAD_NORM] / sums[STEPS])
+            if sums.examples:
+                tf.summary.scalar("loss", sums.loss / sums.examples)
+                tf.summary.scalar("accuracy", sums.correct / sums.examples)
+            if sums.steps:
+                tf.summary.scalar("gradient_norm", sums.gradient_norm / sums.steps)
             for name, value in extra.items():
                 tf.summary.scalar(name, value)
 

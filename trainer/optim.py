@@ -123,13 +123,13 @@ def _is_batchnorm_shift(variable) -> bool:
     return variable.path.split("/")[-1] == "beta"
 
 
-def _unwrapped(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+def unwrapped(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
     """The configured optimizer inside a LossScaleOptimizer, or the optimizer itself."""
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 def uses_weight_averaging(optimizer: keras.optimizers.Optimizer) -> bool:
-    return bool(getattr(_unwrapped(optimizer), "use_ema", False))
+    return bool(getattr(unwrapped(optimizer), "use_ema", False))
 
 
 @contextlib.contextmanager
@@ -153,7 +153,7 @@ def averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer):
 def finalize_averaged_weights(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
     """Copy the averaged weights into the model for good (the end of training)."""
     if uses_weight_averaging(optimizer):
-        _unwrapped(optimizer).finalize_variable_values(model.trainable_variables)
+        unwrapped(optimizer).finalize_variable_values(model.trainable_variables)
 
 
 class Lookahead:
@@ -229,4 +229,4 @@ def build_lookahead(model: keras.Model, config: OptimizerConfig, per_epoch: int,
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    return float(keras.ops.convert_to_numpy(_unwrapped(optimizer).learning_rate))
+    return float(keras.ops.convert_to_numpy(unwrapped(optimizer).learning_rate))

@@ -24,10 +24,16 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopRequest:
     """Context manager that turns the first SIGTERM/SIGINT into `flag = True`."""
 
-    def __init__(self) -> None:
-        # Read inside the compiled loop; a plain (non-mirrored) variable on the host.
-        with tf.init_scope():
-            self.flag = tf.Variable(False, trainable=False, name="stop_requested")
+    def __init__(self, flag: tf.Variable | None = None) -> None:
+        """Args:
+        flag: the boolean variable the compiled loop reads (trainer.loop.step.Votes.stop);
+            a new one if None.
+        """
+        if flag is None:
+            # Read inside the compiled loop; a plain (non-mirrored) variable on the host.
+            with tf.init_scope():
+                flag = tf.Variable(False, trainable=False, name="stop_requested")
+        self.flag = flag
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
 

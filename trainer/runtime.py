@@ -39,6 +39,33 @@ class Runtime:
         return self.worker_index == 0
 
     @property
+    def local_replicas(self) -> int:
+        """Replicas on this worker (`num_replicas` counts every worker's)."""
+        return self.num_replicas // max(self.num_workers, 1)
+
+    def barrier(self, name: str) -> None:
+        """Wait until every worker got here; a no-op for one worker.
+
+        Through TensorFlow's coordination service (the chief answers every worker), not a
+        collective: a worker that leaves right after its last collective can take away data
+        a slower peer has not pulled yet, which aborts the peer. TensorFlow 2.21 has no
+        public API for the coordination service: `context.wait_at_barrier` is private, so
+        it is reached here only, and its absence is one clear error rather than a crash.
+        """
+        if self.num_workers <= 1:
+            return
+        try:
+            from tensorflow.python.eager import context
+
+            wait = context.context().wait_at_barrier
+        except (ImportError, AttributeError) as err:
+            raise RuntimeSetupError(
+                f"this TensorFlow ({tf.__version__}) has no coordination-service barrier, which multi-worker runs "
+                "need; install the version in pyproject.toml"
+            ) from err
+        wait(f"trainer_{name}", timeout_in_ms=30 * 60 * 1000)
+
+    @property
     def loss_scaling(self) -> bool:
         """float16 gradients underflow without dynamic loss scaling; bfloat16 do not."""
         return self.precision == "mixed_float16"
@@ -266,6 +293,13 @@ def _resolve_jit(requested: str, kind: str, replicas: int, deterministic: bool =
             "runtime.jit_compile=true cannot run with runtime.deterministic=true: XLA has no deterministic "
             "max-pool gradient; set runtime.jit_compile=false (or auto) or runtime.deterministic=false"
         )
+    if requested == "true" and replicas > 1 and kind != "tpu":
+        raise RuntimeSetupError(
+            f"runtime.jit_compile=true with {replicas} replicas is not supported: XLA cannot compile the "
+            "cross-replica all-reduce of synchronized BatchNorm (a merge_call inside the compiled function), and "
+            "on logical CPU devices it cannot reach the other replicas' variables; use runtime.jit_compile=auto "
+            "(off for several replicas, as Keras does) or one replica"
+        )
     if requested == "auto":
         # Measured on a 2-core CPU: XLA made training 2-3x slower there. Across several
         # GPU replicas Keras itself turns XLA off (cross-replica ops inside compiled
@@ -277,16 +311,18 @@ def _resolve_jit(requested: str, kind: str, replicas: int, deterministic: bool =
 
 def describe_devices(config: RuntimeConfig | None = None) -> dict:
     """What TensorFlow sees and what `auto` (or `config`) would choose: `launch devices`."""
-    config = config or RuntimeConfig()
-    runtime = setup_runtime(config)
+    runtime = setup_runtime(config or RuntimeConfig())
     devices = []
     for device in tf.config.list_physical_devices():
-        details = tf.config.experimental.get_device_details(device) if device.device_type == "GPU" else {}
+        details = _details(device)
         devices.append({"name": device.name, "type": device.device_type, **{k: str(v) for k, v in details.items()}})
+    return {"devices": devices, **_report(runtime)}
+
+
+def _report(runtime: Runtime) -> dict:
     return {
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        "devices": devices,
         "strategy": type(runtime.strategy).__name__,
         "replicas": runtime.num_replicas,
         "workers": runtime.num_workers,
@@ -294,3 +330,31 @@ def describe_devices(config: RuntimeConfig | None = None) -> dict:
         "jit_compile": runtime.jit_compile,
         "reason": runtime.reason,
     }
+
+
+def _details(device) -> dict:
+    return tf.config.experimental.get_device_details(device) if device.device_type == "GPU" else {}
+
+
+def environment(runtime: Runtime) -> dict[str, str]:
+    """What a run ran on, for TensorBoard's text tab: `describe_devices`, as text."""
+    report = _report(runtime)
+    return {
+        "TensorFlow": report["tensorflow"],
+        "Keras": report["keras"],
+        "devices": ", ".join(d.name for d in tf.config.list_logical_devices()) or "none",
+        "strategy": report["strategy"],
+        "replicas": str(report["replicas"]),
+        "workers": str(report["workers"]),
+        "precision": report["precision"],
+        "XLA": str(report["jit_compile"]),
+        "why": report["reason"],
+    }
+
+
+def accelerator_names(runtime: Runtime) -> list[str]:
+    """Names of this worker's GPUs in use (as many as its replicas), for MFU peaks."""
+    if runtime.device_kind != "gpu":
+        return []
+    names = [_details(gpu).get("device_name", "") for gpu in tf.config.list_physical_devices("GPU")]
+    return names[: runtime.local_replicas]

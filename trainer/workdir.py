@@ -26,6 +26,7 @@ from pathlib import Path
 
 from trainer import files
 from trainer.config import Config, load_config
+from trainer.data.info import DatasetInfo
 from trainer.errors import CheckpointError, WorkdirBusyError, WorkdirNotOursError
 
 MARKER = ".trainer-workdir"
@@ -35,17 +36,6 @@ _CHECKPOINT_TEMP_FOLDERS = re.compile(r"^ckpt-\d+_temp.*$")
 _EVENT_FILES = re.compile(r"^(events\.out\.tfevents\..+|\..+\.tmp)$")
 _PROFILE_RUNS = re.compile(r"^\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}$")
 _DATASET_INFO_KEYS = {"class_names", "image_shape", "mean", "std", "origin"}
-
-
-@dataclass
-class DatasetInfo:
-    """What inference needs to know about the training data, without the data."""
-
-    class_names: list[str]
-    image_shape: list[int]
-    mean: list[float]
-    std: list[float]
-    origin: str
 
 
 @dataclass(frozen=True)

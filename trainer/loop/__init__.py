@@ -1,0 +1,1 @@
+"""The training loop: compiled step, schedule, actions between calls, controller."""

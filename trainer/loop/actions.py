@@ -1,0 +1,209 @@
+"""What happens between compiled calls, one small callable per side effect.
+
+Each action is called as `action(step, state)` after every compiled call that reached
+its planned end, in the order of the list `default_actions` builds; `state.due` (from
+trainer.loop.schedule) says what is due at that step. To add "evaluate every N minutes"
+or "save on SIGUSR1", write an action and put it in that list: the controller does not
+change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trainer.checkpoints import CheckpointStore
+from trainer.console import Console, progress_bar
+from trainer.evaluation import EvalMetrics, Evaluator
+from trainer.loop.schedule import Due, SaveClock, Schedule
+from trainer.loop.step import StepSums
+from trainer.monitoring import Monitor, misclassified_examples
+from trainer.optim import averaged_weights, current_learning_rate, finalize_averaged_weights
+
+
+@dataclass
+class LoopState:
+    """What the actions read and update; the controller advances `step` and `window`."""
+
+    step: int
+    window_sums: np.ndarray  # StepSums of the logging window in flight
+    window_seconds: float = 0.0
+    previous: int = 0  # where the last call started
+    due: Due = field(default_factory=Due)
+    save: bool = False  # due.save, or the workers agreed on a time-based save
+    saved_step: int = 0
+    last_eval: EvalMetrics | None = None
+    single_view_accuracy: float | None = None
+    best_step: int | None = None
+    best_accuracy: float = -1.0
+    epoch_sums: np.ndarray = field(default_factory=StepSums.zeros)
+    images_per_second: float = 0.0
+
+
+class LogScalars:
+    """Training scalars of the logging window (means, LR, speed, MFU), then a new window."""
+
+    def __init__(self, monitor: Monitor, optimizer, schedule: Schedule, global_batch: int, flops_per_step, peak):
+        self.monitor, self.optimizer, self.schedule = monitor, optimizer, schedule
+        self.global_batch, self.flops_per_step, self.peak = global_batch, flops_per_step, peak
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        if not state.due.log:
+            return
+        sums, seconds = StepSums.of(state.window_sums), state.window_seconds
+        steps = max(sums.steps, 1.0)
+        extra = {
+            "learning_rate": current_learning_rate(self.optimizer),
+            "images_per_second": steps * self.global_batch / seconds if seconds else 0.0,
+            "step_time_seconds": seconds / steps,
+            "examples_seen": float(step * self.global_batch),
+            "epoch": step / self.schedule.per_epoch,
+        }
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        if scale is not None:
+            extra["loss_scale"] = float(scale.numpy())
+        if self.peak and seconds:
+            extra["model_flops_utilization"] = self.flops_per_step * steps / seconds / self.peak
+        self.monitor.log_train(step, sums, extra)
+        state.window_sums, state.window_seconds = StepSums.zeros(), 0.0
+
+
+class Histograms:
+    """Weight and activation histograms every tensorboard.histogram_every_steps."""
+
+    def __init__(self, monitor: Monitor, model, probe: np.ndarray) -> None:
+        self.monitor, self.model, self.probe = monitor, model, probe
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        if state.due.histograms:
+            self.monitor.log_histograms(step, self.model, self.probe)
+
+
+class Progress:
+    """The epoch's progress bar (chief only); "Epoch e/E" lines come from the controller."""
+
+    def __init__(self, console: Console, schedule: Schedule) -> None:
+        self.console, self.schedule, self.bar, self.epoch_start = console, schedule, None, 0
+
+    def start_epoch(self, step: int, state: LoopState) -> None:
+        epoch = self.schedule.epoch_of(step)
+        self.console.info(f"Epoch {epoch + 1}/{self.schedule.epochs}")
+        self.bar = progress_bar(self.schedule.steps_in_epoch(epoch), self.console)
+        self.epoch_start, state.epoch_sums = epoch * self.schedule.per_epoch, StepSums.zeros()
+
+    @property
+    def in_epoch(self) -> bool:
+        return self.bar is not None
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        sums = StepSums.of(state.epoch_sums)
+        if sums.examples and self.bar is not None:
+            self.bar.update(
+                step - self.epoch_start,
+                values=[
+                    ("loss", sums.loss / sums.examples),
+                    ("accuracy", sums.correct / sums.examples),
+                    ("img/s", round(state.images_per_second)),
+                ],
+            )
+        if state.due.epoch_end:
+            self.bar = None
+
+
+class FinalizeAveragedWeights:
+    """At the last step the averaged weights (optimizer.ema_momentum) become the model's."""
+
+    def __init__(self, model, optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        if state.due.final:
+            finalize_averaged_weights(self.model, self.optimizer)
+
+
+class EvaluateAndKeepBest:
+    """Test-set evaluation (averaged weights if any), keep-best, and TTA at the end."""
+
+    def __init__(self, ctx: EvalContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        if not state.due.evaluate:
+            return
+        ctx = self.ctx
+        with averaged_weights(ctx.model, ctx.optimizer):
+            state.last_eval = self._evaluate(step)
+            if state.save and ctx.keep_best and state.last_eval.accuracy > state.best_accuracy:
+                state.best_accuracy, state.best_step = state.last_eval.accuracy, step
+                ctx.store.save_best(step, step // ctx.per_epoch, state.last_eval.accuracy, state.window_sums)
+            if state.due.final and ctx.tta != "none":
+                state.single_view_accuracy = state.last_eval.accuracy
+                state.last_eval = self._evaluate_tta(step)
+
+    def _evaluate(self, step: int) -> EvalMetrics:
+        ctx, tick = self.ctx, time.perf_counter()
+        metrics = ctx.evaluator(step)
+        misclassified = None
+        if ctx.images_for_misclassified is not None:
+            images, labels = ctx.images_for_misclassified
+            misclassified = misclassified_examples(ctx.model, images, labels, ctx.class_names)
+        ctx.monitor.log_eval(step, metrics, misclassified)
+        ctx.console.info(
+            f"Eval at step {step}: accuracy {metrics.accuracy:.2%}, loss {metrics.loss:.4f} "
+            f"({metrics.examples} images, {time.perf_counter() - tick:.1f}s)"
+        )
+        return metrics
+
+    def _evaluate_tta(self, step: int) -> EvalMetrics:
+        """The final score with test-time augmentation; the single view stays on the curve."""
+        ctx, tick = self.ctx, time.perf_counter()
+        metrics = ctx.evaluator(step, tta=ctx.tta)
+        ctx.monitor.log_tta(step, metrics, ctx.tta)
+        ctx.console.info(
+            f"Eval at step {step} with eval.tta={ctx.tta}: accuracy {metrics.accuracy:.2%}, "
+            f"loss {metrics.loss:.4f} ({time.perf_counter() - tick:.1f}s)"
+        )
+        return metrics
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation needs: the model, where its results go, the best-keeping rule."""
+
+    model: object
+    optimizer: object
+    evaluator: Evaluator
+    monitor: Monitor
+    store: CheckpointStore
+    console: Console
+    class_names: list[str]
+    per_epoch: int
+    keep_best: bool
+    tta: str
+    images_for_misclassified: tuple[np.ndarray, np.ndarray] | None
+
+
+class SaveCheckpoint:
+    """A checkpoint when due by step or epoch, or when the workers agreed on a timed save."""
+
+    def __init__(self, store: CheckpointStore, per_epoch: int, clock: SaveClock, always: bool = False) -> None:
+        """`always`: save whatever is due (the save a stop ends with)."""
+        self.store, self.per_epoch, self.clock, self.always = store, per_epoch, clock, always
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        if state.save or self.always:
+            self.store.save(step, step // self.per_epoch, state.window_sums)
+            state.saved_step = step
+            self.clock.saved()
+
+
+class Profiler:
+    """Starts and stops the profiler exactly at tensorboard.profile_steps' START and END."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        self.monitor.update_profiler(step)

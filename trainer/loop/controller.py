@@ -1,0 +1,162 @@
+"""The controller: runs the compiled calls and, between them, the actions that are due.
+
+The compiled call (trainer.loop.step) runs in a worker thread, so that the main thread
+stays free to take SIGTERM/SIGINT within milliseconds; the stop request becomes a vote
+that every worker agrees on before each step. After a call that reached its planned end
+(trainer.loop.schedule), the actions (trainer.loop.actions) run in their list order. A
+call that ends early (a stop) skips them: the logging window in flight goes into the
+checkpoint instead, so the resumed run adds it up exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+
+from trainer.console import Speed
+from trainer.errors import DivergedError
+from trainer.evaluation import EvalMetrics
+from trainer.loop.actions import LoopState, Progress
+from trainer.loop.schedule import SaveClock, Schedule
+from trainer.loop.step import StepSums, Votes
+from trainer.preemption import EXIT_PREEMPTED, StopRequest
+
+Action = Callable[[int, LoopState], None]
+# Test seam: a worker whose environment sets this votes to stop before global step k, as a
+# signal would; off (unset) in normal use. See tests/README.md.
+STOP_AT_STEP_VARIABLE = "TRAINER_STOP_AT_STEP"
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns: how far the run got, how fast, and how it ended."""
+
+    step: int
+    total_steps: int
+    seconds: float
+    images_per_second: float
+    final_eval: EvalMetrics | None
+    workdir: Path
+    stopped_by: str | None = None  # "SIGTERM"/"SIGINT"/... when interrupted before the end
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PREEMPTED if self.stopped_by else 0
+
+
+@dataclass
+class Outcome:
+    """How the loop ended: the step reached, its speed, and what stopped it early."""
+
+    state: LoopState
+    images_per_second: float
+    stopped_by: str | None
+
+
+@dataclass
+class Controller:
+    """Runs `train_loop` over `schedule`, dispatching `actions` between calls.
+
+    Args:
+        train_loop: the compiled call from trainer.loop.step.make_train_loop.
+        batches_for: the call's `batches` argument for a call starting at a step.
+        on_nonfinite: the train.nan_policy rule, called with the window sums after a call.
+        profiler: also called before the first call and after the last one.
+    """
+
+    train_loop: Callable
+    batches_for: Callable[[int], object]
+    schedule: Schedule
+    actions: list[Action]
+    progress: Progress
+    profiler: Action
+    votes: Votes
+    clock: SaveClock
+    global_batch: int
+    on_nonfinite: Callable[[StepSums, int, int], None]
+    save_on_stop: Action
+
+    def run(self, state: LoopState) -> Outcome:
+        stop = StopRequest(self.votes.stop)
+        speed, stopped = Speed(), False
+        stop_at = tf.constant(_stop_at_step(), tf.int64)
+        with stop, ThreadPoolExecutor(1, thread_name_prefix="train-loop") as worker:
+            self.profiler(state.step, state)
+            # Leave only on the stop the workers agreed on inside the compiled call: a local
+            # signal between two calls must not let one worker skip a call its peers make.
+            while state.step < self.schedule.total_steps and not stopped:
+                stopped = self._one_call(worker, state, speed, stop_at)
+            self.profiler(state.step, state)
+            if stopped and state.step != state.saved_step:
+                self.save_on_stop(state.step, state)  # a second signal here still exits at once
+        stopped_by = None
+        if stopped and state.step < self.schedule.total_steps:  # a late signal changes nothing
+            stopped_by = stop.signal_name or self._why_stopped()
+        return Outcome(state, speed.mean, stopped_by)
+
+    def _one_call(self, worker: ThreadPoolExecutor, state: LoopState, speed: Speed, stop_at) -> bool:
+        """One compiled call and the actions due after it; returns whether the workers stopped."""
+        if not self.progress.in_epoch:
+            self.progress.start_epoch(state.step, state)
+        call_end = self.schedule.call_end(state.step)
+        self.votes.save.assign(self.clock.wants_save())
+        tick = time.perf_counter()
+        # The worker thread runs the compiled call; the main thread stays free to take signals.
+        future = worker.submit(
+            self.train_loop,
+            self.batches_for(state.step),
+            tf.constant(state.step, tf.int64),
+            tf.constant(call_end - state.step),
+            tf.constant(state.window_sums),
+            stop_at,
+        )
+        new_sums, done, stopped, save_agreed = (t.numpy() for t in future.result())
+        seconds = time.perf_counter() - tick
+        if stopped and not done:
+            return True
+        state.epoch_sums = state.epoch_sums + new_sums - state.window_sums
+        state.window_sums, state.window_seconds = new_sums, state.window_seconds + seconds
+        state.previous, state.step = state.step, state.step + int(done)
+        speed.add(int(done) * self.global_batch, seconds)
+        state.images_per_second = speed.last
+        self.on_nonfinite(StepSums.of(state.window_sums), state.step, state.saved_step)
+        if state.step < call_end:  # stopped mid-call: the window's sums go into the checkpoint
+            return bool(stopped)
+        state.due = self.schedule.due(state.previous, state.step)
+        state.save = state.due.save or bool(save_agreed)
+        for action in self.actions:
+            action(state.step, state)
+        return bool(stopped)
+
+    def _why_stopped(self) -> str:
+        if bool(self.votes.stop.numpy()):
+            return STOP_AT_STEP_VARIABLE  # this worker's seam voted
+        return "a signal to another worker"
+
+
+def stop_on_nonfinite(policy: str, checkpoints: str, warn: Callable[[str], None]):
+    """train.nan_policy as a rule the controller applies after each call."""
+
+    def check(sums: StepSums, step: int, saved_step: int) -> None:
+        if not sums.nonfinite:
+            return
+        if policy == "stop":
+            raise DivergedError(
+                f"the loss became NaN or infinite at step {step}; stopped without saving. The last good checkpoint "
+                f"is step {saved_step} in {checkpoints}. Lower optimizer.learning_rate, or set "
+                "train.nan_policy=skip_step to skip such steps"
+            )
+        warn(f"Warning: skipped {int(sums.nonfinite)} step(s) with a non-finite loss before step {step}")
+
+    return check
+
+
+def _stop_at_step() -> int:
+    value = os.environ.get(STOP_AT_STEP_VARIABLE, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else -1

@@ -1,0 +1,251 @@
+"""The compiled part of training: up to `steps_per_loop` steps in one `tf.function` call.
+
+`strategy.run` does the maths on every replica; the call returns the sums of what the
+controller reports (`StepSums`) and whether the workers agreed to stop or to save. It
+knows nothing of epochs, logging or files: the controller (trainer.loop.controller)
+decides those between calls.
+
+Keras 3 `model.fit` is not used: it fails under MultiWorkerMirroredStrategy and with
+`steps_per_execution>1` under MirroredStrategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.data.device import DeviceFeed
+from trainer.evaluation import per_example_loss
+from trainer.optim import Lookahead, unwrapped
+
+
+class StepSums(NamedTuple):
+    """Sums over the steps of a logging window, as the compiled call carries them.
+
+    Inside the graph they travel as one float32 vector in this field order (one
+    all-reduce instead of six); `StepSums.of(vector)` names them again on the host.
+    """
+
+    loss: float  # sum of per-example losses
+    correct: float  # correctly classified examples
+    examples: float
+    nonfinite: float  # steps with a NaN/Inf loss or gradient
+    gradient_norm: float  # sum over steps of the global gradient's norm
+    steps: float
+
+    @classmethod
+    def of(cls, vector) -> StepSums:
+        return cls(*(float(value) for value in np.asarray(vector)))
+
+    @staticmethod
+    def zeros() -> np.ndarray:
+        return np.zeros(len(StepSums._fields), np.float32)
+
+
+NUM_SUMS = len(StepSums._fields)
+_NONFINITE = StepSums._fields.index("nonfinite")
+
+
+@dataclass
+class StepOptions:
+    """How each step computes and what ends a call early.
+
+    stop_on_nonfinite: end the call after a step with a NaN/Inf loss (or NaN/Inf gradients
+        where `check_gradients`; off under float16 loss scaling, which skips such steps).
+    skip_nonfinite: the optimizer skips non-finite steps (train.nan_policy=skip_step); its
+        loss scale is put back to 1 after each step, so skips never shrink later updates.
+    jit_compile: XLA for the forward and backward pass; the optimizer update and its
+        cross-replica reduction stay outside the compiled cluster.
+    gradient_multipliers: one per trainable variable, applied before the update
+        (per-variable learning rates, see trainer.optim.gradient_multipliers).
+    lookahead: run after every step with the global step.
+    device_feed: data.placement=device: batches are made on the replicas.
+    agree_on_save: reduce the chief's time-based save vote at the end of each call.
+    """
+
+    global_batch: int
+    num_classes: int
+    label_smoothing: float = 0.0
+    stop_on_nonfinite: bool = True
+    skip_nonfinite: bool = False
+    check_gradients: bool = True
+    jit_compile: bool = False
+    gradient_multipliers: list[float] | None = None
+    lookahead: Lookahead | None = None
+    device_feed: DeviceFeed | None = None
+    agree_on_save: bool = False
+
+
+class Votes(NamedTuple):
+    """Host flags that every worker must agree on: any worker's True wins."""
+
+    stop: tf.Variable
+    save: tf.Variable
+
+    @classmethod
+    def create(cls) -> Votes:
+        # Read inside the compiled loop; plain (non-mirrored) variables on the host.
+        with tf.init_scope():
+            return cls(
+                tf.Variable(False, trainable=False, name="stop_requested"),
+                tf.Variable(False, trainable=False, name="save_requested"),
+            )
+
+
+def make_train_loop(strategy: tf.distribute.Strategy, model, optimizer, votes: Votes, options: StepOptions):
+    """A compiled `train_loop(batches, first_step, num_steps, sums, stop_at) -> (sums, steps, stopped, save)`.
+
+    `batches` is a distributed iterator, or with a device feed its `plan(step)`;
+    `first_step` (int64) is the global step the call starts at. `sums` (a StepSums
+    vector) is carried in and out, so a logging window split over two calls adds up
+    exactly as in one. The call ends early when any worker voted to stop (all workers
+    agree before every step, so their collectives stay in step) or after a non-finite
+    step when `options.stop_on_nonfinite`. `stop_at` (int64, -1 = never) is a test seam:
+    this worker votes to stop before that global step, as a signal would make it.
+    `save` is the workers' agreement on the chief's time-based save vote.
+    """
+    train_step = _train_step_fn(model, optimizer, options)
+
+    def agreed(flag: tf.Variable) -> tf.Tensor:
+        votes_per_replica = strategy.run(lambda: tf.cast(flag.read_value(), tf.float32))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, votes_per_replica, axis=None) > 0
+
+    def run_step(batches, steps_done):
+        if options.device_feed is not None:
+            return options.device_feed.run(strategy, train_step, batches, steps_done)
+        return strategy.run(train_step, args=next(batches))
+
+    @tf.function
+    def train_loop(batches, first_step, num_steps, sums, stop_at):
+        steps = tf.constant(0)
+        diverged = tf.constant(False)
+        stopped = vote_and_agree(first_step, steps, stop_at)
+        while steps < num_steps and not stopped and not diverged:
+            per_replica = run_step(batches, steps)
+            steps += 1
+            _after_step(optimizer, options, first_step + tf.cast(steps, tf.int64))
+            step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            sums += step_sums
+            if options.stop_on_nonfinite:
+                diverged = step_sums[_NONFINITE] > 0
+            stopped = vote_and_agree(first_step, steps, stop_at)
+        save = agreed(votes.save) if options.agree_on_save else tf.constant(False)
+        return sums, steps, stopped, save
+
+    def vote_and_agree(first_step, steps, stop_at):
+        """The test seam's vote (stop before global step `stop_at`), then everyone's."""
+        if first_step + tf.cast(steps, tf.int64) == stop_at:
+            votes.stop.assign(True)
+        return agreed(votes.stop)
+
+    return train_loop
+
+
+def _after_step(optimizer, options: StepOptions, global_step: tf.Tensor) -> None:
+    """Cross-replica work after each step: the skip policy's scale reset, the lookahead."""
+    if options.skip_nonfinite:
+        optimizer.dynamic_scale.assign(1.0)  # a skip halved it: later updates keep their size
+    if options.lookahead is not None:
+        options.lookahead.after_step(global_step)  # the global step, not optimizer.iterations
+
+
+def _train_step_fn(model, optimizer, options: StepOptions):
+    """One replica's step: forward, backward, update; returns its StepSums as a vector."""
+    compute = _forward_backward_fn(model, optimizer, options)
+    reduction = _OneReduction(optimizer)
+
+    def train_step(images, labels):
+        gradients, losses, logits = compute(images, labels)
+        context = tf.distribute.get_replica_context()
+        summed, norm = reduction.sum_gradients(context, gradients, _loss_scale(optimizer))
+        updates = summed
+        if options.gradient_multipliers is not None:
+            updates = [g if k == 1.0 else g * k for g, k in zip(summed, options.gradient_multipliers)]
+        # A non-finite step is stopped on (controller) or skipped (LossScaleOptimizer).
+        with reduction.already_summed():
+            optimizer.apply_gradients(zip(updates, model.trainable_variables))
+        local_bad = tf.stack(
+            [
+                tf.cast(~tf.reduce_all(tf.math.is_finite(losses)), tf.float32),
+                tf.cast(~tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients]), tf.float32),
+            ]
+        )
+        # Every replica must agree on the verdict, as the optimizer does on the update.
+        bad = context.all_reduce(tf.distribute.ReduceOp.SUM, local_bad) > 0
+        bad_loss = bad[0]
+        # Overflowing float16 gradients are routine under loss scaling: not a divergence.
+        flagged = bad_loss | (bad[1] & options.check_gradients)
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
+        once = 1.0 / context.num_replicas_in_sync  # summed over replicas: counts the step once
+        sums = StepSums(
+            loss=tf.where(bad_loss, 0.0, tf.reduce_sum(losses)),
+            correct=tf.where(bad_loss, 0.0, tf.reduce_sum(tf.cast(correct, tf.float32))),
+            examples=tf.where(bad_loss, 0.0, tf.cast(tf.size(labels), tf.float32)),
+            nonfinite=tf.cast(flagged, tf.float32) * once,
+            gradient_norm=tf.where(bad[1], 0.0, norm),
+            steps=tf.constant(once),
+        )
+        return tf.stack(list(sums))
+
+    return train_step
+
+
+def _forward_backward_fn(model, optimizer, options: StepOptions):
+    def forward_backward(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(tf.cast(images, tf.float32), training=True)
+            losses = per_example_loss(labels, logits, options.num_classes, options.label_smoothing)
+            # Divide by the GLOBAL batch: the optimizer sums gradients over replicas.
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=options.global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled_loss = optimizer.scale_loss(loss)  # identity unless LossScaleOptimizer
+        return tape.gradient(scaled_loss, model.trainable_variables), losses, logits
+
+    return tf.function(forward_backward, jit_compile=True) if options.jit_compile else forward_backward
+
+
+def _loss_scale(optimizer):
+    scale = getattr(optimizer, "dynamic_scale", None)  # LossScaleOptimizer only
+    return tf.cast(scale, tf.float32) if scale is not None else 1.0
+
+
+class _OneReduction:
+    """Sum the replicas' gradients once, here, and tell the optimizer they are summed.
+
+    Keras' TensorFlow optimizer sums gradients across replicas inside `apply_gradients`
+    (its `_all_reduce_sum_gradients`), where nothing else can see the sum. Doing that one
+    all-reduce here instead gives the norm of the global gradient (the same number on
+    every replica, whatever their count) at no extra communication; the optimizer's own
+    reduction is switched to a pass-through while it applies them. A Keras version without
+    that method keeps its own reduction, and the norm is then the sum of the replicas'
+    norms (exact for one replica, an upper bound for several).
+    """
+
+    def __init__(self, optimizer) -> None:
+        self.inner = unwrapped(optimizer)
+        self.available = callable(getattr(self.inner, "_all_reduce_sum_gradients", None))
+
+    def sum_gradients(self, context, gradients: list, loss_scale) -> tuple[list, tf.Tensor]:
+        """(gradients to apply, this replica's share of the gradient norm to report)."""
+        once = 1.0 / context.num_replicas_in_sync
+        if not self.available:
+            return gradients, tf.linalg.global_norm(gradients) / loss_scale
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+        return summed, tf.linalg.global_norm(summed) / loss_scale * once
+
+    @contextlib.contextmanager
+    def already_summed(self) -> Iterator[None]:
+        if not self.available:
+            yield
+            return
+        self.inner._all_reduce_sum_gradients = list  # (gradient, variable) pairs, unchanged
+        try:
+            yield
+        finally:
+            del self.inner._all_reduce_sum_gradients
