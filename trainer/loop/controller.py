@@ -10,9 +10,11 @@ checkpoint instead, so the resumed run adds it up exactly as an uninterrupted on
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,18 +107,18 @@ class Controller:
         if not self.progress.in_epoch:
             self.progress.start_epoch(state.step, state)
         call_end = self.schedule.call_end(state.step)
-        self.votes.save.assign(self.clock.wants_save())
         tick = time.perf_counter()
-        # The worker thread runs the compiled call; the main thread stays free to take signals.
-        future = worker.submit(
-            self.train_loop,
-            self.batches_for(state.step),
-            tf.constant(state.step, tf.int64),
-            tf.constant(call_end - state.step),
-            tf.constant(state.window_sums),
-            stop_at,
-        )
-        new_sums, done, stopped, save_agreed = (t.numpy() for t in future.result())
+        with self._save_vote():
+            # The worker thread runs the compiled call; the main thread stays free to take signals.
+            future = worker.submit(
+                self.train_loop,
+                self.batches_for(state.step),
+                tf.constant(state.step, tf.int64),
+                tf.constant(call_end - state.step),
+                tf.constant(state.window_sums),
+                stop_at,
+            )
+            new_sums, done, stopped, save_agreed = (t.numpy() for t in future.result())
         seconds = time.perf_counter() - tick
         if stopped and not done:
             return True
@@ -133,6 +135,22 @@ class Controller:
         for action in self.actions:
             action(state.step, state)
         return bool(stopped)
+
+    @contextlib.contextmanager
+    def _save_vote(self) -> Iterator[None]:
+        """The chief's time-based vote: True now, or from the moment its time runs out."""
+        left = self.clock.seconds_left()
+        self.votes.save.assign(left == 0.0)
+        timer = None
+        if left:
+            timer = threading.Timer(left, lambda: self.votes.save.assign(True))
+            timer.daemon = True
+            timer.start()
+        try:
+            yield
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _why_stopped(self) -> str:
         if bool(self.votes.stop.numpy()):

@@ -98,8 +98,10 @@ class Schedule:
 class SaveClock:
     """`checkpoint.every_minutes` on the chief's clock.
 
-    Only the chief asks its clock; its answer goes into the next compiled call, where
-    every worker takes part in agreeing on it, so they all save at the same step.
+    Only the chief asks its clock. Its vote is a variable that turns True when the time
+    is up, also in the middle of a compiled call (a timer thread sets it); every worker
+    takes part in agreeing on it at the end of each call, so they all save at the same
+    step, the end of the call during which the time ran out.
     """
 
     def __init__(self, minutes: float, is_chief: bool, clock: Callable[[], float] = time.monotonic) -> None:
@@ -107,8 +109,14 @@ class SaveClock:
         self.last = clock()
 
     def wants_save(self) -> bool:
-        """This worker's vote for saving at the end of the next call."""
-        return bool(self.seconds) and self.is_chief and self.clock() - self.last >= self.seconds
+        """This worker's vote for saving, now."""
+        return self.seconds_left() == 0.0
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the chief's vote turns to "save"; None on other workers or when off."""
+        if not self.seconds or not self.is_chief:
+            return None
+        return max(0.0, self.seconds - (self.clock() - self.last))
 
     def saved(self) -> None:
         self.last = self.clock()

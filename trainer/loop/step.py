@@ -11,8 +11,6 @@ Keras 3 `model.fit` is not used: it fails under MultiWorkerMirroredStrategy and 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -167,8 +165,7 @@ def _train_step_fn(model, optimizer, options: StepOptions):
         if options.gradient_multipliers is not None:
             updates = [g if k == 1.0 else g * k for g, k in zip(summed, options.gradient_multipliers)]
         # A non-finite step is stopped on (controller) or skipped (LossScaleOptimizer).
-        with reduction.already_summed():
-            optimizer.apply_gradients(zip(updates, model.trainable_variables))
+        optimizer.apply_gradients(zip(updates, model.trainable_variables))
         local_bad = tf.stack(
             [
                 tf.cast(~tf.reduce_all(tf.math.is_finite(losses)), tf.float32),
@@ -222,30 +219,23 @@ class _OneReduction:
     (its `_all_reduce_sum_gradients`), where nothing else can see the sum. Doing that one
     all-reduce here instead gives the norm of the global gradient (the same number on
     every replica, whatever their count) at no extra communication; the optimizer's own
-    reduction is switched to a pass-through while it applies them. A Keras version without
-    that method keeps its own reduction, and the norm is then the sum of the replicas'
-    norms (exact for one replica, an upper bound for several).
+    reduction is replaced by a pass-through, for good, on this optimizer instance (it is
+    built for this loop and applies nothing else; MirroredStrategy runs replicas in
+    threads, so a patch that came and went around each call would race). A Keras version
+    without that method keeps its own reduction, and the norm is then the sum of the
+    replicas' norms (exact for one replica, an upper bound for several).
     """
 
     def __init__(self, optimizer) -> None:
-        self.inner = unwrapped(optimizer)
-        self.available = callable(getattr(self.inner, "_all_reduce_sum_gradients", None))
+        inner = unwrapped(optimizer)
+        self.available = callable(getattr(inner, "_all_reduce_sum_gradients", None))
+        if self.available:
+            vars(inner)["_all_reduce_sum_gradients"] = list  # (gradient, variable) pairs, as given
 
     def sum_gradients(self, context, gradients: list, loss_scale) -> tuple[list, tf.Tensor]:
         """(gradients to apply, this replica's share of the gradient norm to report)."""
-        once = 1.0 / context.num_replicas_in_sync
         if not self.available:
             return gradients, tf.linalg.global_norm(gradients) / loss_scale
         summed = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+        once = 1.0 / context.num_replicas_in_sync  # every replica holds the same norm
         return summed, tf.linalg.global_norm(summed) / loss_scale * once
-
-    @contextlib.contextmanager
-    def already_summed(self) -> Iterator[None]:
-        if not self.available:
-            yield
-            return
-        self.inner._all_reduce_sum_gradients = list  # (gradient, variable) pairs, unchanged
-        try:
-            yield
-        finally:
-            del self.inner._all_reduce_sum_gradients
