@@ -24,6 +24,24 @@ from trainer.config import load_config  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """Each test starts from TensorFlow's defaults, whatever the test before it left.
+
+    A run sets the global mixed-precision policy and op determinism for the whole process;
+    without this, the suite would pass only in the order its files happen to run.
+    """
+    import keras
+
+    from trainer.runtime import set_op_determinism
+
+    policy = keras.mixed_precision.global_policy().name
+    yield
+    keras.mixed_precision.set_global_policy(policy)
+    set_op_determinism(False)
+    os.environ.pop("TRAINER_STOP_AT_STEP", None)
+
+
 @pytest.fixture
 def cifar10_dir() -> Path:
     """The shared CIFAR-10 image folder ($CIFAR10_DIR); tests using it skip if it is absent."""
@@ -38,8 +56,12 @@ def smoke_config(*overrides: str):
     return load_config(REPO / "configs" / "smoke.yaml", overrides)
 
 
-def launch_train(workdir, *overrides: str, workers: int = 1):
-    """`python -m launch train` on configs/smoke.yaml in a subprocess, output piped as text."""
+def launch_train(workdir, *overrides: str, workers: int = 1, env: dict[str, str] | None = None):
+    """`python -m launch train` on configs/smoke.yaml in a subprocess, output piped as text.
+
+    Read its output with `communicate(timeout=...)`, which fails instead of hanging.
+    `env` adds variables, e.g. {"TRAINER_STOP_AT_STEP": "7"} (the stop seam).
+    """
     import subprocess
     import sys
 
@@ -47,7 +69,7 @@ def launch_train(workdir, *overrides: str, workers: int = 1):
     args += ["--workdir", str(workdir), "--workers", str(workers)]
     for override in overrides:
         args += ["--set", override]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 

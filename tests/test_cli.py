@@ -3,10 +3,8 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
 
@@ -77,24 +75,54 @@ def test_predict_json(trained, images):
     assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_exported_model_predicts_like_launch_predict(trained, images):
-    paths, _ = images
-    result = _run("export", "--workdir", trained)
-    assert result.exit_code == 0, result.output
-    keras_path = trained / "export" / "model.keras"
-    predicted = _run("predict", "--workdir", trained, "--json", *paths).output.strip().splitlines()
-    cli_labels = [json.loads(line)["label"] for line in predicted]
-    cli_probs = [json.loads(line)["probability"] for line in predicted]
+_LOAD_EXPORT = """
+import json, sys
+import numpy as np, keras, tensorflow as tf
+batch = np.load(sys.argv[1])
+keras_probabilities = keras.saving.load_model(sys.argv[2]).predict(batch, verbose=0)
+server = tf.saved_model.load(sys.argv[3])  # kept referenced: its variables live as long as it does
+served = server.serve(tf.constant(batch)).numpy()
+ours = sorted(name for name in sys.modules if name.split(".")[0] in ("trainer", "launch"))
+print(json.dumps({"keras": keras_probabilities.tolist(), "served": served.tolist(), "ours": ours}))
+"""
 
-    batch = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype("float32")
-    classes = (trained / "export" / "labels.txt").read_text().split()
-    model = keras.saving.load_model(keras_path)  # plain Keras, no custom objects
-    probabilities = model.predict(batch, verbose=0)
-    assert [classes[i] for i in probabilities.argmax(axis=1)] == cli_labels
-    np.testing.assert_allclose(probabilities.max(axis=1), cli_probs, rtol=1e-4)
 
-    served = tf.saved_model.load(str(trained / "export" / "saved_model"))
-    np.testing.assert_allclose(served.serve(tf.constant(batch)).numpy(), probabilities, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize(
+    ("model", "precision"),
+    [("paper_cnn", "float32"), ("resnet_small", "float32"), ("airbench", "float32"), ("paper_cnn", "mixed_bfloat16")],
+)
+def test_exports_load_in_plain_keras_and_agree_with_launch_predict(tmp_path, images, model, precision):
+    """Where users use exports: a fresh process with only keras and tensorflow imported."""
+    workdir = tmp_path / "run"
+    settings = ["--set", f"model.name={model}", "--set", f"runtime.precision={precision}", "--set", "train.max_steps=2"]
+    assert _run("train", "--config", SMOKE, "--workdir", workdir, *settings).exit_code == 0
+    assert _run("export", "--workdir", workdir).exit_code == 0
+    paths = list(images[0][:2])
+    odd = tmp_path / "odd.png"  # 64x48: predict resizes it to the model's 32x32
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(odd)
+    paths.append(odd)
+    predicted = _run("predict", "--workdir", workdir, "--json", *paths)
+    assert predicted.exit_code == 0, predicted.output
+    cli = np.array([list(json.loads(line)["probabilities"].values()) for line in predicted.output.splitlines()])
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR)) for p in paths])
+    np.save(tmp_path / "batch.npy", batch.astype(np.float32))
+    export = workdir / "export"
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_EXPORT, tmp_path / "batch.npy", export / "model.keras", export / "saved_model"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        cwd=tmp_path,  # not the repository: nothing of ours is importable by accident
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["ours"] == []
+    np.testing.assert_allclose(loaded["keras"], cli, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loaded["served"], cli, rtol=1e-4, atol=1e-6)
+    assert (export / "labels.txt").read_text().split() == list(
+        json.loads(predicted.output.splitlines()[0])["probabilities"]
+    )
 
 
 def test_data_show_writes_a_labelled_grid(tmp_path):
@@ -185,3 +213,77 @@ def test_missing_tensorflow_names_the_extra(monkeypatch):
     assert result.exit_code == 2
     assert "TensorFlow is not installed" in result.output and "'.[cpu]'" in result.output
     assert result.output.count("\n") == 1
+
+
+# --- the exit-code contract, end to end through `launch` ------------------------------------
+
+
+def _read_until(process, fragment: str, timeout: float = 120) -> list[str]:
+    """Lines of `process` up to the first holding `fragment` (an event, not a moment)."""
+    import threading
+
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if fragment in line:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        process.kill()
+        raise AssertionError(f"never printed {fragment!r}:\n{''.join(lines)}")
+    return lines
+
+
+def test_busy_workdir_exits_2_through_launch(tmp_path):
+    import fcntl
+
+    from tests.conftest import launch_train
+
+    with open(tmp_path / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # as a running trainer holds it
+        process = launch_train(tmp_path)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert output.count("Error:") == 1 and "is in use by another trainer" in output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_sigterm_exits_at_once_with_143(tmp_path, workers):
+    import signal
+
+    from tests.conftest import launch_train
+
+    process = launch_train(tmp_path, "train.epochs=1000", workers=workers)
+    _read_until(process, "Epoch 1/1000")  # training has started
+    process.send_signal(signal.SIGTERM)
+    _read_until(process, "SIGTERM received")  # the first one was handled...
+    process.send_signal(signal.SIGTERM)  # ...so this one is the second
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM == 143, output
+
+
+def test_an_internal_bug_exits_1_with_its_traceback(tmp_path):
+    script = (
+        "import sys, trainer.training as t\n"
+        "def bug(*a, **k): raise ZeroDivisionError('a bug, not a user mistake')\n"
+        "t.train = bug\n"
+        "from launch.cli import main\n"
+        "sys.argv = ['launch', 'train', '--config', sys.argv[1], '--workdir', sys.argv[2]]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(REPO / "configs" / "smoke.yaml"), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "ZeroDivisionError: a bug, not a user mistake" in done.stderr
+    assert "Error:" not in done.stderr.replace("ZeroDivisionError:", "")

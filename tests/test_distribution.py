@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from launch.cli import cli
 from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
+from trainer.checkpoints import checkpoint_steps
 from trainer.config import RuntimeConfig
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
 from trainer.errors import RuntimeSetupError
@@ -103,8 +104,8 @@ def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_pat
     overrides = (*_EQUIVALENCE_RUN, "data.augment=false", "checkpoint.every_steps=4")
     one, two = _train_on_one_and_two_replicas(tmp_path, overrides)
     process = launch_train(tmp_path / "workers", *overrides, workers=2)
-    output = process.stdout.read()
-    assert process.wait(timeout=300) == 0, output
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
     assert "[worker 0] Strategy: multi_worker: MultiWorkerMirroredStrategy over 2 workers" in output
     assert "listen on ports" in output and "without authentication" in output  # the exposure is stated
     assert "[worker 1] Done" not in output  # only the chief reports
@@ -129,8 +130,8 @@ def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_pat
     assert not (tmp_path / "workers" / ".worker-temp").exists()
     # The same with the training set on each worker's devices (data.placement=device).
     process = launch_train(tmp_path / "device", *overrides, "data.placement=device", workers=2)
-    output = process.stdout.read()
-    assert process.wait(timeout=300) == 0, output
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
     assert "[worker 0] Input: the training set is kept on each replica's device" in output
     on_device = _weights(tmp_path / "device" / "checkpoints", 8)
     for name, value in two.items():
@@ -199,6 +200,27 @@ def test_xla_compiled_training_and_evaluation_run_on_cpu(tmp_path):
     assert result.final_eval.accuracy > 0.2 and np.isfinite(result.final_eval.loss)
 
 
+def _xla_compiled_functions(loop, iterator) -> list[str]:
+    """Names of the functions inside the compiled call that XLA must compile."""
+    concrete = loop.compiled.get_concrete_function(
+        iterator, tf.constant(0, tf.int64), tf.constant(1), tf.zeros([NUM_SUMS]), tf.constant(-1, tf.int64)
+    )
+    library = concrete.graph.as_graph_def().library.function
+    return [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_with_jit_compile_the_forward_and_backward_pass_is_an_xla_cluster(jit):
+    strategy = cached_strategy("one_device", ("/cpu:0",))
+    batches = np.random.default_rng(0).uniform(0, 255, (2, 8, 32, 32, 3)).astype(np.float32)
+    _, _, loop, iterator = tiny_loop(strategy, batches, np.zeros((2, 8), np.int32), jit_compile=jit)
+    loop(iterator, tf.constant(1), tf.zeros([NUM_SUMS]))
+    compiled = _xla_compiled_functions(loop, iterator)
+    assert bool(compiled) is jit
+    if jit:
+        assert all("forward_backward" in name for name in compiled)
+
+
 def test_a_deterministic_run_does_not_leave_determinism_on_for_the_next_run_in_the_process(tmp_path):
     from tensorflow.python.framework.config import is_op_determinism_enabled
 
@@ -243,17 +265,20 @@ def test_loss_scale_adapts_when_a_float16_gradient_overflows():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         strategy = cached_strategy("one_device", ("/cpu:0",))
-        batches = np.random.default_rng(0).uniform(0, 1, (2, 8, 32, 32, 3)).astype(np.float32)
-        batches[1] *= 6e4  # activations past float16's range: the gradients overflow
+        batches = np.random.default_rng(0).uniform(0, 1, (3, 8, 32, 32, 3)).astype(np.float32)
+        batches[2] *= 6e4  # activations past float16's range: the gradients overflow
         model, optimizer, loop, iterator = tiny_loop(
             strategy,
             batches,
-            np.zeros((2, 8), np.int32),
+            np.zeros((3, 8), np.int32),
             optimizer_options={"learning_rate": 0.01, "loss_scaling": True},
             check_gradients=False,
         )
-        loop(iterator, tf.constant(1), tf.zeros([NUM_SUMS]))
+        optimizer.dynamic_growth_steps = 2  # grow after 2 clean steps (Keras' default: 2000)
+        initial = float(optimizer.dynamic_scale.numpy())
+        loop(iterator, tf.constant(2), tf.zeros([NUM_SUMS]))
         scale_before = float(optimizer.dynamic_scale.numpy())
+        assert scale_before == 2 * initial  # two clean steps: the scale grew...
         weights_before = [v.numpy().copy() for v in model.trainable_variables]
         loop(iterator, tf.constant(1), tf.zeros([NUM_SUMS]))
         assert float(optimizer.dynamic_scale.numpy()) == scale_before / 2  # overflow: scale halved...
@@ -290,10 +315,53 @@ def test_sigterm_to_the_launcher_stops_all_workers_at_one_checkpoint(tmp_path):
     while not checkpoint_steps(tmp_path / "checkpoints") and time.monotonic() < deadline:
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
-    output = launcher.stdout.read()
-    assert launcher.wait(timeout=120) == 75, output
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 75, output
     stops = [line for line in output.splitlines() if "Stopped by" in line]
     assert len(stops) == 2, output  # both workers stopped...
     steps = {line.split(" at step ")[1].split()[0] for line in stops}
     assert len(steps) == 1  # ...at the same step
     assert int(steps.pop()) in checkpoint_steps(tmp_path / "checkpoints")
+
+
+def _cluster(workdir, *overrides: str, stop_worker_1_at: int | None = None) -> list[str]:
+    """Two `launch train` processes with hand-written TF_CONFIGs (as a cluster engine starts
+    them, not through --workers); the stop seam only on worker 1, the non-chief."""
+    import os
+    import subprocess
+
+    from trainer.launcher import free_ports, tf_config
+
+    ports = free_ports(2)
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TF_CONFIG": tf_config(ports, index)}
+        if index == 1 and stop_worker_1_at is not None:
+            env["TRAINER_STOP_AT_STEP"] = str(stop_worker_1_at)
+        args = [sys.executable, "-m", "launch", "train", "--config", SMOKE, "--workdir", str(workdir)]
+        for override in (*overrides, "runtime.strategy=multi_worker"):
+            args += ["--set", override]
+        processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    expected = 0 if stop_worker_1_at is None else 75
+    for process, output in zip(processes, outputs):
+        assert process.returncode == expected, output
+    return outputs
+
+
+def test_a_stop_on_the_non_chief_stops_both_workers_at_one_step_and_resumes_exactly(tmp_path):
+    from tests.test_fault_tolerance import _checkpoint_tensors
+
+    run = ("train.max_steps=24", "train.steps_per_loop=5", "runtime.deterministic=true", "checkpoint.every_steps=8")
+    _cluster(tmp_path / "straight", *run)
+    chief, other = _cluster(tmp_path / "stopped", *run, stop_worker_1_at=13)
+    assert "Stopped by TRAINER_STOP_AT_STEP at step 13 of 24" in other
+    assert "Stopped by a stop on another worker at step 13 of 24" in chief
+    assert checkpoint_steps(tmp_path / "stopped" / "checkpoints")[0] == 13
+    chief, _ = _cluster(tmp_path / "stopped", *run)
+    assert "ckpt-13 at step 13" in chief
+    expected = _checkpoint_tensors(str(tmp_path / "straight" / "checkpoints" / "ckpt-24"))
+    actual = _checkpoint_tensors(str(tmp_path / "stopped" / "checkpoints" / "ckpt-24"))
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value, err_msg=name)

@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,14 +45,22 @@ def quiet(_line: str) -> None:
 
 
 def _wait_for_checkpoint_after(workdir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll (bounded) until a checkpoint newer than `step` exists: an event, not a moment."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(s > step for s in checkpoint_steps(workdir / "checkpoints")):
             return
         if process.poll() is not None:
-            raise AssertionError(f"trainer ended early:\n{process.stdout.read()}")
+            raise AssertionError(f"trainer ended early:\n{process.communicate(timeout=30)[0]}")
         time.sleep(0.02)
-    raise AssertionError("no new checkpoint appeared")
+    process.kill()
+    raise AssertionError(f"no new checkpoint appeared:\n{process.communicate(timeout=30)[0]}")
+
+
+def _run(workdir: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300):
+    process = launch_train(workdir, *overrides, env=env)
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
 
 
 def _checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
@@ -81,39 +90,52 @@ def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def test_sigterm_and_resume_give_bit_identical_weights_and_metrics(tmp_path):
-    straight = launch_train(tmp_path / "straight", *EXACT)
-    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+def _stop_step(output: str, by: str) -> int:
+    line = next(line for line in output.splitlines() if line.startswith(f"Stopped by {by}"))
+    assert "resume with: launch train --config" in line
+    return int(line.split(" at step ")[1].split()[0])
 
+
+def test_stops_at_exact_steps_and_resumes_bit_identically(tmp_path):
+    """The stop seam at chosen steps, then a real SIGTERM, then the rest: equal to a straight run.
+
+    Steps: 7 is inside a steps_per_loop window (5..10), 64 an epoch's end, 65 the step
+    after it; each stop must leave its checkpoint at exactly that step (one-step latency).
+    """
+    code, output = _run(tmp_path / "straight", *EXACT)
+    assert code == 0, output
     interrupted = tmp_path / "interrupted"
-    stops = []
-    for delay in (0.0, 0.35):  # two interruptions at different points, then a run to the end
-        last = max(checkpoint_steps(interrupted / "checkpoints"), default=0)
-        process = launch_train(interrupted, *EXACT)
-        _wait_for_checkpoint_after(interrupted, last, process)
-        time.sleep(delay)
-        process.send_signal(signal.SIGTERM)
-        output = process.stdout.read()
-        assert process.wait(timeout=120) == EXIT_PREEMPTED, output
-        stop_line = next(line for line in output.splitlines() if line.startswith("Stopped by SIGTERM"))
-        assert "resume with: launch train --config" in stop_line
-        stops.append(int(stop_line.split(" at step ")[1].split()[0]))
-    final = launch_train(interrupted, *EXACT)
-    output = final.stdout.read()
-    assert final.wait(timeout=300) == 0, output
-    assert f"Resuming from {interrupted / 'checkpoints' / f'ckpt-{stops[-1]}'}" in output
+    for step in (7, 64, 65):
+        code, output = _run(interrupted, *EXACT, env={"TRAINER_STOP_AT_STEP": str(step)})
+        assert code == EXIT_PREEMPTED, output
+        assert _stop_step(output, "TRAINER_STOP_AT_STEP") == step
+        assert checkpoint_steps(interrupted / "checkpoints")[0] == step
+    process = launch_train(interrupted, *EXACT)  # a real signal, once the run has made progress
+    _wait_for_checkpoint_after(interrupted, 65, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, output
+    assert "Resuming from" in output and "ckpt-65 at step 65" in output
+    last = _stop_step(output, "SIGTERM")
+    assert 65 < last < TOTAL and checkpoint_steps(interrupted / "checkpoints")[0] == last
+    code, output = _run(interrupted, *EXACT)
+    assert code == 0, output
+    assert f"Resuming from {interrupted / 'checkpoints' / f'ckpt-{last}'}" in output
+    _assert_same_run(tmp_path / "straight", interrupted)
 
-    assert 0 < stops[0] < stops[1] < TOTAL
-    expected = _checkpoint_tensors(str(tmp_path / "straight" / "checkpoints" / f"ckpt-{TOTAL}"))
-    resumed = _checkpoint_tensors(str(interrupted / "checkpoints" / f"ckpt-{TOTAL}"))
-    assert expected.keys() == resumed.keys()
+
+def _assert_same_run(straight: Path, resumed: Path, step: int = TOTAL) -> None:
+    """Weights, optimizer slots, RNG states and every logged scalar, bit for bit."""
+    expected = _checkpoint_tensors(str(straight / "checkpoints" / f"ckpt-{step}"))
+    actual = _checkpoint_tensors(str(resumed / "checkpoints" / f"ckpt-{step}"))
+    assert expected.keys() == actual.keys()
     assert any("optimizer" in name for name in expected) and any("seed_generators" in name for name in expected)
     for name, value in expected.items():
-        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+        np.testing.assert_array_equal(actual[name], value, err_msg=name)
     for run in ("train", "eval"):
-        assert _scalars(interrupted / "tensorboard" / run) == _scalars(tmp_path / "straight" / "tensorboard" / run)
-    steps = [step for step, _ in _scalars(interrupted / "tensorboard" / "train")["loss"]]
-    assert steps == sorted(set(steps)) and steps[-1] == TOTAL  # one point per logged step
+        assert _scalars(resumed / "tensorboard" / run) == _scalars(straight / "tensorboard" / run)
+    steps = [s for s, _ in _scalars(resumed / "tensorboard" / "train")["loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == step  # one point per logged step
 
 
 def test_first_signal_requests_a_stop_and_the_second_exits_at_once():
@@ -134,21 +156,53 @@ print("not reached")
     assert done.returncode == 128 + signal.SIGTERM
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
-    train(smoke_config("train.max_steps=16", "checkpoint.every_steps=8"), tmp_path, echo=quiet)
-    data_file = next((tmp_path / "checkpoints").glob("ckpt-16.data-*"))
-    content = data_file.read_bytes()
-    if damage == "truncate":
-        data_file.write_bytes(content[: len(content) // 2])
-    else:
-        data_file.write_bytes(content[:100] + bytes(len(content) - 100))
+# Deterministic smoke runs, 16 steps per epoch: checkpoints at 8 and 16, then on to 24.
+DAMAGE_RUN = ("checkpoint.every_steps=8", "runtime.deterministic=true", "checkpoint.keep=5")
+
+
+@pytest.fixture(scope="module")
+def runs_to_damage(tmp_path_factory):
+    """A straight run to step 24, and a run stopped at 16 whose newest checkpoint gets damaged."""
+    root = tmp_path_factory.mktemp("damage")
+    train(smoke_config(*DAMAGE_RUN, "train.max_steps=24"), root / "straight", echo=quiet)
+    train(smoke_config(*DAMAGE_RUN, "train.max_steps=16"), root / "at16", echo=quiet)
+    return root / "straight", root / "at16"
+
+
+def _damage(checkpoints: Path, how: str) -> None:
+    data = next(checkpoints.glob("ckpt-16.data-*"))
+    index = checkpoints / "ckpt-16.index"
+    if how == "truncated data":  # a save killed half-way
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif how == "garbage data":
+        content = data.read_bytes()
+        data.write_bytes(content[:100] + bytes(len(content) - 100))
+    elif how == "corrupted index":
+        content = index.read_bytes()
+        index.write_bytes(content[:40] + bytes(len(content) - 40))
+    elif how == "missing data":
+        data.unlink()
+    elif how == "state file names a deleted checkpoint":
+        data.unlink()
+        index.unlink()  # `checkpoints/checkpoint` still says ckpt-16 is the latest
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated data", "garbage data", "corrupted index", "missing data", "state file names a deleted checkpoint"],
+)
+def test_a_damaged_newest_checkpoint_falls_back_and_the_run_matches_a_straight_one(runs_to_damage, tmp_path, damage):
+    straight, at16 = runs_to_damage
+    workdir = Path(shutil.copytree(at16, tmp_path / "run"))
+    _damage(workdir / "checkpoints", damage)
     lines: list[str] = []
-    result = train(smoke_config("train.max_steps=24", "checkpoint.every_steps=8"), tmp_path, echo=lines.append)
-    warning = next(line for line in lines if line.startswith("Warning: checkpoint"))
-    assert "ckpt-16 is unreadable" in warning
+    result = train(smoke_config(*DAMAGE_RUN, "train.max_steps=24"), workdir, echo=lines.append)
+    if damage != "state file names a deleted checkpoint":
+        warning = next(line for line in lines if line.startswith("Warning: checkpoint"))
+        assert "ckpt-16 is unreadable" in warning and "trying an older one" in warning
     assert any("Resuming from" in line and "ckpt-8 at step 8" in line for line in lines)
     assert result.step == 24
+    _assert_same_run(straight, workdir, step=24)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -156,12 +156,17 @@ def test_xla_with_several_replicas_is_refused_with_one_line(tmp_path):
 # --- bug 7: a diverged run still closes TensorBoard ----------------------------------------
 
 
-def test_a_diverged_run_flushes_what_it_logged(tmp_path):
+def test_a_diverged_run_stops_the_profiler_and_flushes_its_logs(tmp_path):
+    overrides = ("optimizer.learning_rate=1e12", "train.max_steps=40", "tensorboard.profile_steps=0:30")
     with pytest.raises(DivergedError):
-        train(smoke_config("optimizer.learning_rate=1e12", "train.max_steps=40"), tmp_path, echo=quiet)
+        train(smoke_config(*overrides), tmp_path, echo=quiet)
+    # The monitor was closed: its profiler no longer runs (a later run could not start one)...
+    with pytest.raises(tf.errors.UnavailableError):
+        tf.profiler.experimental.stop()
+    # ...and what was logged is on disk.
     events = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
     events.Reload()
-    assert {"config", "environment"} <= set(events.Tags()["tensors"])  # written at the start, flushed at close
+    assert {"config", "environment"} <= set(events.Tags()["tensors"])
 
 
 # --- bug 8: the gradient norm does not depend on the replica count --------------------------

@@ -97,7 +97,12 @@ def test_hparams_session_lists_the_config(monitored_run):
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         events.SummaryMetadata("_hparams_/experiment").plugin_data.content
     ).experiment
-    assert {m.name.group for m in experiment.metric_infos} == {"eval", "train"}
+    assert {m.name.tag for m in experiment.metric_infos} == {
+        "hparams/eval_accuracy",
+        "hparams/eval_loss",
+        "hparams/train_loss",
+    }
+    assert {m.name.group for m in experiment.metric_infos} == {""}  # in the session's own run
 
 
 def test_histograms_of_weights_and_activations(monitored_run):
@@ -112,6 +117,34 @@ def test_profiler_trace_is_where_the_profile_plugin_looks(monitored_run):
     logdir, _, _ = monitored_run
     traces = list((logdir / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+def test_the_profiler_traces_exactly_steps_start_to_end(monkeypatch, tmp_path):
+    """tensorboard.profile_steps=10:14: started before step 10's call, stopped after step 14."""
+    import tensorflow as tf
+
+    events: list[tuple[str, int]] = []
+    calls = {"step": 0}
+    real_start, real_stop = tf.profiler.experimental.start, tf.profiler.experimental.stop
+    monkeypatch.setattr(
+        tf.profiler.experimental,
+        "start",
+        lambda *a, **k: (events.append(("start", calls["step"])), real_start(*a, **k)),
+    )
+    monkeypatch.setattr(
+        tf.profiler.experimental, "stop", lambda *a, **k: (events.append(("stop", calls["step"])), real_stop(*a, **k))
+    )
+    from trainer.loop import actions
+
+    original = actions.Profiler.__call__
+
+    def tracking(self, step, state):
+        calls["step"] = step
+        original(self, step, state)
+
+    monkeypatch.setattr(actions.Profiler, "__call__", tracking)
+    train(smoke_config("tensorboard.profile_steps=10:14", "train.max_steps=24"), tmp_path, echo=lambda _: None)
+    assert events == [("start", 10), ("stop", 14)]
 
 
 def test_console_summary_table(monitored_run):
@@ -181,3 +214,50 @@ def test_tensorboard_server_starts_and_serves(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _hparams_sessions(logdir, timeout: float = 60) -> list[dict]:
+    """The HParams tab's session groups, through TensorBoard's own HTTP API."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from trainer.launcher import free_ports
+
+    port = free_ports(1)[0]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port)]
+        + ["--host", "localhost", "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    statuses = ["STATUS_FAILURE", "STATUS_RUNNING", "STATUS_SUCCESS", "STATUS_UNKNOWN"]
+    request = json.dumps({"allowedStatuses": statuses, "colParams": [], "startIndex": 0, "sliceSize": 10}).encode()
+    url = f"http://localhost:{port}/data/plugin/hparams/session_groups"
+    deadline, groups = time.monotonic() + timeout, []
+    try:
+        while time.monotonic() < deadline and not groups:
+            time.sleep(0.5)  # polling for TensorBoard to have loaded the logs, bounded by the deadline
+            try:
+                post = urllib.request.Request(url, data=request, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(post, timeout=10) as answer:
+                    groups = json.loads(answer.read()).get("sessionGroups", [])
+            except OSError:
+                continue
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    return [session for group in groups for session in group["sessions"]]
+
+
+@pytest.mark.parametrize("opened_at", ["workdir/tensorboard", "workdir"])
+def test_hparams_tab_shows_the_metric_values(monitored_run, opened_at):
+    logdir, result, _ = monitored_run
+    sessions = _hparams_sessions(logdir if opened_at == "workdir/tensorboard" else logdir.parent)
+    assert len(sessions) == 1
+    values = {value["name"]["tag"]: value["value"] for value in sessions[0]["metricValues"]}
+    assert values["hparams/eval_accuracy"] == pytest.approx(result.final_eval.accuracy, abs=1e-6)
+    assert values["hparams/eval_loss"] == pytest.approx(result.final_eval.loss, rel=1e-5)
+    assert values["hparams/train_loss"] > 0

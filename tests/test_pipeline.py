@@ -59,10 +59,14 @@ def test_augmentation_changes_with_epoch_and_seed():
 def test_augmentation_is_a_crop_of_the_padded_image_or_its_mirror():
     out = _augment(list(range(N)), 0, padding=2)
     padded = np.pad(IMAGES, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    shifted = 0
     for i in range(N):
-        windows = [padded[i, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
-        candidates = windows + [w[:, ::-1] for w in windows]
-        assert any(np.array_equal(out[i], c) for c in candidates)
+        windows = {(y, x): padded[i, y : y + 8, x : x + 8] for y in range(5) for x in range(5)}
+        offsets = [o for o, w in windows.items() if np.array_equal(out[i], w) or np.array_equal(out[i], w[:, ::-1])]
+        assert offsets, i
+        shifted += (2, 2) not in offsets  # (2, 2) is the uncropped image
+    # 24 of the 25 offsets move the image: a pipeline that forgot to crop fails here.
+    assert shifted >= 0.75 * N
 
 
 def test_each_epoch_uses_every_example_once():

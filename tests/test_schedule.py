@@ -41,7 +41,14 @@ def test_step_saves_and_profile_boundaries_end_calls_too():
 def test_what_is_due_at_a_window_end_an_epoch_end_and_the_last_step():
     assert BASE.due(0, 4) == Due(log=True)
     assert BASE.due(8, 10) == Due(log=True, epoch_end=True, evaluate=True, save=True)
-    assert BASE.due(24, 25) == Due(log=True, epoch_end=True, evaluate=True, final=True, save=True)
+    assert BASE.due(24, 25) == Due(log=True, epoch_end=True, evaluate=True, final=True, finalize=True, save=True)
+
+
+def test_a_run_cut_by_max_steps_ends_without_finalizing_the_averaged_weights():
+    cut = Schedule(per_epoch=10, total_steps=12, steps_per_loop=4, log_every=4, schedule_steps=30)
+    assert cut.due(10, 12).final and not cut.due(10, 12).finalize
+    full = Schedule(per_epoch=10, total_steps=30, steps_per_loop=4, log_every=4, schedule_steps=30)
+    assert full.due(28, 30).finalize
 
 
 def test_logging_every_n_steps_and_evaluating_every_n_epochs():

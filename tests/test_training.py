@@ -56,20 +56,32 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     assert steps == [8, 16, 24, 32]  # the resumed run continues the curve, no restart at 0
 
 
-# The lookahead variant stops at step 12, between its beats at 10 and 15: its slow weights
-# must come back from the checkpoint.
+# Cut by train.max_steps at 12 (between the lookahead's beats at 10 and 15, mid-epoch),
+# then resumed to the end: the slow weights and the EMA must come back from the checkpoint,
+# and the cut must not finalize the averaged weights early.
 @pytest.mark.parametrize(
     "extra",
-    [(), ("optimizer.lookahead_every_steps=5", "optimizer.lookahead_start_epochs=0.5")],
-    ids=["plain", "lookahead"],
+    [
+        (),
+        ("optimizer.lookahead_every_steps=5", "optimizer.lookahead_start_epochs=0.5"),
+        ("optimizer.ema_momentum=0.9", "optimizer.learning_rate=0.01"),
+    ],
+    ids=["plain", "lookahead", "ema"],
 )
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, extra):
+def test_a_run_cut_by_max_steps_and_extended_is_bit_identical(tmp_path, extra):
+    from tests.test_fault_tolerance import _checkpoint_tensors
+
     overrides = ("runtime.deterministic=true", "train.epochs=2", *extra)
     straight = train(smoke_config(*overrides), tmp_path / "a", echo=lambda _: None)
     train(smoke_config(*overrides, "train.max_steps=12"), tmp_path / "b", echo=lambda _: None)
     resumed = train(smoke_config(*overrides), tmp_path / "b", echo=lambda _: None)
-    assert resumed.step == straight.step
-    assert resumed.final_eval.loss == pytest.approx(straight.final_eval.loss, rel=1e-5)
+    assert resumed.step == straight.step == 32
+    assert resumed.final_eval.loss == straight.final_eval.loss
+    expected = _checkpoint_tensors(str(tmp_path / "a" / "checkpoints" / "ckpt-32"))
+    actual = _checkpoint_tensors(str(tmp_path / "b" / "checkpoints" / "ckpt-32"))
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value, err_msg=name)
 
 
 def test_fresh_starts_over(tmp_path):
@@ -94,12 +106,25 @@ def test_global_batch_must_divide_over_replicas(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["paper_cnn", "resnet_small", "airbench"])
-def test_models_train_under_mixed_bfloat16(tmp_path, model):
+def test_models_train_under_mixed_bfloat16(tmp_path, model, monkeypatch):
+    import keras
+
+    import trainer.training
+
+    built = []
+    original = trainer.training.build_for_dataset
+    monkeypatch.setattr(trainer.training, "build_for_dataset", lambda *a: built.append(original(*a)) or built[-1])
     config = smoke_config(
         f"model.name={model}", "model.width=8", "runtime.precision=mixed_bfloat16", "train.max_steps=8"
     )
     result = train(config, tmp_path, echo=lambda _: None)
     assert np.isfinite(result.final_eval.loss)
+    convolutions = [layer for layer in built[0].layers if isinstance(layer, keras.layers.Conv2D)]
+    # The speed path: the convolutions compute in bfloat16, their variables stay float32...
+    assert convolutions and all(layer.compute_dtype == "bfloat16" for layer in convolutions)
+    assert all(layer.output.dtype == "bfloat16" for layer in convolutions)
+    assert all(v.dtype == "float32" for v in built[0].trainable_variables)
+    assert built[0].get_layer("logits").compute_dtype == "float32"  # ...and the logits are float32
 
 
 def test_mixed_float16_uses_loss_scaling(tmp_path):

@@ -112,7 +112,7 @@ def _run_workers(
         thread.start()
         workers.append((process, thread))
     processes = [process for process, _ in workers]
-    forwarded = _forward_signals(processes)
+    forwarded = _forward_signals(processes, echo)
     try:
         code = _wait(processes, echo, lock, grace_seconds)
     finally:
@@ -137,10 +137,16 @@ def _wait(processes: list[subprocess.Popen], echo: Echo, lock: threading.Lock, g
             with lock:
                 echo(f"worker {index} failed with exit code {code}; stopping the other workers")
             _stop_all(processes, grace_seconds)
-            return code
+            return as_exit_code(code)
         if all(code is not None for code in codes):
-            return codes[0]  # the chief's
+            return as_exit_code(codes[0])  # the chief's
         time.sleep(0.1)
+
+
+def as_exit_code(returncode: int) -> int:
+    """A child's return code as this process's exit code: killed by signal N is 128+N, as a
+    shell reports it (Popen says -N, and `sys.exit(-9)` would exit with 247)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _stop_all(processes: list[subprocess.Popen], grace_seconds: float) -> None:
@@ -163,8 +169,8 @@ def _stop_all(processes: list[subprocess.Popen], grace_seconds: float) -> None:
 class _forward_signals:  # noqa: N801 - used like a function
     """Pass the launcher's first SIGTERM/SIGINT to every worker; kill them on the second."""
 
-    def __init__(self, processes: list[subprocess.Popen]) -> None:
-        self.processes, self.count, self.previous = processes, 0, {}
+    def __init__(self, processes: list[subprocess.Popen], echo: Echo = print) -> None:
+        self.processes, self.count, self.previous, self.echo = processes, 0, {}, echo
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -177,6 +183,11 @@ class _forward_signals:  # noqa: N801 - used like a function
                     process.send_signal(signal.SIGTERM)
                 else:
                     process.kill()
+        if self.count == 1:
+            self.echo(f"{signal.Signals(signum).name} received: the workers stop at their next step (again: at once)")
+        else:
+            # As a single trainer does: a second signal means "now", and says which one.
+            os._exit(128 + signum)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -24,6 +24,15 @@ from trainer.loop.step import StepSums
 from trainer.visualize import confusion_matrix_image, sample_grid
 
 _MISCLASSIFIED_SHOWN = 16
+# The HParams tab's metrics, logged in the session's own run (the logdir root). TensorBoard
+# finds a metric of group G in run SESSION/G; opened at WORKDIR/tensorboard the session is
+# run ".", and "./eval" matches no run ("eval" does), so a group would leave the columns
+# empty there. Metrics without a group live in the session's run whatever the logdir.
+_HPARAMS_METRICS = {
+    "hparams/eval_accuracy": "eval accuracy",
+    "hparams/eval_loss": "eval loss",
+    "hparams/train_loss": "train loss",
+}
 
 
 def _image_tensor(image) -> np.ndarray:
@@ -61,11 +70,7 @@ class Monitor:
         with self.root.as_default(step=step):
             hparams.hparams_config(
                 hparams=[hparams.HParam(key) for key in hyperparameters(self.config)],
-                metrics=[
-                    hparams.Metric("accuracy", group="eval", display_name="eval accuracy"),
-                    hparams.Metric("loss", group="eval", display_name="eval loss"),
-                    hparams.Metric("loss", group="train", display_name="train loss"),
-                ],
+                metrics=[hparams.Metric(tag, display_name=name) for tag, name in _HPARAMS_METRICS.items()],
             )
             hparams.hparams(hyperparameters(self.config), trial_id=str(self.logdir.parent))
 
@@ -83,6 +88,9 @@ class Monitor:
                 tf.summary.scalar("gradient_norm", sums.gradient_norm / sums.steps)
             for name, value in extra.items():
                 tf.summary.scalar(name, value)
+        if sums.examples:
+            with self.root.as_default(step=step):
+                tf.summary.scalar("hparams/train_loss", sums.loss / sums.examples)
 
     def log_histograms(self, step: int, model: keras.Model, probe: np.ndarray) -> None:
         """Weights and activations (of a fixed probe batch), for spotting dead or exploding layers."""
@@ -116,6 +124,9 @@ class Monitor:
     def log_eval(self, step: int, metrics: EvalMetrics, misclassified: tuple[np.ndarray, list[str]] | None) -> None:
         if not self.enabled:
             return
+        with self.root.as_default(step=step):
+            tf.summary.scalar("hparams/eval_accuracy", metrics.accuracy)
+            tf.summary.scalar("hparams/eval_loss", metrics.loss)
         with self.eval.as_default(step=step):
             tf.summary.scalar("loss", metrics.loss)
             tf.summary.scalar("accuracy", metrics.accuracy)

@@ -24,11 +24,14 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopRequest:
     """Context manager that turns the first SIGTERM/SIGINT into `flag = True`."""
 
-    def __init__(self, flag: tf.Variable | None = None) -> None:
+    def __init__(self, flag: tf.Variable | None = None, announce=None) -> None:
         """Args:
         flag: the boolean variable the compiled loop reads (trainer.loop.step.Votes.stop);
             a new one if None.
+        announce: called with one line when the first signal arrives, so the user knows
+            it was heard (and a test knows when a second signal counts as second).
         """
+        self.announce = announce
         if flag is None:
             # Read inside the compiled loop; a plain (non-mirrored) variable on the host.
             with tf.init_scope():
@@ -58,3 +61,8 @@ class StopRequest:
             os._exit(128 + signum)
         self.signal_name = signal.Signals(signum).name
         self.flag.assign(True)
+        if self.announce is not None:
+            self.announce(
+                f"{self.signal_name} received: stopping after the current step with a checkpoint "
+                "(a second signal stops at once, without one)"
+            )

@@ -307,6 +307,7 @@ def _schedule(config: Config, parts: _Parts) -> Schedule:
         save_every=config.checkpoint.every_steps,
         histogram_every=tb.histogram_every_steps,
         profile=profile_range(tb.profile_steps) if tb.profile_steps else None,
+        schedule_steps=config.train.epochs * parts.per_epoch,
     )
 
 
@@ -332,6 +333,7 @@ def _controller(config, wd, runtime, parts, store, console, monitor, schedule, s
         global_batch=config.data.batch_size,
         on_nonfinite=stop_on_nonfinite(config.train.nan_policy, str(wd.checkpoints), console.warning),
         save_on_stop=act.SaveCheckpoint(store, parts.per_epoch, clock, always=True),
+        announce=console.every_worker,
     )
     best_step, best_accuracy = _best_so_far(store, wd, console)
     state = act.LoopState(

@@ -113,13 +113,14 @@ class Progress:
 
 
 class FinalizeAveragedWeights:
-    """At the last step the averaged weights (optimizer.ema_momentum) become the model's."""
+    """At the schedule's last step the averaged weights (optimizer.ema_momentum) become the
+    model's. Not at a train.max_steps cut: that run resumes later, from the live weights."""
 
     def __init__(self, model, optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
     def __call__(self, step: int, state: LoopState) -> None:
-        if state.due.final:
+        if state.due.finalize:
             finalize_averaged_weights(self.model, self.optimizer)
 
 

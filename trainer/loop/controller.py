@@ -83,9 +83,10 @@ class Controller:
     global_batch: int
     on_nonfinite: Callable[[StepSums, int, int], None]
     save_on_stop: Action
+    announce: Callable[[str], None] = print
 
     def run(self, state: LoopState) -> Outcome:
-        stop = StopRequest(self.votes.stop)
+        stop = StopRequest(self.votes.stop, announce=self.announce)
         speed, stopped = Speed(), False
         stop_at = tf.constant(_stop_at_step(), tf.int64)
         with stop, ThreadPoolExecutor(1, thread_name_prefix="train-loop") as worker:
@@ -155,7 +156,7 @@ class Controller:
     def _why_stopped(self) -> str:
         if bool(self.votes.stop.numpy()):
             return STOP_AT_STEP_VARIABLE  # this worker's seam voted
-        return "a signal to another worker"
+        return "a stop on another worker"
 
 
 def stop_on_nonfinite(policy: str, checkpoints: str, warn: Callable[[str], None]):

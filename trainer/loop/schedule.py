@@ -21,7 +21,8 @@ class Due:
     log: bool = False  # training scalars of the logging window
     epoch_end: bool = False  # an epoch ended (or the last step): progress bar, checkpoint
     evaluate: bool = False  # test-set evaluation (and keep-best)
-    final: bool = False  # the last step of the run: averaged weights finalised, TTA
+    final: bool = False  # the last step of this run: final evaluation with TTA
+    finalize: bool = False  # the schedule's last step: averaged weights replace the live ones
     save: bool = False  # a checkpoint by step count or epoch end (time is agreed separately)
     histograms: bool = False
 
@@ -39,6 +40,8 @@ class Schedule:
         save_every: checkpoint every N steps as well as at epoch ends (0 = epoch ends).
         histogram_every: histograms every N steps (0 = off).
         profile: (START, END) steps to trace, or None.
+        schedule_steps: the last step of the whole schedule (train.epochs), which a run cut
+            by train.max_steps does not reach; 0 = total_steps.
     """
 
     per_epoch: int
@@ -49,6 +52,7 @@ class Schedule:
     save_every: int = 0
     histogram_every: int = 0
     profile: tuple[int, int] | None = None
+    schedule_steps: int = 0
 
     @property
     def epochs(self) -> int:
@@ -86,6 +90,7 @@ class Schedule:
             epoch_end=epoch_end,
             evaluate=evaluate,
             final=final,
+            finalize=step == (self.schedule_steps or self.total_steps),
             save=epoch_end or bool(self.save_every and step % self.save_every == 0),
             histograms=bool(every and step // every > previous // every),
         )

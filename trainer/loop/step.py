@@ -132,7 +132,10 @@ def make_train_loop(strategy: tf.distribute.Strategy, model, optimizer, votes: V
             if options.stop_on_nonfinite:
                 diverged = step_sums[_NONFINITE] > 0
             stopped = vote_and_agree(first_step, steps, stop_at)
-        save = agreed(votes.save) if options.agree_on_save else tf.constant(False)
+        save = tf.constant(False)
+        if options.agree_on_save:
+            with tf.control_dependencies([sums]):  # read the vote after the steps, not before
+                save = agreed(votes.save)
         return sums, steps, stopped, save
 
     def vote_and_agree(first_step, steps, stop_at):
