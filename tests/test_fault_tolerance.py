@@ -26,11 +26,11 @@ from trainer.runtime import cached_strategy
 from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
-# 64 steps per epoch, 128 in all, deterministic ops: long enough to interrupt.
+# 64 steps per epoch, 128 in all, deterministic ops: room for four interruptions.
 EXACT = (
     "data.synthetic_train_size=2048",
     "data.batch_size=32",
-    "model.width=32",
+    "model.width=16",
     "train.epochs=2",
     "train.steps_per_loop=5",
     "checkpoint.every_steps=10",
@@ -144,7 +144,9 @@ import os, signal, time
 from trainer.preemption import StopRequest
 with StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while stop.signal_name is None and time.monotonic() < deadline:  # until the handler ran
+        time.sleep(0.01)
     print(stop.signal_name, bool(stop.flag.numpy()), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(10)

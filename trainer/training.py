@@ -141,6 +141,18 @@ def _prepare(config: Config, runtime: Runtime, console: Console, started: float)
     return _Parts(dataset, info, per_epoch, total_steps, model, optimizer, lookahead)
 
 
+@dataclass
+class _Run:
+    """One run's assembled parts, handed around together."""
+
+    config: Config
+    wd: Workdir
+    runtime: Runtime
+    parts: _Parts
+    store: CheckpointStore
+    console: Console
+
+
 def _train(
     config: Config,
     wd: Workdir,
@@ -168,7 +180,8 @@ def _train(
             _claim_workdir(wd, fresh, console)
         runtime.barrier("start")  # nobody restores before the chief has cleared
         try:
-            result = _resume_and_run(config, wd, runtime, parts, store, console, resume_command, started)
+            run = _Run(config, wd, runtime, parts, store, console)
+            result = _resume_and_run(run, resume_command, started)
         except DivergedError:
             runtime.barrier("end")  # every worker diverged at the same (agreed) step
             raise
@@ -184,16 +197,8 @@ def _claim_workdir(wd: Workdir, fresh: bool, console: Console) -> None:
     wd.claim()
 
 
-def _resume_and_run(
-    config: Config,
-    wd: Workdir,
-    runtime: Runtime,
-    parts: _Parts,
-    store: CheckpointStore,
-    console: Console,
-    resume_command: str | None,
-    started: float,
-) -> TrainResult:
+def _resume_and_run(run: _Run, resume_command: str | None, started: float) -> TrainResult:
+    config, wd, runtime, parts, store, console = run.config, run.wd, run.runtime, run.parts, run.store, run.console
     start_step = _restore_latest(store, wd, config, console)
     if runtime.is_chief:  # the run is known to start (or to be complete): record what it is
         save_config(config, wd.config_path)
@@ -208,7 +213,7 @@ def _resume_and_run(
             "(raise train.epochs or use --fresh)"
         )
         return TrainResult(start_step, parts.total_steps, 0.0, 0.0, None, wd.root)
-    result = _run_loop(config, wd, runtime, parts, store, console, start_step, started)
+    result = _run_loop(run, start_step, started)
     if result.stopped_by:
         how = f"resume with: {resume_command}" if resume_command else "run the same command to resume"
         console.every_worker(
@@ -261,20 +266,12 @@ def _announce_resume(
 # --- the loop ------------------------------------------------------------------------------
 
 
-def _run_loop(
-    config: Config,
-    wd: Workdir,
-    runtime: Runtime,
-    parts: _Parts,
-    store: CheckpointStore,
-    console: Console,
-    start_step: int,
-    started: float,
-) -> TrainResult:
+def _run_loop(run: _Run, start_step: int, started: float) -> TrainResult:
     """Build the controller and its actions, run them, report."""
-    schedule = _schedule(config, parts)
-    monitor = Monitor(config, wd.tensorboard, runtime.is_chief, list(parts.dataset.class_names))
-    controller, state = _controller(config, wd, runtime, parts, store, console, monitor, schedule, start_step)
+    config, wd, runtime = run.config, run.wd, run.runtime
+    schedule = _schedule(config, run.parts)
+    monitor = Monitor(config, wd.tensorboard, runtime.is_chief, list(run.parts.dataset.class_names))
+    controller, state = _controller(run, monitor, schedule, start_step)
     try:
         outcome = controller.run(state)
     finally:
@@ -292,7 +289,7 @@ def _run_loop(
         outcome.stopped_by,
     )
     if not result.stopped_by:
-        console.info(_summary(result, state, config, runtime, wd))
+        run.console.info(_summary(result, state, run))
     return result
 
 
@@ -311,8 +308,9 @@ def _schedule(config: Config, parts: _Parts) -> Schedule:
     )
 
 
-def _controller(config, wd, runtime, parts, store, console, monitor, schedule, start_step):
+def _controller(run: _Run, monitor: Monitor, schedule: Schedule, start_step: int):
     """The controller and the state it starts from (checkpointed window, best so far)."""
+    config, wd, runtime, parts, store, console = run.config, run.wd, run.runtime, run.parts, run.store, run.console
     votes = Votes.create()
     device_feed = _device_feed(config, runtime, parts.dataset, console)
     options = _step_options(config, runtime, parts, device_feed)
@@ -325,7 +323,7 @@ def _controller(config, wd, runtime, parts, store, console, monitor, schedule, s
         train_loop=train_loop,
         batches_for=lambda step: device_feed.plan(step) if device_feed else iterator,
         schedule=schedule,
-        actions=_actions(config, wd, runtime, parts, store, console, monitor, schedule, clock, progress),
+        actions=_actions(run, monitor, schedule, clock, progress),
         progress=progress,
         profiler=act.Profiler(monitor),
         votes=votes,
@@ -362,8 +360,9 @@ def _step_options(config: Config, runtime: Runtime, parts: _Parts, device_feed: 
     )
 
 
-def _actions(config, wd, runtime, parts, store, console, monitor, schedule, clock, progress) -> list:
+def _actions(run: _Run, monitor: Monitor, schedule: Schedule, clock: SaveClock, progress: act.Progress) -> list:
     """The side effects between calls, in the order they run."""
+    config, runtime, parts, store, console = run.config, run.runtime, run.parts, run.store, run.console
     test = parts.dataset.test
     flops_per_step = training_flops_per_example(parts.model) * config.data.batch_size
     # Peaks of this worker's devices, times the workers (the same machines): the whole job's.
@@ -453,8 +452,9 @@ def _best_so_far(store: CheckpointStore, wd: Workdir, console: Console) -> tuple
     return step, accuracy
 
 
-def _summary(result: TrainResult, state, config: Config, runtime: Runtime, wd: Workdir) -> str:
+def _summary(result: TrainResult, state: act.LoopState, run: _Run) -> str:
     """The closing table: results, speed and where everything is."""
+    config, runtime, wd = run.config, run.runtime, run.wd
     rows = [("steps", f"{result.step} of {result.total_steps} (global batch {config.data.batch_size})")]
     if result.final_eval is not None:
         final = result.final_eval
