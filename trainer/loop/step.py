@@ -134,8 +134,12 @@ def make_train_loop(strategy: tf.distribute.Strategy, model, optimizer, votes: V
             stopped = vote_and_agree(first_step, steps, stop_at)
         save = tf.constant(False)
         if options.agree_on_save:
-            with tf.control_dependencies([sums]):  # read the vote after the steps, not before
-                save = agreed(votes.save)
+            # Read the vote after the steps, here in cross-replica context: inside
+            # strategy.run (replica threads) the control dependency would not hold.
+            with tf.control_dependencies([sums]):
+                vote = tf.cast(votes.save.read_value(), tf.float32)
+            copies = strategy.run(tf.identity, args=(vote,))
+            save = strategy.reduce(tf.distribute.ReduceOp.SUM, copies, axis=None) > 0
         return sums, steps, stopped, save
 
     def vote_and_agree(first_step, steps, stop_at):
