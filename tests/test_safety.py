@@ -575,3 +575,14 @@ def test_workdir_check_is_read_only(tmp_path):
     with pytest.raises(WorkdirNotOursError):
         Workdir(folder).check_trainable(fresh=True)
     assert snapshot(folder) == before
+
+
+def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path):
+    export = tmp_path / "export"
+    (tmp_path / ".export.tmp-old").mkdir()  # what a kill between the renames leaves
+    (tmp_path / ".export.tmp-old" / "model.keras").write_bytes(b"the previous export")
+    (tmp_path / ".export.tmp-abc").mkdir()  # and the complete new one, never swapped in
+    with pytest.raises(RuntimeError), files.replacing_folder(export):
+        raise RuntimeError("this export fails too")
+    assert (export / "model.keras").read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -67,10 +67,15 @@ def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path`.
 
     If the body fails (or the process dies), `path` keeps its old content; the leftover
-    temporary folder is named `.NAME.tmp-*` and removed by the next successful call.
+    temporary folder is named `.NAME.tmp-*` and removed by the next call. A process killed
+    between the two renames below leaves no `path` and the old content in `.NAME.tmp-old`:
+    the next call puts it back first, so it is never among the leftovers deleted.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.parent / f".{path.name}.tmp-old"
+    if old.exists() and not path.exists():
+        os.replace(old, path)
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -80,7 +85,6 @@ def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     os.chmod(temporary, 0o755)
-    old = path.parent / f".{path.name}.tmp-old"
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

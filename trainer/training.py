@@ -318,14 +318,14 @@ def _controller(run: _Run, monitor: Monitor, schedule: Schedule, start_step: int
     iterator = None if device_feed else _host_iterator(config, runtime, parts, start_step)
     _start_monitor(config, runtime, parts, monitor, start_step)
     clock = SaveClock(config.checkpoint.every_minutes, runtime.is_chief)
-    progress = act.Progress(console, schedule)
+    progress, profiler = act.Progress(console, schedule), act.Profiler(monitor)
     controller = Controller(
         train_loop=train_loop,
         batches_for=lambda step: device_feed.plan(step) if device_feed else iterator,
         schedule=schedule,
-        actions=_actions(run, monitor, schedule, clock, progress),
+        actions=_actions(run, monitor, schedule, clock, progress, profiler),
         progress=progress,
-        profiler=act.Profiler(monitor),
+        profiler=profiler,
         votes=votes,
         clock=clock,
         global_batch=config.data.batch_size,
@@ -360,7 +360,9 @@ def _step_options(config: Config, runtime: Runtime, parts: _Parts, device_feed: 
     )
 
 
-def _actions(run: _Run, monitor: Monitor, schedule: Schedule, clock: SaveClock, progress: act.Progress) -> list:
+def _actions(
+    run: _Run, monitor: Monitor, schedule: Schedule, clock: SaveClock, progress: act.Progress, profiler: act.Profiler
+) -> list:
     """The side effects between calls, in the order they run."""
     config, runtime, parts, store, console = run.config, run.runtime, run.parts, run.store, run.console
     test = parts.dataset.test
@@ -392,7 +394,7 @@ def _actions(run: _Run, monitor: Monitor, schedule: Schedule, clock: SaveClock, 
         act.FinalizeAveragedWeights(parts.model, parts.optimizer),
         act.EvaluateAndKeepBest(evaluation),
         act.SaveCheckpoint(store, parts.per_epoch, clock),
-        act.Profiler(monitor),
+        profiler,
     ]
 
 

@@ -159,10 +159,9 @@ def read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_cifar10_pickles(folder: Path) -> Dataset:
     """Read the official python version (`cifar-10-batches-py`), refusing foreign pickles."""
-    read_batch = read_cifar10_batch
 
-    train_parts = [read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
-    test_images, test_labels = read_batch(folder / "test_batch")
+    train_parts = [read_cifar10_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    test_images, test_labels = read_cifar10_batch(folder / "test_batch")
     train = Split(
         np.concatenate([images for images, _ in train_parts]),
         np.concatenate([labels for _, labels in train_parts]),
@@ -291,11 +290,15 @@ def _rgb8(image: Image.Image) -> np.ndarray:
     """8-bit RGB. 16-bit grey ("I;16", "I") is scaled down, not clipped: PIL's own convert
     would turn every value above 255 (mid-grey is 32768) into white."""
     if image.mode.startswith("I;16") or image.mode == "I":
-        grey = np.asarray(image, dtype=np.float64) / 257.0
-        return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        return _grey_rgb8(np.asarray(image, dtype=np.float64) / 257.0)
     if image.mode == "F":
-        return np.repeat(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        return _grey_rgb8(np.asarray(image, dtype=np.float64))
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _grey_rgb8(grey: np.ndarray) -> np.ndarray:
+    """Grey values on the 0-255 scale as uint8 RGB (rounded, clipped, channel repeated)."""
+    return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 # --- synthetic ---------------------------------------------------------------------------
