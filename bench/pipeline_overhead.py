@@ -25,6 +25,7 @@ from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.data.device import DeviceFeed  # noqa: E402
 from trainer.data.pipeline import input_spec, normalization_stats, steps_per_epoch, train_dataset_fn  # noqa: E402
+from trainer.data.prepare import prepare_dataset  # noqa: E402
 from trainer.loop.step import NUM_SUMS, StepOptions, Votes, make_train_loop  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
@@ -43,7 +44,7 @@ def main() -> None:
     source, data_settings = data_overrides(args.examples, 1000)
     config = load_config(args.config, [*data_settings, *args.overrides])
     runtime = setup_runtime(config.runtime)
-    data = load_dataset(config.data, config.seed).train
+    data = prepare_dataset(load_dataset(config.data, config.seed), config.data, say=lambda _: None).train
     mean, std = normalization_stats(data.images)
     batch = config.data.batch_size
     with runtime.strategy.scope():
@@ -57,7 +58,7 @@ def main() -> None:
         )
         optimizer = build_optimizer(config.optimizer, len(data) // batch, 10 * len(data) // batch)
         optimizer.build(model.trainable_variables)
-    spec = input_spec(config)
+    spec = input_spec(config, data.images.shape[1])
     if args.steps > steps_per_epoch(len(data), batch):
         raise SystemExit(f"--steps {args.steps} must fit in one epoch ({steps_per_epoch(len(data), batch)} steps)")
     feed = DeviceFeed(runtime.strategy, data.images, data.labels, spec)
@@ -75,9 +76,7 @@ def main() -> None:
         return lambda batches, steps, sums: compiled(batches, first, steps, sums, never)
 
     loop, device_loop = loop_for(), loop_for(feed)
-    real = iter(
-        runtime.strategy.distribute_datasets_from_function(train_dataset_fn(data.images, data.labels, spec, 0, 10**9))
-    )
+    real = iter(runtime.strategy.distribute_datasets_from_function(train_dataset_fn(data, spec, 0, 10**9)))
     one_batch = (data.images[:batch], data.labels[:batch])
     cached = iter(
         runtime.strategy.distribute_datasets_from_function(

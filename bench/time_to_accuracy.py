@@ -29,6 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
+from trainer.data.prepare import prepare_dataset  # noqa: E402
 from trainer.training import train  # noqa: E402
 
 
@@ -86,7 +87,7 @@ class _WallClockEval(keras.callbacks.Callback):
 
 def run_seed(config_path: str, overrides: list[str], budget: float) -> dict:
     keras.mixed_precision.set_global_policy("float32")
-    data = load_dataset(load_config(config_path, overrides).data, seed=0)
+    data = _loaded(load_config(config_path, overrides).data)
     model = seed_model()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     callback = _WallClockEval(data.test.images.astype("float32") / 255.0, data.test.labels, budget)
@@ -104,6 +105,11 @@ def target_fraction(text: str) -> float:
     """A target accuracy given as a fraction (0.9) or in percent (90)."""
     value = float(text)
     return value / 100 if value > 1 else value
+
+
+def _loaded(data):
+    """The dataset decoded into memory, as the trainer prepares it (CIFAR-10's JPEGs are listed first)."""
+    return prepare_dataset(load_dataset(data, seed=0), data, say=lambda _: None)
 
 
 def main() -> None:

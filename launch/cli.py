@@ -283,6 +283,34 @@ def data_show(obj, config_path: str, out: Path, augmented: bool, count: int, ove
     click.echo(f"Wrote {visualize.show_samples(config, out, count=count, augmented=augmented)}")
 
 
+@data.command("convert")
+@click.option("--from", "source", required=True, help="Image folder: train/<class>/ + test/<class>/, or <class>/.")
+@click.option("--to", "out", required=True, help="New folder for the shards (local, gs://, any tf.io.gfile URL).")
+@click.option(
+    "--shard-size", default=100.0, show_default=True, type=click.FloatRange(0.001, 10_000), help="MB per shard."
+)
+@click.option(
+    "--validation-split",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="For one <class>/ tree: the fraction of each class held out as the test split.",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1), help="Chooses that split.")
+@click.pass_obj
+def data_convert(obj, source: str, out: str, shard_size: float, validation_split: float, seed: int) -> None:
+    """Write an image folder as TFRecord shards (image/encoded, image/class/label) + labels.txt,
+    to train from with data.source=tfrecord, e.g. after copying them to cloud storage."""
+    records = _load("trainer.data.records", obj["verbose"])
+    index = records.convert(source, out, shard_size, validation_split, seed, progress=click.echo)
+    counts = {name: sum(index[name]["counts"]) for name in ("train", "test")}
+    shards = {name: len(index[name]["shards"]) for name in ("train", "test")}
+    click.echo(
+        f"Wrote {counts['train']} train records in {shards['train']} shard(s) and {counts['test']} test records in "
+        f"{shards['test']} shard(s) to {out}; train with --set data.source=tfrecord --set data.path={out}"
+    )
+
+
 @cli.command()
 @_set_option
 @click.pass_obj

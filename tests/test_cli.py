@@ -104,7 +104,9 @@ def test_exports_load_in_plain_keras_and_agree_with_launch_predict(tmp_path, ima
     predicted = _run("predict", "--workdir", workdir, "--json", *paths)
     assert predicted.exit_code == 0, predicted.output
     cli = np.array([list(json.loads(line)["probabilities"].values()) for line in predicted.output.splitlines()])
-    batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR)) for p in paths])
+    from trainer.inference import load_images  # predict's own resizing (tf.image, antialiased)
+
+    batch = load_images(paths, (32, 32, 3))
     np.save(tmp_path / "batch.npy", batch.astype(np.float32))
     export = workdir / "export"
     done = subprocess.run(

@@ -6,7 +6,8 @@ from PIL import Image
 
 from trainer.config import DataConfig
 from trainer.data import load_dataset
-from trainer.data.sources import read_image_folder, synthetic_dataset
+from trainer.data.prepare import prepare_dataset
+from trainer.data.sources import synthetic_dataset
 from trainer.errors import DataError
 
 
@@ -31,11 +32,16 @@ def test_synthetic_is_deterministic_and_seed_dependent():
     assert a.train.images.dtype == np.uint8 and a.train.images.shape == (64, 32, 32, 3)
 
 
+def _prepared(root, **data):
+    config = DataConfig(source="folder", path=str(root), **data)
+    return prepare_dataset(load_dataset(config, seed=0), config, say=lambda _: None)
+
+
 def test_folder_classes_are_sorted_folder_names(tmp_path):
-    dataset = read_image_folder(_write_folder(tmp_path), 0, 0, None)
+    dataset = _prepared(_write_folder(tmp_path))
     assert dataset.class_names == ["ant", "bee", "cat"]
     assert len(dataset.train) == 9 and len(dataset.test) == 9
-    # "ant" (label 0) was written with value 40*1 + j
+    # "ant" (label 0) was written with value 40*1 + j; small data is cached in memory
     assert dataset.train.images[dataset.train.labels == 0].min() == 40
 
 
@@ -49,33 +55,21 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     root = _write_folder(tmp_path)
     bad = root / "train" / "bee" / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match=f"cannot read image {bad}"):
-        read_image_folder(root, 0, 0, None)
+    with pytest.raises(DataError, match=f"cannot read image {bad}: .*data.on_bad_image=skip"):
+        _prepared(root)
 
 
-def test_wrong_size_error_names_the_file(tmp_path):
+def test_mixed_sizes_need_image_size_in_one_line(tmp_path):
     root = _write_folder(tmp_path)
     odd = root / "test" / "cat" / "9.png"
     Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(odd)
-    with pytest.raises(DataError, match=rf"{odd} is 7x5 pixels, expected 8x8"):
-        read_image_folder(root, 0, 0, None)
-
-
-def test_class_missing_from_test_split(tmp_path):
-    root = _write_folder(tmp_path)
-    for f in (root / "test" / "bee").iterdir():
-        f.unlink()
-    (root / "test" / "bee").rmdir()
-    with pytest.raises(DataError, match="test/bee is missing from the test split"):
-        read_image_folder(root, 0, 0, None)
-
-
-def test_empty_class_folder(tmp_path):
-    root = _write_folder(tmp_path)
-    (root / "train" / "dog").mkdir()
-    (root / "test" / "dog").mkdir()
-    with pytest.raises(DataError, match="train/dog holds no images"):
-        read_image_folder(root, 0, 0, None)
+    other = root / "train" / "cat" / "9.png"
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(other)
+    with pytest.raises(DataError, match=r"different sizes .* is 7x5\); set data.image_size") as err:
+        _prepared(root)
+    assert "\n" not in str(err.value)
+    dataset = _prepared(root, image_size=8)  # with a size, they are resized
+    assert dataset.train.images.shape[1:] == (8, 8, 3)
 
 
 def test_cifar10_pickle_folder(tmp_path, monkeypatch):
@@ -109,7 +103,8 @@ def test_keras_cache_is_searched(tmp_path, monkeypatch):
 
 def test_cifar10_from_shared_image_folder(cifar10_dir, monkeypatch):
     monkeypatch.setenv("CIFAR10_DIR", str(cifar10_dir))
-    dataset = load_dataset(DataConfig(source="cifar10", train_examples=200, test_examples=50), seed=0)
+    config = DataConfig(source="cifar10", train_examples=200, test_examples=50)
+    dataset = prepare_dataset(load_dataset(config, seed=0), config, say=lambda _: None)
     assert dataset.class_names == [
         "airplane",
         "automobile",

@@ -7,6 +7,7 @@ import tensorflow as tf
 from tests.conftest import smoke_config
 from trainer.data.device import DeviceFeed, resolve_placement
 from trainer.data.pipeline import InputSpec, steps_per_epoch, train_dataset_fn
+from trainer.data.sources import Split
 from trainer.errors import ConfigError
 from trainer.runtime import cached_strategy
 from trainer.training import train
@@ -26,7 +27,7 @@ def _local(strategy, value):
 
 def _host_stream(replicas, spec, start, total):
     strategy = _strategy(replicas)
-    dataset = strategy.distribute_datasets_from_function(train_dataset_fn(IMAGES, LABELS, spec, start, total))
+    dataset = strategy.distribute_datasets_from_function(train_dataset_fn(Split(IMAGES, LABELS), spec, start, total))
     return [(_local(strategy, labels), _local(strategy, images)) for images, labels in dataset]
 
 
@@ -75,18 +76,19 @@ def test_each_replica_holds_its_own_copy_of_the_training_set():
 
 
 def test_placement_auto_is_device_on_gpus_only():
-    assert resolve_placement("auto", "gpu", IMAGES) == "device"
-    assert resolve_placement("auto", "cpu", IMAGES) == "host"
-    assert resolve_placement("auto", "tpu", IMAGES) == "host"
-    assert resolve_placement("device", "cpu", IMAGES) == "device"
-    assert resolve_placement("host", "gpu", IMAGES) == "host"
+    split, spec = Split(IMAGES, LABELS), InputSpec(global_batch=8, seed=0)
+    assert resolve_placement("auto", "gpu", split, spec) == "device"
+    assert resolve_placement("auto", "cpu", split, spec) == "host"
+    assert resolve_placement("auto", "tpu", split, spec) == "host"
+    assert resolve_placement("device", "cpu", split, spec) == "device"
+    assert resolve_placement("host", "gpu", split, spec) == "host"
     huge = np.lib.stride_tricks.as_strided(IMAGES, shape=(2**30, 3), strides=(0, 1))  # 6 GiB as float16, no memory
-    assert resolve_placement("auto", "gpu", huge) == "host"
+    assert resolve_placement("auto", "gpu", Split(huge, LABELS), spec) == "host"
 
 
 def test_placement_device_on_tpu_is_a_clear_error():
     with pytest.raises(ConfigError, match="data.placement=device is not supported on TPUs.*data.placement=host"):
-        resolve_placement("device", "tpu", IMAGES)
+        resolve_placement("device", "tpu", Split(IMAGES, LABELS), InputSpec(global_batch=8, seed=0))
 
 
 def test_unknown_placement_is_rejected():

@@ -14,6 +14,7 @@ from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
 from trainer.config import RuntimeConfig
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
+from trainer.data.sources import Split
 from trainer.errors import RuntimeSetupError
 from trainer.launcher import run_local_workers
 from trainer.loop.step import NUM_SUMS
@@ -40,7 +41,7 @@ def test_each_training_example_is_used_once_per_epoch_across_all_workers(workers
     spec = InputSpec(global_batch=12, seed=3)
     per_epoch = N // 12
     elements = _pipeline_elements(
-        train_dataset_fn(IMAGES, LABELS, spec, 0, 2 * per_epoch), workers, replicas_per_worker
+        train_dataset_fn(Split(IMAGES, LABELS), spec, 0, 2 * per_epoch), workers, replicas_per_worker
     )
     for epoch in range(2):
         seen = np.concatenate(
@@ -54,7 +55,7 @@ def test_each_training_example_is_used_once_per_epoch_across_all_workers(workers
         )
         assert sorted(seen.tolist()) == list(range(N))
     # Same global batches as a single replica: the worker slices concatenate to them.
-    single = _pipeline_elements(train_dataset_fn(IMAGES, LABELS, spec, 0, 2 * per_epoch), 1, 1)[0]
+    single = _pipeline_elements(train_dataset_fn(Split(IMAGES, LABELS), spec, 0, 2 * per_epoch), 1, 1)[0]
     for step, batch in enumerate(single):
         pieces = [worker[step * replicas_per_worker + r] for worker in elements for r in range(replicas_per_worker)]
         np.testing.assert_array_equal(np.concatenate(pieces), batch)
@@ -64,7 +65,7 @@ def test_eval_shards_cover_the_test_set_once_across_workers():
     elements = []
     for worker in range(2):
         context = tf.distribute.InputContext(2, worker, 2)
-        for _, labels, mask in eval_dataset_fn(IMAGES[:37], LABELS[:37], 8)(context):
+        for _, labels, mask in eval_dataset_fn(Split(IMAGES[:37], LABELS[:37]), 8)(context):
             elements += labels.numpy()[mask.numpy() > 0].tolist()
     assert sorted(elements) == list(range(37))
 
@@ -118,13 +119,15 @@ def test_one_replica_two_replicas_and_two_workers_train_the_same_weights(tmp_pat
         np.testing.assert_allclose(workers[name], value, rtol=0, atol=1e-6, err_msg=name)
     # 1 replica vs 2: the same weights up to float rounding, amplified over 8 steps. Measured
     # maxima: 2.5e-4 on the Intel hosts of earlier sessions, 2.8e-3 on an AMD EPYC host
-    # (oneDNN picks other kernels there), reproducibly.
-    tolerance = 5e-3
+    # (oneDNN picks other kernels there), and 7.7e-3 there with the index_shuffle epoch
+    # order of issue #14 (other batches: a max-pooling near-tie flips in one conv kernel,
+    # 27 of 2,304 values), reproducibly.
+    tolerance = 1e-2
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=0, atol=tolerance, err_msg=name)
     # ...while 4 steps of training move them by far more than that tolerance (0.1 measured).
     halfway = _weights(tmp_path / "one" / "checkpoints", 4)
-    assert max(np.abs(one[name] - halfway[name]).max() for name in trainable) > 10 * tolerance
+    assert max(np.abs(one[name] - halfway[name]).max() for name in trainable) > 5 * tolerance
     # Only the chief wrote the workdir: one event file per run folder, no scratch left.
     assert len(list((tmp_path / "workers" / "tensorboard" / "train").iterdir())) == 1
     assert not (tmp_path / "workers" / ".worker-temp").exists()
@@ -147,8 +150,10 @@ def test_with_random_crops_one_and_two_replicas_agree_when_pooling_is_smooth(tmp
     monkeypatch.setattr(keras.layers, "GlobalMaxPooling2D", keras.layers.GlobalAveragePooling2D)
     one, two = _train_on_one_and_two_replicas(tmp_path, (*_EQUIVALENCE_RUN, "data.augment=true", "data.crop_padding=4"))
     assert one.keys() == two.keys() and len(one) > 26
+    # Measured maxima: 2.0e-3 with the stateless_shuffle order, 2.05e-3 (one value of 1,152)
+    # with index_shuffle's, on the AMD EPYC host.
     for name in one:
-        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=2e-3, err_msg=name)
+        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=4e-3, err_msg=name)
 
 
 def _fake_worker(script: str) -> list[str]:

@@ -10,6 +10,7 @@ from trainer.data.pipeline import (
     steps_per_epoch,
     train_dataset_fn,
 )
+from trainer.data.sources import Split
 from trainer.errors import ConfigError
 from trainer.runtime import cached_strategy
 
@@ -30,7 +31,7 @@ def _augment(indices, epoch, seed=0, padding=2):
 
 def _stream(replicas, spec, start=0, total=8):
     strategy = cached_strategy("mirrored", tuple(f"/cpu:{i}" for i in range(replicas)))
-    dataset = strategy.distribute_datasets_from_function(train_dataset_fn(IMAGES, LABELS, spec, start, total))
+    dataset = strategy.distribute_datasets_from_function(train_dataset_fn(Split(IMAGES, LABELS), spec, start, total))
     steps = []
     for batch in dataset:
         labels = strategy.experimental_local_results(batch[1])
@@ -98,7 +99,7 @@ def test_stream_rebuilt_at_a_step_matches_the_uninterrupted_stream():
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_eval_sees_every_example_exactly_once(replicas):
     strategy = cached_strategy("mirrored", tuple(f"/cpu:{i}" for i in range(replicas)))
-    dataset = strategy.distribute_datasets_from_function(eval_dataset_fn(IMAGES[:37], LABELS[:37], 8))
+    dataset = strategy.distribute_datasets_from_function(eval_dataset_fn(Split(IMAGES[:37], LABELS[:37]), 8))
     seen, shapes = [], set()
     for _, labels, mask in dataset:
         for replica_labels, replica_mask in zip(

@@ -141,7 +141,7 @@ def test_fresh_validates_the_data_before_deleting_anything(trained, tmp_path):
         "train", "--config", SMOKE, "--workdir", str(trained), "--fresh",
         "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'typo'}",
     )  # fmt: skip
-    assert_one_error(result, "typo/train is missing")
+    assert_one_error(result, "typo is not a folder")
     assert snapshot(trained) == before
 
 
@@ -537,10 +537,11 @@ def test_class_folders_with_line_breaks_are_refused(tmp_path):
         for name in ("cat", "dog\nhouse"):
             (tmp_path / split / name).mkdir(parents=True)
             Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / name / "x.png")
+    from trainer.config import DataConfig
     from trainer.data.sources import read_image_folder
 
     with pytest.raises(DataError, match=r"class folder 'dog\\nhouse' .* line break"):
-        read_image_folder(tmp_path, 0, 0, None)
+        read_image_folder(str(tmp_path), DataConfig(source="folder", path=str(tmp_path)), 0)
 
 
 def test_predict_refuses_paths_that_would_break_its_lines_unless_json(trained, tmp_path):

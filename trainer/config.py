@@ -31,13 +31,36 @@ def _choice(default: str, *choices: str) -> Any:
 class DataConfig:
     """Where the images come from and how they are fed."""
 
-    source: str = _choice("cifar10", "cifar10", "folder", "synthetic")
-    # Dataset folder; for cifar10 it is searched first, then $CIFAR10_DIR, then the Keras cache.
+    source: str = _choice("cifar10", "cifar10", "folder", "tfrecord", "synthetic")
+    # Dataset folder (local or any tf.io.gfile URL: gs://, ram://). cifar10: searched first,
+    # then $CIFAR10_DIR, then the Keras cache. folder: root/train/<class>/ + root/test/<class>/,
+    # or one root/<class>/ tree split by validation_split. tfrecord: a folder of shards or a
+    # glob (root/train-*.tfrecord), with labels.txt beside them.
     path: str = ""
+    # Training resolution (square, pixels). 0 = the dataset's own size when its images share
+    # one (32 for CIFAR-10); required for photos of mixed sizes. Other sizes are resized.
+    image_size: int = 0
+    # folder source with one root/<class>/ tree: this fraction of each class (chosen by the
+    # seed) is held out as the test split, as keras.utils.image_dataset_from_directory does.
+    validation_split: float = 0.0
+    # memory: decode every image once and keep the uint8 pixels in RAM (fastest). none:
+    # stream, decoding each image each epoch (any dataset size). auto: memory when the
+    # decoded images fit in cache_budget_gb and the crop recipe loses nothing by it.
+    cache: str = _choice("auto", "auto", "memory", "none")
+    cache_budget_gb: float = 4.0
+    # An image that cannot be decoded: error (stop, naming the file) or skip (it is left out,
+    # counted and reported; the same files are left out on every worker and after a resume).
+    on_bad_image: str = _choice("error", "error", "skip")
     # The GLOBAL batch: split evenly over all replicas, so results do not depend on them.
     batch_size: int = 128
-    # Pad-and-random-crop plus horizontal flip on training images.
+    # Random crops and horizontal flips of training images.
     augment: bool = True
+    # The crop recipe. pad: pad-and-random-crop at the training size (CIFAR's). random_resized:
+    # a random area (crop_min_area..1 of the photo, aspect 3/4..4/3) resized to image_size for
+    # training, a central 87.5% crop for evaluation (the ImageNet recipe). auto: pad up to
+    # 64 pixels, random_resized above.
+    crop: str = _choice("auto", "auto", "pad", "random_resized")
+    crop_min_area: float = 0.08
     # Pixels of padding before the random crop (0 = flip only).
     crop_padding: int = 4
     # How the crop's border is filled: zeros, or a mirror of the image (airbench's way;
@@ -198,6 +221,10 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "seed": (0, True),
     "data.batch_size": (1, True),
     "data.crop_padding": (0, True),
+    "data.image_size": (0, True),
+    "data.validation_split": (0, True),
+    "data.cache_budget_gb": (0, True),
+    "data.crop_min_area": (0, False),
     "data.train_examples": (0, True),
     "data.test_examples": (0, True),
     "data.synthetic_train_size": (1, True),
@@ -231,6 +258,9 @@ _MAXIMUMS: dict[str, float] = {
     "seed": 2**31 - 1,
     "data.batch_size": 2**20,
     "data.crop_padding": 1024,
+    "data.image_size": 8192,
+    "data.cache_budget_gb": 2**20,
+    "data.crop_min_area": 1,
     "data.synthetic_train_size": 10_000_000,
     "data.synthetic_test_size": 10_000_000,
     "data.synthetic_classes": 100_000,
@@ -253,6 +283,7 @@ _MAXIMUMS: dict[str, float] = {
 # Exclusive upper bounds: momenta and decays of averages, and label smoothing, stop below 1.
 _BELOW: dict[str, float] = {
     "optimizer.label_smoothing": 1,
+    "data.validation_split": 1,
     "optimizer.ema_momentum": 1,
     "optimizer.lookahead_decay": 1,
 }
@@ -370,8 +401,9 @@ def _check_cross_keys(config: Config) -> None:
         )
     if config.tensorboard.profile_steps:
         profile_range(config.tensorboard.profile_steps)
-    if config.data.source == "folder" and not config.data.path:
-        raise ConfigError("data.source=folder needs data.path (a folder with train/<class>/ and test/<class>/)")
+    if config.data.source in ("folder", "tfrecord") and not config.data.path:
+        what = "train/<class>/ and test/<class>/, or <class>/" if config.data.source == "folder" else "TFRecord shards"
+        raise ConfigError(f"data.source={config.data.source} needs data.path (a folder with {what})")
 
 
 def profile_range(text: str) -> tuple[int, int]:

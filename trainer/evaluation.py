@@ -6,15 +6,15 @@ per-class accuracy are derived from the matrix, so nothing is averaged twice.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from trainer import files
-from trainer.data import Split
-from trainer.data.pipeline import check_batch_divides, eval_dataset_fn
+from trainer.data import FileSplit, Split
+from trainer.data.pipeline import InputSpec, check_batch_divides, eval_dataset_fn
 
 
 @dataclass
@@ -69,10 +69,11 @@ class Evaluator:
         self,
         strategy: tf.distribute.Strategy,
         model,
-        split: Split,
+        split: Split | FileSplit,
         global_batch: int,
         class_names,
         jit_compile: bool = False,
+        spec: InputSpec | None = None,
     ):
         check_batch_divides(global_batch, strategy.num_replicas_in_sync)
         self.strategy = strategy
@@ -81,7 +82,7 @@ class Evaluator:
         self.examples = len(split)
         self.jit_compile = jit_compile
         self.dataset = strategy.distribute_datasets_from_function(
-            eval_dataset_fn(split.images, split.labels, global_batch)
+            eval_dataset_fn(split, replace(spec, global_batch=global_batch) if spec else global_batch)
         )
         self._passes: dict[str, object] = {}
 

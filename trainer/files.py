@@ -30,7 +30,12 @@ _WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permissi
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text` atomically (temp file in the same folder, then rename)."""
+    """Replace `path` with `text` atomically (temp file in the same folder, then rename).
+
+    A URL (gs://, ram://) goes through tf.io.gfile: a temp object, then a rename."""
+    if "://" in str(path):
+        _write_url(str(path), text)
+        return
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -44,6 +49,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _write_url(url: str, text: str) -> None:
+    import tensorflow as tf  # only URLs need it
+
+    folder, name = url.rsplit("/", 1)
+    temporary = f"{folder}/.{name}.tmp"
+    with tf.io.gfile.GFile(temporary, "w") as handle:
+        handle.write(text)
+    tf.io.gfile.rename(temporary, url, overwrite=True)
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:

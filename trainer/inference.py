@@ -14,14 +14,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from trainer import files
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, apply_override, validate
-from trainer.data import load_dataset
-from trainer.data.info import DatasetInfo, dataset_info
-from trainer.data.sources import read_image
+from trainer.data.decode import eval_view
+from trainer.data.info import DatasetInfo
+from trainer.data.pipeline import resolve_crop
+from trainer.data.prepare import prepare_for_inference, training_info, unreadable_error
+from trainer.data.sources import FileSplit, read_image
 from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.files import Warn
@@ -47,7 +48,7 @@ def trained_workdir(wd: Workdir, warn: Warn = print) -> tuple[Config, DatasetInf
 
 def rebuild_dataset_info(wd: Workdir, config: Config, warn: Warn) -> DatasetInfo:
     """dataset.json from the data config.yaml names (what training wrote, recomputed)."""
-    info = dataset_info(load_dataset(config.data, config.seed))
+    info, _ = training_info(*prepare_for_inference(config, warn))
     if wd.is_busy():
         return info  # the trainer holding the workdir writes its own
     try:
@@ -91,11 +92,16 @@ def evaluate(
         # Trained with `--workers N`: one process evaluates the same checkpoint.
         config.runtime.strategy = "auto"
     runtime = setup_runtime(config.runtime)
-    dataset = load_dataset(config.data, config.seed)
+    dataset, spec = prepare_for_inference(config, warn)
     with runtime.strategy.scope():
         model, step = _restore_model(wd, info, config, checkpoint)
-    evaluator = Evaluator(runtime.strategy, model, dataset.test, config.data.batch_size, info.class_names)
-    return evaluator(step, tta=config.eval.tta)
+    evaluator = Evaluator(runtime.strategy, model, dataset.test, config.data.batch_size, info.class_names, spec=spec)
+    try:
+        return evaluator(step, tta=config.eval.tta)
+    except tf.errors.InvalidArgumentError as err:
+        if isinstance(dataset.test, FileSplit):
+            raise unreadable_error(dataset.test, range(len(dataset.test))) from None
+        raise DataError(f"cannot decode a test image: {files.short(err.message)}") from None
 
 
 def save_metrics(workdir: str | Path, metrics: EvalMetrics) -> tuple[Path, bool]:
@@ -125,19 +131,18 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def load_images(paths: Sequence[str | Path], image_shape: Sequence[int]) -> np.ndarray:
-    """Decode image files to uint8 [N, H, W, 3], resizing any other size to the model's.
+def load_images(paths: Sequence[str | Path], image_shape: Sequence[int], crop: str = "pad") -> np.ndarray:
+    """Decode image files to uint8 [N, H, W, 3] as evaluation sees them: resized to the
+    model's size (pad recipe) or center-cropped (random_resized recipe).
 
     Large JPEGs are decoded at a reduced scale close to the model's input size (PIL's
     draft mode), so a photo costs memory for a thumbnail, not for its full size.
     """
-    height, width = image_shape[0], image_shape[1]
-    batch = np.empty((len(paths), height, width, 3), dtype=np.uint8)
+    size = image_shape[0]
+    batch = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        pixels = read_image(Path(path), draft_size=(width, height))
-        if pixels.shape[:2] != (height, width):
-            pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
-        batch[i] = pixels
+        pixels = read_image(Path(path), draft_size=(size, size))
+        batch[i] = eval_view(tf.constant(pixels), size, crop).numpy()
     return batch
 
 
@@ -146,7 +151,8 @@ def predict(
 ) -> list[Prediction]:
     """Class and softmax probability for each image file."""
     model, info, _ = load_trained_model(workdir, checkpoint, warn)
-    images = load_images(paths, info.image_shape)
+    crop = resolve_crop(Workdir(Path(workdir)).require_config().data.crop, info.image_shape[0])
+    images = load_images(paths, info.image_shape, crop)
     logits = model.predict_on_batch(images.astype(np.float32))
     probabilities = tf.nn.softmax(logits).numpy()
     predictions = []

@@ -32,11 +32,20 @@ from trainer import files
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, config_differences, profile_range, save_config
 from trainer.console import Console, Echo, summary_table
-from trainer.data import Dataset, load_dataset
+from trainer.data import Dataset, FileSplit, Split, load_dataset
 from trainer.data.device import DeviceFeed, resolve_placement
-from trainer.data.info import DatasetInfo, dataset_info
-from trainer.data.pipeline import augment_first, check_batch_divides, input_spec, steps_per_epoch, train_dataset_fn
-from trainer.errors import CheckpointMismatchError, DivergedError, TrainerError
+from trainer.data.info import DatasetInfo
+from trainer.data.pipeline import (
+    InputSpec,
+    batch_indices,
+    check_batch_divides,
+    first_views,
+    input_spec,
+    steps_per_epoch,
+    train_dataset_fn,
+)
+from trainer.data.prepare import prepare_dataset, training_info, unreadable_error
+from trainer.errors import CheckpointMismatchError, DataError, DivergedError, TrainerError
 from trainer.evaluation import Evaluator
 from trainer.files import describe_write_error, is_write_failure
 from trainer.flops import peak_flops, training_flops_per_example
@@ -97,6 +106,7 @@ class _Parts:
     """What a run trains: built before the workdir is touched."""
 
     dataset: Dataset
+    spec: InputSpec
     info: DatasetInfo
     per_epoch: int
     total_steps: int
@@ -109,12 +119,15 @@ def _prepare(config: Config, runtime: Runtime, console: Console, started: float)
     """Data, schedule length, model and optimizer: every check that needs no disk write."""
     check_batch_divides(config.data.batch_size, runtime.num_replicas)
     keras.utils.set_random_seed(config.seed)  # weight initialisation
-    dataset = load_dataset(config.data, config.seed)
+    dataset = load_dataset(config.data, config.seed, progress=console.info)
+    dataset = prepare_dataset(dataset, config.data, console.info)
+    size = dataset.image_shape[0]
     console.info(
         f"Data: {dataset.origin}: {len(dataset.train)} train / {len(dataset.test)} test images, "
-        f"{len(dataset.class_names)} classes ({time.perf_counter() - started:.1f}s)"
+        f"{len(dataset.class_names)} classes, at {size}x{size} ({time.perf_counter() - started:.1f}s)"
     )
-    info = dataset_info(dataset)
+    spec = input_spec(config, size)
+    info, sample = training_info(dataset, spec)
     if runtime.device_kind == "tpu" and config.train.steps_per_loop < 50:
         console.warning(
             f"Warning: train.steps_per_loop={config.train.steps_per_loop} is small for a TPU, where host round "
@@ -134,11 +147,11 @@ def _prepare(config: Config, runtime: Runtime, console: Console, started: float)
             skip_nonfinite=config.train.nan_policy == "skip_step",
         )
         optimizer.build(model.trainable_variables)
-        if init_from_data(model, dataset.train.images, info.mean, info.std):
+        if init_from_data(model, sample, info.mean, info.std):
             console.info("Whitening layer initialised from the training images' 2x2 patch covariance")
         # Over the whole schedule, as the LR: a run cut short by max_steps resumes identically.
         lookahead = build_lookahead(model, config.optimizer, per_epoch, config.train.epochs * per_epoch)
-    return _Parts(dataset, info, per_epoch, total_steps, model, optimizer, lookahead)
+    return _Parts(dataset, spec, info, per_epoch, total_steps, model, optimizer, lookahead)
 
 
 @dataclass
@@ -274,6 +287,8 @@ def _run_loop(run: _Run, start_step: int, started: float) -> TrainResult:
     controller, state = _controller(run, monitor, schedule, start_step)
     try:
         outcome = controller.run(state)
+    except tf.errors.InvalidArgumentError as err:
+        raise _input_error(run, state.step, err) from None
     finally:
         monitor.close()
     state = outcome.state
@@ -291,6 +306,21 @@ def _run_loop(run: _Run, start_step: int, started: float) -> TrainResult:
     if not result.stopped_by:
         run.console.info(_summary(result, state, run))
     return result
+
+
+def _input_error(run: _Run, step: int, err: tf.errors.InvalidArgumentError) -> Exception:
+    """A decode failure in the streamed input, as one line naming the file.
+
+    tf.data reports errors in order, so the culprit is in the batches of the failed call:
+    those files are checked again (two calls' worth, in case of an earlier failure)."""
+    split, test, spec = run.parts.dataset.train, run.parts.dataset.test, run.parts.spec
+    if isinstance(split, Split) and isinstance(test, Split):
+        return err  # not an input error: in-memory batches cannot fail to decode
+    if not isinstance(split, FileSplit) and not isinstance(test, FileSplit):
+        return DataError(f"cannot decode a record: {files.short(err.message)}; set data.on_bad_image=skip")
+    steps = range(step, min(step + 2 * run.config.train.steps_per_loop, run.parts.total_steps))
+    window = batch_indices(steps, len(split), spec) if isinstance(split, FileSplit) else []
+    return unreadable_error(split, window, fallback=test if isinstance(test, FileSplit) else None)
 
 
 def _schedule(config: Config, parts: _Parts) -> Schedule:
@@ -312,7 +342,7 @@ def _controller(run: _Run, monitor: Monitor, schedule: Schedule, start_step: int
     """The controller and the state it starts from (checkpointed window, best so far)."""
     config, wd, runtime, parts, store, console = run.config, run.wd, run.runtime, run.parts, run.store, run.console
     votes = Votes.create()
-    device_feed = _device_feed(config, runtime, parts.dataset, console)
+    device_feed = _device_feed(config, runtime, parts, console)
     options = _step_options(config, runtime, parts, device_feed)
     train_loop = make_train_loop(runtime.strategy, parts.model, parts.optimizer, votes, options)
     iterator = None if device_feed else _host_iterator(config, runtime, parts, start_step)
@@ -365,7 +395,12 @@ def _actions(
 ) -> list:
     """The side effects between calls, in the order they run."""
     config, runtime, parts, store, console = run.config, run.runtime, run.parts, run.store, run.console
-    test = parts.dataset.test
+    show_images = runtime.is_chief and config.tensorboard.images
+    wants_test_images = show_images or (runtime.is_chief and config.tensorboard.histogram_every_steps)
+    # Decoded only when shown: a streamed test split costs 256 decodes otherwise.
+    test_images, test_labels = (
+        first_views(parts.dataset.test, parts.spec, 256, training=False) if wants_test_images else (None, None)
+    )
     flops_per_step = training_flops_per_example(parts.model) * config.data.batch_size
     # Peaks of this worker's devices, times the workers (the same machines): the whole job's.
     peak = peak_flops(accelerator_names(runtime) * runtime.num_workers, runtime.precision)
@@ -373,7 +408,13 @@ def _actions(
         model=parts.model,
         optimizer=parts.optimizer,
         evaluator=Evaluator(
-            runtime.strategy, parts.model, test, config.data.batch_size, parts.dataset.class_names, runtime.jit_compile
+            runtime.strategy,
+            parts.model,
+            parts.dataset.test,
+            config.data.batch_size,
+            parts.dataset.class_names,
+            runtime.jit_compile,
+            spec=parts.spec,
         ),
         monitor=monitor,
         store=store,
@@ -382,11 +423,11 @@ def _actions(
         per_epoch=parts.per_epoch,
         keep_best=config.checkpoint.keep_best,
         tta=config.eval.tta,
-        images_for_misclassified=(test.images[:256], test.labels[:256])
-        if runtime.is_chief and config.tensorboard.images
-        else None,
+        images_for_misclassified=(test_images, test_labels) if show_images else None,
     )
-    histograms = [act.Histograms(monitor, parts.model, test.images[:64].astype(np.float32))] if runtime.is_chief else []
+    histograms = (
+        [act.Histograms(monitor, parts.model, test_images[:64].astype(np.float32))] if wants_test_images else []
+    )
     return [
         act.LogScalars(monitor, parts.optimizer, schedule, config.data.batch_size, flops_per_step, peak),
         *histograms,
@@ -398,13 +439,14 @@ def _actions(
     ]
 
 
-def _device_feed(config: Config, runtime: Runtime, dataset: Dataset, console: Console) -> DeviceFeed | None:
+def _device_feed(config: Config, runtime: Runtime, parts: _Parts, console: Console) -> DeviceFeed | None:
     """The training set on the devices when data.placement resolves to "device", else None."""
-    train_split = dataset.train
-    if resolve_placement(config.data.placement, runtime.device_kind, train_split.images) == "host":
-        console.info("Input: tf.data pipeline on the host")
+    train_split = parts.dataset.train
+    if resolve_placement(config.data.placement, runtime.device_kind, train_split, parts.spec) == "host":
+        streamed = "" if isinstance(train_split, Split) else ", decoding image files as batches need them"
+        console.info(f"Input: tf.data pipeline on the host{streamed}")
         return None
-    feed = DeviceFeed(runtime.strategy, train_split.images, train_split.labels, input_spec(config))
+    feed = DeviceFeed(runtime.strategy, train_split.images, train_split.labels, parts.spec)
     console.info(
         f"Input: the training set is kept on each replica's device ({feed.bytes_per_replica / 2**20:.0f} MiB "
         "each); batches are gathered and augmented there"
@@ -413,23 +455,15 @@ def _device_feed(config: Config, runtime: Runtime, dataset: Dataset, console: Co
 
 
 def _host_iterator(config: Config, runtime: Runtime, parts: _Parts, start_step: int):
-    spec = input_spec(config)
-    train_split = parts.dataset.train
-    fn = train_dataset_fn(train_split.images, train_split.labels, spec, start_step, parts.total_steps)
+    fn = train_dataset_fn(parts.dataset.train, parts.spec, start_step, parts.total_steps)
     return iter(runtime.strategy.distribute_datasets_from_function(fn))
 
 
 def _start_monitor(config: Config, runtime: Runtime, parts: _Parts, monitor: Monitor, step: int) -> None:
     if not runtime.is_chief:
         return
-    train_split = parts.dataset.train
-    count = min(32, len(train_split))
-    images = (
-        augment_first(train_split.images[:count], input_spec(config), len(train_split))
-        if config.data.augment
-        else train_split.images[:count]
-    )
-    monitor.start(step, environment(runtime), images, train_split.labels[:count])
+    images, labels = first_views(parts.dataset.train, parts.spec, 32, training=True)
+    monitor.start(step, environment(runtime), images, labels)
 
 
 def _best_so_far(store: CheckpointStore, wd: Workdir, console: Console) -> tuple[int | None, float]:

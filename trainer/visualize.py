@@ -9,7 +9,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from trainer.config import Config
-from trainer.data import load_dataset
 
 _LABEL_HEIGHT = 14
 
@@ -82,14 +81,14 @@ def _draw_matrix(counts: np.ndarray, shares: np.ndarray, class_names: Sequence[s
 
 def show_samples(config: Config, out: str | Path, count: int = 32, augmented: bool = False) -> Path:
     """Write a grid of the first `count` training images (after augmentation if asked)."""
-    dataset = load_dataset(config.data, config.seed)
-    count = min(count, len(dataset.train))
-    images = dataset.train.images[:count]
-    if augmented:
-        from trainer.data.pipeline import augment_first, input_spec  # deferred: needs TensorFlow
+    from dataclasses import replace
 
-        images = augment_first(images, input_spec(config), len(dataset.train))
-    names = [dataset.class_names[label] for label in dataset.train.labels[:count]]
+    from trainer.data.pipeline import first_views  # deferred: needs TensorFlow
+    from trainer.data.prepare import prepare_for_inference
+
+    dataset, spec = prepare_for_inference(config)
+    images, labels = first_views(dataset.train, spec if augmented else replace(spec, augment=False), count, True)
+    names = [dataset.class_names[label] for label in labels]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(images, names).save(out)

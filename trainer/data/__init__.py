@@ -1,5 +1,5 @@
-"""Data: sources (files -> uint8 arrays) and the tf.data pipeline (arrays -> batches)."""
+"""Datasets (trainer.data.sources), their preparation and the tf.data input pipeline."""
 
-from trainer.data.sources import Dataset, Split, load_dataset
+from trainer.data.sources import Dataset, FileSplit, Split, load_dataset
 
-__all__ = ["Dataset", "Split", "load_dataset"]
+__all__ = ["Dataset", "FileSplit", "Split", "load_dataset"]

@@ -29,12 +29,21 @@ DEVICE_DTYPE = np.float16
 AUTO_LIMIT_BYTES = 2 * 1024**3
 
 
-def resolve_placement(placement: str, device_kind: str, images: np.ndarray) -> str:
+def resolve_placement(placement: str, device_kind: str, split, spec: InputSpec) -> str:
     """`data.placement` -> "host" or "device" for this run.
 
-    auto: device on GPUs (when the set fits comfortably), host elsewhere: a CPU gains
-    nothing from it, and TPUs want their input from a host pipeline.
+    auto: device on GPUs (when the set is in memory, fits comfortably and uses the pad
+    recipe), host elsewhere: a CPU gains nothing from it, and TPUs want their input from a
+    host pipeline.
     """
+    images = getattr(split, "images", None)
+    if placement == "device" and (images is None or spec.crop != "pad"):
+        raise ConfigError(
+            "data.placement=device needs the training images in memory and data.crop=pad; "
+            "set data.cache=memory and data.crop=pad, or use data.placement=host"
+        )
+    if images is None or spec.crop != "pad":
+        return "host"
     if placement == "device" and device_kind == "tpu":
         raise ConfigError(
             "data.placement=device is not supported on TPUs (TPUStrategy feeds from the host); "

@@ -20,11 +20,18 @@ class DatasetInfo:
     origin: str
 
 
-def dataset_info(dataset: Dataset) -> DatasetInfo:
-    """The info of a loaded dataset (normalisation statistics from its training split)."""
-    from trainer.data.pipeline import normalization_stats  # needs TensorFlow
+# Training images the normalisation statistics are computed from (spread over the split).
+STATS_SAMPLE = 5000
 
-    mean, std = normalization_stats(dataset.train.images)
+
+def dataset_info(dataset: Dataset, sample=None) -> DatasetInfo:
+    """The info of a prepared dataset; normalisation statistics from `sample` (training
+    images, see pipeline.sample_images), by default the spread-out sample of an in-memory split."""
+    from trainer.data.pipeline import normalization_stats, sample_indices  # needs TensorFlow
+
+    if sample is None:
+        sample = dataset.train.images[sample_indices(len(dataset.train), STATS_SAMPLE)]
+    mean, std = normalization_stats(sample)
     return DatasetInfo(
         class_names=list(dataset.class_names),
         image_shape=list(dataset.image_shape),

@@ -1,24 +1,32 @@
-"""Dataset sources: each turns `data.*` settings into decoded uint8 arrays in memory.
+"""Dataset sources: each turns `data.*` settings into examples the input pipeline can index.
 
-Decoding once up front (CIFAR-10 is 180 MB of pixels) keeps the input pipeline a cheap
-gather from memory, and lets it rebuild the stream at any step without touching files.
+Two kinds of split. `Split`: decoded uint8 pixels in memory (CIFAR-10's pickles, the
+synthetic set, any cached dataset). `FileSplit`: image files listed, not decoded, at start
+(each is read and decoded inside tf.data when a batch needs it), so a folder of any size
+and any image sizes costs a file name per image until then. TFRecord shards are in
+trainer.data.records.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from trainer.config import DataConfig
+from trainer.data.decode import MAX_IMAGE_PIXELS
 from trainer.errors import DataError
 from trainer.files import short
 
+Progress = Callable[[str], None]
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -31,10 +39,7 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-# Largest image decoded (width x height), checked from the header before decoding: a
-# 20000x20000 PNG is a few KB on disk and 1.2 GB in memory. 64 MP is a large camera photo.
-MAX_IMAGE_PIXELS = 64 * 2**20
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # What the CIFAR-10 python batches may contain besides dicts, lists, bytes and ints: one
 # uint8 numpy array. Anything else in a "data_batch_N" (os.system, eval, ...) is refused.
 _CIFAR_PICKLE_GLOBALS = frozenset(
@@ -55,7 +60,7 @@ _OFFLINE_HINT = (
 
 @dataclass
 class Split:
-    """One split: images uint8 [N, H, W, C] and integer labels [N]."""
+    """One split in memory: images uint8 [N, H, W, C] and integer labels [N]."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -63,31 +68,85 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def limited(self, limit: int) -> Split:
+        return self if not limit or limit >= len(self) else Split(self.images[:limit], self.labels[:limit])
+
+    def subset(self, keep: np.ndarray) -> Split:
+        return Split(self.images[keep], self.labels[keep])
+
+
+@dataclass
+class FileSplit:
+    """One split as files: example i is `folders[labels[i]]/names[i]`.
+
+    Names are kept relative to their class folder: a 500,000-file dataset holds 500,000
+    short names and one folder per class, not 500,000 full paths.
+    """
+
+    folders: list[str]
+    names: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def round_robin(cls, folders: list[str], files: list[list[str]]) -> FileSplit:
+        """Interleave the classes' sorted files: any prefix of this order is class-balanced."""
+        names, labels = [], []
+        for i in range(max(len(f) for f in files)):
+            for label, class_files in enumerate(files):
+                if i < len(class_files):
+                    names.append(class_files[i])
+                    labels.append(label)
+        return cls(folders, names, np.asarray(labels, np.int32))
+
+    def path(self, index: int) -> str:
+        return f"{self.folders[self.labels[index]]}/{self.names[index]}"
+
+    def limited(self, limit: int) -> FileSplit:
+        if not limit or limit >= len(self):
+            return self
+        return FileSplit(self.folders, self.names[:limit], self.labels[:limit])
+
+    def subset(self, keep: np.ndarray) -> FileSplit:
+        return FileSplit(self.folders, [self.names[i] for i in keep], self.labels[keep])
+
 
 @dataclass
 class Dataset:
-    train: Split
-    test: Split
+    train: Split | FileSplit
+    test: Split | FileSplit
     class_names: list[str]
     origin: str  # where the data came from, for the console and the logs
+    # The training resolution when the images are not in memory yet (files, records).
+    image_size: int = 0
+    notes: list[str] = field(default_factory=list)  # what preparing it decided, for the console
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+        if isinstance(self.train, Split):
+            return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+        return (self.image_size, self.image_size, 3)
 
 
-def load_dataset(config: DataConfig, seed: int) -> Dataset:
-    """Load the dataset `config.source` names, limited to `*_examples` if set."""
+def load_dataset(config: DataConfig, seed: int, progress: Progress | None = None) -> Dataset:
+    """Find and list (or, for small in-memory sources, read) the dataset `config.source` names,
+    limited to `*_examples` if set. Image files are not decoded here: see trainer.data.prepare."""
     if config.source == "synthetic":
         dataset = synthetic_dataset(
             config.synthetic_train_size, config.synthetic_test_size, config.synthetic_classes, seed
         )
     elif config.source == "folder":
-        dataset = read_image_folder(Path(config.path), config.train_examples, config.test_examples, expected_size=None)
+        return read_image_folder(config.path, config, seed, progress)
+    elif config.source == "tfrecord":
+        from trainer.data.records import read_record_dataset
+
+        return read_record_dataset(config)
     else:
-        dataset = load_cifar10(config)
-    dataset.train = _limit(dataset.train, config.train_examples)
-    dataset.test = _limit(dataset.test, config.test_examples)
+        dataset = load_cifar10(config, seed)
+    dataset.train = dataset.train.limited(config.train_examples)
+    dataset.test = dataset.test.limited(config.test_examples)
     return dataset
 
 
@@ -106,26 +165,27 @@ def keras_cifar10_folders() -> list[Path]:
     return [cache / "cifar-10-batches-py-target", cache / "cifar-10-batches-py"]
 
 
-def load_cifar10(config: DataConfig) -> Dataset:
+def load_cifar10(config: DataConfig, seed: int) -> Dataset:
     """Find CIFAR-10: data.path, then $CIFAR10_DIR, then the Keras cache, then download."""
     for where, value in (("data.path", config.path), ("CIFAR10_DIR", os.environ.get("CIFAR10_DIR"))):
         if value:
             folder = Path(value).expanduser()
             if not folder.is_dir():
                 raise DataError(f"{where}={value} is not a folder; {_OFFLINE_HINT}")
-            return _read_cifar10_folder(folder, config, where)
+            return _read_cifar10_folder(folder, config, seed, where)
     for cached in keras_cifar10_folders():
         if cached.is_dir():
-            return _read_cifar10_folder(cached, config, "Keras cache")
+            return _read_cifar10_folder(cached, config, seed, "Keras cache")
     return _download_cifar10()
 
 
-def _read_cifar10_folder(folder: Path, config: DataConfig, where: str) -> Dataset:
+def _read_cifar10_folder(folder: Path, config: DataConfig, seed: int, where: str) -> Dataset:
     for candidate in (folder, folder / "cifar-10-batches-py"):
         if (candidate / "data_batch_1").is_file():
             return read_cifar10_pickles(candidate)
     if (folder / "train").is_dir():
-        dataset = read_image_folder(folder, config.train_examples, config.test_examples, expected_size=(32, 32))
+        dataset = read_image_folder(str(folder), config, seed)
+        dataset.image_size = config.image_size or 32
         dataset.origin = f"CIFAR-10 image folder {folder} (from {where})"
         return dataset
     raise DataError(
@@ -189,70 +249,130 @@ def _download_cifar10() -> Dataset:
 # --- image folders ---------------------------------------------------------------------
 
 
-def read_image_folder(root: Path, train_limit: int, test_limit: int, expected_size: tuple[int, int] | None) -> Dataset:
-    """Read `root/train/<class>/*` and `root/test/<class>/*`; classes are sorted folder names.
+def read_image_folder(root: str, config: DataConfig, seed: int, progress: Progress | None = None) -> Dataset:
+    """List (not decode) `root/train/<class>/*` + `root/test/<class>/*`, or one `root/<class>/*`
+    tree split by `config.validation_split`. Classes are the sorted folder names.
 
-    Only the first `*_limit` files are decoded (taken round-robin over classes, so a small
-    slice stays balanced); 0 reads everything.
+    Only the first `*_examples` files are kept (taken round-robin over classes, so a small
+    slice stays balanced). Any tf.io.gfile location works (gs://, ram://).
     """
-    train_dir, test_dir = root / "train", root / "test"
-    for split_dir in (train_dir, test_dir):
-        if not split_dir.is_dir():
-            raise DataError(f"{split_dir} is missing: an image folder needs train/<class>/ and test/<class>/")
-    class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if not class_names:
-        raise DataError(f"{train_dir} has no class folders (expected train/<class>/images)")
-    for name in class_names:
+    root = root.rstrip("/") or "/"
+    if not tf.io.gfile.isdir(root):
+        raise DataError(f"data.path={root} is not a folder (expected train/<class>/ and test/<class>/, or <class>/)")
+    split_layout = tf.io.gfile.isdir(_join(root, "train"))
+    if split_layout and config.validation_split:
+        raise DataError(
+            f"data.validation_split={config.validation_split} is for one <class>/ tree, but {root} already has "
+            "train/ and test/; set data.validation_split=0"
+        )
+    tick = time.perf_counter()
+    if split_layout:
+        train, test, names = _split_folders(root, config, progress)
+    else:
+        train, test, names = _one_tree(root, config, seed, progress)
+    if progress and time.perf_counter() - tick > 1:
+        progress(f"Listed {len(train) + len(test)} image files in {time.perf_counter() - tick:.1f}s")
+    train = train.limited(config.train_examples)
+    test = test.limited(config.test_examples)
+    return Dataset(train, test, names, f"image folder {root}")
+
+
+def _join(*parts: str) -> str:
+    return "/".join(part.rstrip("/") for part in parts)
+
+
+def _class_names(folder: str) -> list[str]:
+    names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(folder) if tf.io.gfile.isdir(_join(folder, name)))
+    if not names:
+        raise DataError(f"{folder} has no class folders (expected {folder}/<class>/images)")
+    for name in names:
         if not name.isprintable():
             raise DataError(
-                f"class folder {name!r} in {train_dir} has a line break, tab or other control character in its "
+                f"class folder {name!r} in {folder} has a line break, tab or other control character in its "
                 "name; rename it (class names are written one per line, e.g. to labels.txt)"
             )
-    missing = [name for name in class_names if not (test_dir / name).is_dir()]
+    return names
+
+
+def _split_folders(root: str, config: DataConfig, progress: Progress | None) -> tuple[FileSplit, FileSplit, list[str]]:
+    train_dir, test_dir = _join(root, "train"), _join(root, "test")
+    if not tf.io.gfile.isdir(test_dir):
+        raise DataError(f"{test_dir} is missing: an image folder with train/ needs test/<class>/ too")
+    names = _class_names(train_dir)
+    test_names = _class_names(test_dir)
+    missing = [name for name in names if name not in test_names]
     if missing:
-        raise DataError(f"class folder {test_dir / missing[0]} is missing from the test split")
-    extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in class_names)
+        raise DataError(f"class folder {_join(test_dir, missing[0])} is missing from the test split")
+    extra = [name for name in test_names if name not in names]
     if extra:
-        raise DataError(f"class folder {test_dir / extra[0]} has no counterpart in {train_dir}")
-    train = _read_split(train_dir, class_names, train_limit, expected_size)
-    size = expected_size or train.images.shape[1:3]
-    test = _read_split(test_dir, class_names, test_limit, tuple(size))
-    return Dataset(train, test, class_names, f"image folder {root}")
+        raise DataError(f"class folder {_join(test_dir, extra[0])} has no counterpart in {train_dir}")
+    train = _file_split([_join(train_dir, name) for name in names], progress)
+    test = _file_split([_join(test_dir, name) for name in names], progress)
+    return train, test, names
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _read_split(split_dir: Path, class_names: list[str], limit: int, expected_size: tuple[int, int] | None) -> Split:
-    per_class = []
-    for name in class_names:
-        files = list_images(split_dir / name)
-        if not files:
-            raise DataError(f"{split_dir / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        per_class.append(files)
-    # Round-robin over classes: any prefix of this order is class-balanced.
-    order = [
-        (files[i], label)
-        for i in range(max(len(f) for f in per_class))
-        for label, files in enumerate(per_class)
-        if i < len(files)
-    ]
-    if limit:
-        order = order[:limit]
-    first = read_image(order[0][0])
-    size = expected_size or first.shape[:2]
-    images = np.empty((len(order), size[0], size[1], 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(order):
-        pixels = read_image(path)
-        if pixels.shape[:2] != tuple(size):
+def _one_tree(
+    root: str, config: DataConfig, seed: int, progress: Progress | None
+) -> tuple[FileSplit, FileSplit, list[str]]:
+    """root/<class>/*: each class's files split by validation_split, chosen by the seed."""
+    if not config.validation_split:
+        raise DataError(
+            f"{root} has no train/ folder: for one <class>/ tree set data.validation_split (e.g. 0.2) to hold out "
+            "a test split, or add train/<class>/ and test/<class>/"
+        )
+    names = _class_names(root)
+    folders = [_join(root, name) for name in names]
+    listed = [_list_images(folder, progress) for folder in folders]
+    train_files: list[list[str]] = []
+    test_files: list[list[str]] = []
+    for label, files in enumerate(listed):
+        held_out = round(len(files) * config.validation_split)
+        if held_out == 0 or held_out == len(files):
             raise DataError(
-                f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels, expected {size[1]}x{size[0]} "
-                "like the rest of the dataset"
+                f"data.validation_split={config.validation_split} leaves no {'test' if held_out == 0 else 'training'} "
+                f"image of class {names[label]!r} ({len(files)} files); use a split between "
+                f"{1 / len(files):.2f} and {1 - 1 / len(files):.2f}"
             )
-        images[i] = pixels
-    labels = np.asarray([label for _, label in order], dtype=np.int32)
-    return Split(images, labels)
+        # Stratified and fixed by the seed: the same files are held out on every run and worker.
+        order = np.random.default_rng([seed, label]).permutation(len(files))
+        test_files.append(sorted(files[i] for i in order[:held_out]))
+        train_files.append(sorted(files[i] for i in order[held_out:]))
+    return FileSplit.round_robin(folders, train_files), FileSplit.round_robin(folders, test_files), names
+
+
+def _list_images(folder: str, progress: Progress | None) -> list[str]:
+    files = sorted(name for name in tf.io.gfile.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if progress and len(files) >= 50_000:
+        progress(f"  {folder}: {len(files)} files")
+    return files
+
+
+def _file_split(folders: list[str], progress: Progress | None) -> FileSplit:
+    return FileSplit.round_robin(folders, [_list_images(folder, progress) for folder in folders])
+
+
+def image_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
+    """(width, height) of image files from their headers only (PIL reads no pixels here);
+    None for a file that is not a readable image (decoding it names it later)."""
+    sizes: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            with tf.io.gfile.GFile(path, "rb") as handle, warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    sizes.append(image.size)
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            tf.errors.OpError,
+            Image.DecompressionBombError,
+        ):
+            sizes.append(None)
+    return sizes
 
 
 def read_image(path: Path, draft_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -324,9 +444,3 @@ def synthetic_dataset(train_size: int, test_size: int, num_classes: int, seed: i
 
     names = [f"class_{i}" for i in range(num_classes)]
     return Dataset(split(train_size, 1), split(test_size, 2), names, f"synthetic (seed {seed})")
-
-
-def _limit(split: Split, limit: int) -> Split:
-    if not limit or limit >= len(split):
-        return split
-    return Split(split.images[:limit], split.labels[:limit])

@@ -1,0 +1,319 @@
+"""Your own images at any size: listed folders streamed through tf.data, TFRecord shards,
+the cache, bad files, ram:// and exact resume of streamed sources (issue #14)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from PIL import Image
+
+from launch.cli import cli
+from tests.conftest import smoke_config
+from tests.test_fault_tolerance import _checkpoint_tensors
+from trainer.config import DataConfig
+from trainer.data.pipeline import InputSpec, train_dataset_fn
+from trainer.data.prepare import prepare_dataset
+from trainer.data.records import convert
+from trainer.data.sources import FileSplit, Split, load_dataset, synthetic_dataset
+from trainer.errors import DataError
+from trainer.preemption import EXIT_PREEMPTED
+from trainer.training import train
+
+CLASSES = ("ant", "bee", "cat")
+# Sizes and encodings a folder of real photos mixes: (width, height, format, PIL mode).
+KINDS = (
+    (40, 30, "JPEG", "RGB"),
+    (64, 48, "PNG", "RGBA"),
+    (33, 33, "PNG", "I;16"),
+    (50, 70, "BMP", "RGB"),
+    (36, 36, "GIF", "P"),
+    (48, 40, "WEBP", "RGB"),
+)
+SUFFIX = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "WEBP": "webp"}
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def global_batches(dataset_fn, workers: int = 1, replicas_per_worker: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each step's global batch (images, labels), put back together from every worker's
+    pipeline: worker w yields its replicas' slices of a step one after another."""
+    per_worker = []
+    for worker in range(workers):
+        context = tf.distribute.InputContext(workers, worker, workers * replicas_per_worker)
+        per_worker.append([(e[0].numpy(), e[1].numpy()) for e in dataset_fn(context)])
+    steps = len(per_worker[0]) // replicas_per_worker
+    batches = []
+    for step in range(steps):
+        slices = [
+            e
+            for elements in per_worker
+            for e in elements[step * replicas_per_worker : (step + 1) * replicas_per_worker]
+        ]
+        batches.append((np.concatenate([i for i, _ in slices]), np.concatenate([lab for _, lab in slices])))
+    return batches
+
+
+def _encoded(pixels: np.ndarray, width: int, height: int, fmt: str, mode: str) -> bytes:
+    image = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_mixed_folder(root: str, per_class: int = 24, layout: str = "split", seed: int = 0) -> str:
+    """A learnable folder (the synthetic class patterns) of mixed sizes, formats and modes,
+    written through tf.io.gfile so `root` may be a ram:// URL."""
+    data = synthetic_dataset(per_class * len(CLASSES) * 4, 8, len(CLASSES), seed)
+    count = {name: 0 for name in CLASSES}
+    for i, (pixels, label) in enumerate(zip(data.train.images, data.train.labels)):
+        name = CLASSES[label]
+        if count[name] >= 2 * per_class:
+            continue
+        split = ("train" if count[name] % 2 == 0 else "test") if layout == "split" else ""
+        width, height, fmt, mode = KINDS[i % len(KINDS)]
+        folder = "/".join(part for part in (root, split, name) if part)
+        tf.io.gfile.makedirs(folder)
+        with tf.io.gfile.GFile(f"{folder}/{i:04d}.{SUFFIX[fmt]}", "wb") as handle:
+            handle.write(_encoded(pixels, width, height, fmt, mode))
+        count[name] += 1
+    return root
+
+
+def _config(path: str, *overrides: str):
+    return smoke_config(
+        "data.source=folder",
+        f"data.path={path}",
+        "data.image_size=24",
+        "data.batch_size=16",
+        "model.width=8",
+        "train.steps_per_loop=3",
+        "runtime.deterministic=true",
+        *overrides,
+    )
+
+
+def test_a_folder_of_mixed_sizes_formats_and_modes_trains_evaluates_and_predicts(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"))
+    config = _config(root, "train.epochs=4", "data.cache=none")
+    result = train(config, tmp_path / "run", echo=quiet)
+    assert result.step == 4 * (72 // 16) and result.final_eval.examples == 72
+    assert result.final_eval.accuracy > 0.6  # three learnable classes, from every kind of file
+    runner = CliRunner()
+    evaluated = runner.invoke(cli, ["evaluate", "--workdir", str(tmp_path / "run")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"Test accuracy {result.final_eval.accuracy:.2%}" in evaluated.output  # streamed eval = training's
+    photo = next((tmp_path / "photos" / "test" / "bee").glob("*.png"))
+    predicted = runner.invoke(cli, ["predict", "--workdir", str(tmp_path / "run"), "--json", str(photo)])
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.output.splitlines()[-1])["label"] in CLASSES
+    grid = runner.invoke(
+        cli, ["data", "show", "--out", str(tmp_path / "grid.png"), "--augmented", "--config", _yaml(tmp_path, config)]
+    )
+    assert grid.exit_code == 0, grid.output
+    assert Image.open(tmp_path / "grid.png").size[0] > 24 * 4
+
+
+def _yaml(tmp_path, config) -> str:
+    from trainer.config import save_config
+
+    path = tmp_path / "config.yaml"
+    save_config(config, path)
+    return str(path)
+
+
+def test_mixed_sizes_without_image_size_is_one_error_line(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--config", "configs/smoke.yaml", "--workdir", str(tmp_path / "w"), "--set", "data.source=folder"]
+        + ["--set", f"data.path={root}"],
+    )
+    assert result.exit_code == 2
+    assert result.output.count("Error:") == 1 and "set data.image_size" in result.output
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_the_validation_split_is_stratified_and_fixed_by_the_seed(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "tree"), per_class=10, layout="tree")  # 20 files a class
+    config = DataConfig(source="folder", path=root, validation_split=0.25)
+    first, again = load_dataset(config, seed=3), load_dataset(config, seed=3)
+    other = load_dataset(config, seed=4)
+    assert np.bincount(first.test.labels).tolist() == [5, 5, 5]
+    assert np.bincount(first.train.labels).tolist() == [15, 15, 15]
+    assert first.test.names == again.test.names and first.train.names == again.train.names
+    assert first.test.names != other.test.names
+    assert not set(first.test.names) & set(first.train.names)
+    with pytest.raises(DataError, match="set data.validation_split"):
+        load_dataset(DataConfig(source="folder", path=root), seed=0)
+
+
+def test_streamed_and_cached_batches_are_identical(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=8)
+    data = DataConfig(source="folder", path=root, image_size=24, cache="none")
+    streamed = prepare_dataset(load_dataset(data, 0), data, quiet)
+    cached = DataConfig(source="folder", path=root, image_size=24, cache="memory")
+    in_memory = prepare_dataset(load_dataset(cached, 0), cached, quiet)
+    assert isinstance(streamed.train, FileSplit) and isinstance(in_memory.train, Split)
+    spec = InputSpec(global_batch=8, seed=5, augment=True, crop_padding=2, image_size=24)
+    a = global_batches(train_dataset_fn(streamed.train, spec, 0, 6))
+    b = global_batches(train_dataset_fn(in_memory.train, spec, 0, 6))
+    assert len(a) == len(b) == 6
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
+        np.testing.assert_array_equal(images_a, images_b)
+        np.testing.assert_array_equal(labels_a, labels_b)
+
+
+@pytest.mark.parametrize("crop", ["pad", "random_resized"])
+def test_a_streamed_source_gives_the_same_batches_on_1_and_2_replicas_and_2_workers(tmp_path, crop):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=8)
+    data = DataConfig(source="folder", path=root, image_size=24, cache="none")
+    split = prepare_dataset(load_dataset(data, 0), data, quiet).train
+    spec = InputSpec(global_batch=8, seed=1, augment=True, crop=crop, image_size=24)
+    fn = train_dataset_fn(split, spec, 0, 6)
+    single = global_batches(fn)
+    assert len(single) == 6
+    for workers, replicas in ((1, 2), (2, 1)):
+        for (images, labels), (expected_images, expected_labels) in zip(global_batches(fn, workers, replicas), single):
+            np.testing.assert_array_equal(images, expected_images)
+            np.testing.assert_array_equal(labels, expected_labels)
+
+
+def _stop_and_resume(tmp_path, config, stop_at: int, name: str):
+    os.environ["TRAINER_STOP_AT_STEP"] = str(stop_at)
+    try:
+        stopped = train(config, tmp_path / name, echo=quiet)
+    finally:
+        del os.environ["TRAINER_STOP_AT_STEP"]
+    assert stopped.exit_code == EXIT_PREEMPTED and stopped.step == stop_at
+    return train(config, tmp_path / name, echo=quiet)
+
+
+@pytest.mark.parametrize("source", ["folder", "tfrecord"])
+def test_a_streamed_source_resumes_exactly_mid_epoch(tmp_path, source):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=16)
+    if source == "tfrecord":
+        convert(root, str(tmp_path / "shards"), shard_size_mb=0.02, progress=quiet)  # several shards
+        root = str(tmp_path / "shards")
+    config = _config(root, f"data.source={source}", "data.cache=none", "data.crop=random_resized", "train.epochs=2")
+    straight = train(config, tmp_path / "straight", echo=quiet)
+    total = straight.step
+    resumed = _stop_and_resume(tmp_path, config, 5, "resumed")  # step 5 of 6 per epoch
+    assert resumed.step == total
+    expected = _checkpoint_tensors(str(tmp_path / "straight" / "checkpoints" / f"ckpt-{total}"))
+    actual = _checkpoint_tensors(str(tmp_path / "resumed" / "checkpoints" / f"ckpt-{total}"))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def test_tfrecord_from_convert_matches_the_folder_it_came_from(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=16)
+    result = CliRunner().invoke(
+        cli, ["data", "convert", "--from", root, "--to", str(tmp_path / "shards"), "--shard-size", "0.02"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Wrote 48 train records in" in result.output
+    again = CliRunner().invoke(cli, ["data", "convert", "--from", root, "--to", str(tmp_path / "shards")])
+    assert again.exit_code == 2 and "not empty" in again.output  # never writes over shards
+    common = ("train.epochs=3", "data.cache=memory")
+    folder = train(_config(root, *common), tmp_path / "folder", echo=quiet)
+    records = train(_config(str(tmp_path / "shards"), "data.source=tfrecord", *common), tmp_path / "rec", echo=quiet)
+    # Cached, the records are the folder's files in the same order: the very same run.
+    assert records.final_eval.accuracy == folder.final_eval.accuracy
+    assert records.final_eval.loss == pytest.approx(folder.final_eval.loss, rel=1e-6)
+    streamed = train(
+        _config(str(tmp_path / "shards"), "data.source=tfrecord", "train.epochs=3", "data.cache=none"),
+        tmp_path / "streamed",
+        echo=quiet,
+    )
+    assert abs(streamed.final_eval.accuracy - folder.final_eval.accuracy) < 0.2  # another order: within noise
+
+
+def test_data_on_a_ram_filesystem_trains_from_a_folder_and_from_tfrecord(tmp_path):
+    root = write_mixed_folder("ram://streaming-test/photos", per_class=8)
+    folder = train(_config(root, "train.epochs=1", "data.cache=none"), tmp_path / "folder", echo=quiet)
+    assert folder.step == 24 // 16 and folder.final_eval.examples == 24
+    convert(root, "ram://streaming-test/shards", progress=quiet)
+    assert tf.io.gfile.exists("ram://streaming-test/shards/labels.txt")
+    records = train(
+        _config("ram://streaming-test/shards", "data.source=tfrecord", "train.epochs=1", "data.cache=none"),
+        tmp_path / "records",
+        echo=quiet,
+    )
+    assert records.step == folder.step and records.final_eval.examples == 24
+
+
+def _plant_bad_files(root: str) -> list[str]:
+    truncated = f"{root}/train/cat/zz-truncated.jpg"
+    whole = (
+        tf.io.gfile.GFile(f"{root}/train/cat/0000.jpg", "rb").read()
+        if tf.io.gfile.exists(f"{root}/train/cat/0000.jpg")
+        else _encoded(np.zeros((8, 8, 3), np.uint8), 40, 30, "JPEG", "RGB")
+    )
+    with tf.io.gfile.GFile(truncated, "wb") as handle:
+        handle.write(whole[: len(whole) // 3])
+    text = f"{root}/train/bee/zz-notes.png"
+    with tf.io.gfile.GFile(text, "wb") as handle:
+        handle.write(b"not an image at all")
+    return [truncated, text]
+
+
+def test_a_bad_image_met_while_streaming_is_one_line_naming_it(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=8)
+    bad = _plant_bad_files(root)
+    config = _config(root, "train.epochs=1", "data.cache=none")
+    with pytest.raises(DataError) as err:  # the stats sample reads a spread of training files first
+        train(config, tmp_path / "run", echo=quiet)
+    assert "cannot read image" in str(err.value) and any(path in str(err.value) for path in bad)
+
+
+@pytest.mark.parametrize("images", ["true", "false"])  # met by the TensorBoard sample, or first at an evaluation
+def test_a_bad_test_image_is_named(tmp_path, images):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=8)
+    broken = f"{root}/test/ant/zz-broken.jpg"
+    with open(broken, "wb") as handle:
+        handle.write(b"\xff\xd8\xff\xe0 truncated")
+    config = _config(root, "train.epochs=1", "data.cache=none", f"tensorboard.images={images}")
+    with pytest.raises(DataError) as err:
+        train(config, tmp_path / "run", echo=quiet)
+    message = str(err.value)
+    assert f"cannot read image {broken}" in message
+    assert "data.on_bad_image=skip" in message and "\n" not in message
+
+
+def test_skipped_images_are_counted_and_the_same_after_a_resume(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=16)
+    bad = _plant_bad_files(root)
+    lines: list[str] = []
+    config = _config(root, "train.epochs=2", "data.cache=none", "data.on_bad_image=skip")
+    straight = train(config, tmp_path / "straight", echo=lines.append)
+    warning = next(line for line in lines if "skipping" in line)
+    assert "skipping 2 unreadable train image(s)" in warning and all(path in warning for path in bad)
+    resumed = _stop_and_resume(tmp_path, config, 4, "resumed")
+    total = straight.step
+    assert resumed.step == total == 2 * (48 // 16)  # the 2 bad files are out of every epoch
+    expected = _checkpoint_tensors(str(tmp_path / "straight" / "checkpoints" / f"ckpt-{total}"))
+    actual = _checkpoint_tensors(str(tmp_path / "resumed" / "checkpoints" / f"ckpt-{total}"))
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
+    huge = tmp_path / "photos" / "train" / "ant" / "zz-huge.png"
+    Image.new("1", (12000, 12000)).save(huge)  # 144 MP, a few KB on disk
+    config = _config(root, "train.epochs=1", "data.cache=memory")
+    with pytest.raises(DataError, match=r"zz-huge.png.*over the 64 MP limit"):
+        train(config, tmp_path / "run", echo=quiet)
