@@ -60,10 +60,10 @@ def _rate(batches, count: int) -> tuple[float, float]:
     return first_seconds, images / (time.perf_counter() - tick)
 
 
-def ours(folder: str, batch: int, size: int = 32, crop: str = "pad", cache: str = "none"):
+def ours(folder: str, batch: int, size: int = 32, crop: str = "pad", cache: str = "none", augment: bool = True):
     data = DataConfig(source="folder", path=folder, image_size=size, cache=cache)
     split = prepare_dataset(load_dataset(data, 0), data, quiet).train
-    spec = InputSpec(global_batch=batch, seed=0, augment=True, crop=crop, image_size=size)
+    spec = InputSpec(global_batch=batch, seed=0, augment=augment, crop=crop, image_size=size)
     return train_dataset_fn(split, spec, 0, 10**9)(tf.distribute.InputContext())
 
 
@@ -76,14 +76,17 @@ def keras_folder(folder: str, batch: int, size: int = 32):
 
 
 def decode(args) -> dict:
-    """1. Streaming decode of the CIFAR-10 JPEG train folder: ours vs Keras, alternating."""
+    """1. Streaming decode of the CIFAR-10 JPEG train folder: ours (with and without the
+    training crops and flips; Keras' has none) vs Keras, alternating."""
     train = str(cifar_dir() / "train")
-    result: dict = {"ours": [], "keras": []}
+    result: dict = {"ours": [], "ours_no_augmentation": [], "keras": []}
+    variants = {
+        "ours": lambda: ours(str(cifar_dir()), args.batch),
+        "ours_no_augmentation": lambda: ours(str(cifar_dir()), args.batch, augment=False),
+        "keras": lambda: keras_folder(train, args.batch),
+    }
     for _ in range(args.repeats):
-        for name, make in (
-            ("ours", lambda: ours(str(cifar_dir()), args.batch)),
-            ("keras", lambda: keras_folder(train, args.batch)),
-        ):
+        for name, make in variants.items():
             tick = time.perf_counter()
             batches = make()
             listed = time.perf_counter() - tick
@@ -91,8 +94,9 @@ def decode(args) -> dict:
             result[name].append(
                 {"list_s": round(listed, 2), "first_batch_s": round(first, 2), "img_per_s": round(rate)}
             )
-    ratios = [o["img_per_s"] / k["img_per_s"] for o, k in zip(result["ours"], result["keras"])]
-    result["ratio_ours_over_keras"] = [round(r, 3) for r in ratios]
+    for name in ("ours", "ours_no_augmentation"):
+        ratios = [o["img_per_s"] / k["img_per_s"] for o, k in zip(result[name], result["keras"])]
+        result[f"ratio_{name}_over_keras"] = [round(r, 3) for r in ratios]
     return result
 
 
@@ -205,6 +209,15 @@ def photos(args) -> dict:
     try:
         _photo_folder(scratch / "photos", args.photos)
         first, rate = _rate(ours(str(scratch / "photos"), 64, size=128, crop="random_resized"), 20)
+        # Decoding dominates here: ours (random-resized crops) vs Keras (resize), alternating.
+        side_by_side: dict = {"ours_random_resized": [], "keras_resize": []}
+        for _ in range(args.repeats):
+            side_by_side["ours_random_resized"].append(
+                round(_rate(ours(str(scratch / "photos"), 64, size=128, crop="random_resized"), 20)[1])
+            )
+            side_by_side["keras_resize"].append(
+                round(_rate(keras_folder(str(scratch / "photos" / "train"), 64, 128), 20)[1])
+            )
         overrides = [
             "data.source=folder",
             f"data.path={scratch / 'photos'}",
@@ -216,7 +229,12 @@ def photos(args) -> dict:
         trained = _train_speed(overrides, str(scratch / "w"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"pipeline_first_batch_s": round(first, 2), "pipeline_img_per_s": round(rate), "training": trained}
+    return {
+        "pipeline_first_batch_s": round(first, 2),
+        "pipeline_img_per_s": round(rate),
+        "decode_side_by_side_img_per_s": side_by_side,
+        "training": trained,
+    }
 
 
 def resume(args) -> dict:

@@ -11,6 +11,8 @@ a few KB on disk and 1.2 GB once decoded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tensorflow as tf
 
 # Largest image decoded (width x height). 64 MP is a large camera photo.
@@ -82,21 +84,47 @@ def header_size(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return size[0], size[1]
 
 
+def _check_pixels(height: tf.Tensor, width: tf.Tensor, name: tf.Tensor) -> tf.Operation:
+    return tf.debugging.Assert(
+        height * width <= MAX_IMAGE_PIXELS,
+        [name, "is", width, "x", height, f"pixels, over the {MAX_IMAGE_PIXELS // 2**20} MP limit for one image"],
+        name="pixel_limit",
+    )
+
+
+def _decode_all(raw: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(raw, channels=3, dtype=tf.uint8, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
 def decode(raw: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
     """Encoded bytes -> uint8 [H, W, 3], refusing images over the pixel limit before decoding.
 
     `name` (the file) goes into the error message of an image over the limit.
     """
     height, width = header_size(raw)
-    pixels = height * width
-    check = tf.debugging.Assert(
-        pixels <= MAX_IMAGE_PIXELS,
-        [name, "is", width, "x", height, f"pixels, over the {MAX_IMAGE_PIXELS // 2**20} MP limit for one image"],
-        name="pixel_limit",
-    )
-    with tf.control_dependencies([check]):
-        image = tf.io.decode_image(raw, channels=3, dtype=tf.uint8, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3])
+    with tf.control_dependencies([_check_pixels(height, width, name)]):
+        return _decode_all(raw)
+
+
+def decode_window(raw: tf.Tensor, name: tf.Tensor, window: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    """Only the part of an encoded image that `window(height, width)` -> [top, left, h, w]
+    (int32) picks. A JPEG decodes just that part (decode_and_crop_jpeg: a random crop of a
+    photo costs a fraction of a full decode); other formats are decoded whole, then cut."""
+    height, width = header_size(raw)
+    with tf.control_dependencies([_check_pixels(height, width, name)]):
+        is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
+
+        def jpeg() -> tf.Tensor:
+            return tf.image.decode_and_crop_jpeg(raw, window(height, width), channels=3)
+
+        def other() -> tf.Tensor:
+            image = _decode_all(raw)
+            shape = tf.shape(image, out_type=tf.int64)
+            top, left, crop_height, crop_width = tf.unstack(window(shape[0], shape[1]))
+            return image[top : top + crop_height, left : left + crop_width]
+
+        return tf.ensure_shape(tf.cond(is_jpeg, jpeg, other), [None, None, 3])
 
 
 def read_and_decode(path: tf.Tensor) -> tf.Tensor:
@@ -123,42 +151,65 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(tf.cond(same, lambda: image, resized), [size, size, 3])
 
 
-def _crop_box(image: tf.Tensor, top, left, height, width) -> tf.Tensor:
-    """Normalised [y1, x1, y2, x2] of a crop given in pixels."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    return tf.stack([top / shape[0], left / shape[1], (top + height) / shape[0], (left + width) / shape[1]])
+def center_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """[top, left, h, w] of the central 87.5% square: the random_resized recipe's evaluation view."""
+    side = tf.maximum(tf.cast(CENTER_CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32), tf.int32), 1)
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
-def _crop_resized(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
-    """Crop and resize in one op: only the crop's pixels are interpolated."""
-    crop = tf.image.crop_and_resize(tf.cast(image[None], tf.float32), box[None], [0], [size, size])
-    return to_uint8(crop[0])
+def random_window(height: tf.Tensor, width: tf.Tensor, draws: tf.Tensor, min_area: float) -> tf.Tensor:
+    """[top, left, h, w] of a crop of draws-chosen area and aspect.
 
-
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """The evaluation view of the random_resized recipe: the central 87.5% square, resized."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    side = CENTER_CROP_FRACTION * tf.minimum(shape[0], shape[1])
-    box = _crop_box(image, (shape[0] - side) / 2, (shape[1] - side) / 2, side, side)
-    return _crop_resized(image, box, size)
-
-
-def random_resized_crop(image: tf.Tensor, size: int, draws: tf.Tensor, min_area: float) -> tf.Tensor:
-    """A crop of draws-chosen area and aspect, resized to size x size.
-
-    `draws`: 4 uniform numbers in [0, 1) (area, aspect, top, left), so the crop is a pure
+    `draws`: uniform numbers in [0, 1) (area, aspect, top, left), so the crop is a pure
     function of the example's random draws. A crop that would not fit is shrunk to fit,
     keeping its aspect: one draw, never a retry loop.
     """
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    area = shape[0] * shape[1] * (min_area + (1.0 - min_area) * draws[0])
+    rows, cols = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area = rows * cols * (min_area + (1.0 - min_area) * draws[0])
     low, high = tf.math.log(_ASPECT_RANGE[0]), tf.math.log(_ASPECT_RANGE[1])
     aspect = tf.exp(low + (high - low) * draws[1])  # width / height
-    width, height = tf.sqrt(area * aspect), tf.sqrt(area / aspect)
-    fit = tf.minimum(1.0, tf.minimum(shape[1] / width, shape[0] / height))
-    width, height = width * fit, height * fit
-    top, left = (shape[0] - height) * draws[2], (shape[1] - width) * draws[3]
-    return _crop_resized(image, _crop_box(image, top, left, height, width), size)
+    crop_width, crop_height = tf.sqrt(area * aspect), tf.sqrt(area / aspect)
+    fit = tf.minimum(1.0, tf.minimum(cols / crop_width, rows / crop_height))
+    crop_height = tf.clip_by_value(tf.cast(crop_height * fit, tf.int32), 1, tf.cast(height, tf.int32))
+    crop_width = tf.clip_by_value(tf.cast(crop_width * fit, tf.int32), 1, tf.cast(width, tf.int32))
+    top = tf.cast((rows - tf.cast(crop_height, tf.float32)) * draws[2], tf.int32)
+    left = tf.cast((cols - tf.cast(crop_width, tf.float32)) * draws[3], tf.int32)
+    return tf.stack([top, left, crop_height, crop_width])
+
+
+def resized_crop(crop: tf.Tensor, size: int) -> tf.Tensor:
+    """A crop at size x size: bilinear, as TensorFlow's ImageNet pipelines resize crops."""
+    return tf.ensure_shape(to_uint8(tf.image.resize(crop, [size, size], method="bilinear")), [size, size, 3])
+
+
+def _cut(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    top, left, height, width = tf.unstack(window)
+    return image[top : top + height, left : left + width]
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """The evaluation view of the random_resized recipe on decoded pixels."""
+    shape = tf.shape(image)
+    return resized_crop(_cut(image, center_window(shape[0], shape[1])), size)
+
+
+def random_resized_crop(image: tf.Tensor, size: int, draws: tf.Tensor, min_area: float) -> tf.Tensor:
+    """A random-resized crop of decoded pixels (the same window as from the file)."""
+    shape = tf.shape(image)
+    return resized_crop(_cut(image, random_window(shape[0], shape[1], draws, min_area)), size)
+
+
+def decode_random_resized(raw: tf.Tensor, name: tf.Tensor, size: int, draws: tf.Tensor, min_area: float) -> tf.Tensor:
+    """A random-resized crop straight from the encoded bytes (JPEG: only the crop is decoded)."""
+    return resized_crop(decode_window(raw, name, lambda h, w: random_window(h, w, draws, min_area)), size)
+
+
+def decode_view(raw: tf.Tensor, name: tf.Tensor, size: int, crop: str) -> tf.Tensor:
+    """Evaluation's view straight from the encoded bytes."""
+    if crop == "random_resized":
+        return resized_crop(decode_window(raw, name, center_window), size)
+    return resize(decode(raw, name), size)
 
 
 def eval_view(image: tf.Tensor, size: int, crop: str) -> tf.Tensor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tensorflow as tf
 
-from trainer.data.decode import eval_view, random_resized_crop, read_and_decode, resize
+from trainer.data.decode import decode, decode_random_resized, decode_view, random_resized_crop, resize
 from trainer.errors import ConfigError
 
 # Distinct stream ids so shuffling and augmentation never share random numbers.
@@ -288,23 +288,29 @@ class ExampleLoader:
         return tf.gather(self.images, safe), tf.gather(self.labels, safe), tf.cast(mask, tf.float32)
 
     # One example at a time.
-    def _decoded(self, index: tf.Tensor, raw: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-        """(image, label) of one example: from memory, its file, or its raw TFRecord."""
+    def _source(self, index: tf.Tensor, raw: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(encoded image, its name for errors, label) of a file or TFRecord example."""
         if raw is not None:
-            from trainer.data.records import decode_record
+            from trainer.data.records import parse_record
 
-            return decode_record(raw)
-        if self.in_memory:
-            return self.images[index], self.labels[index]
-        return read_and_decode(self.paths[index]), self.labels[index]
+            return parse_record(raw)
+        path = self.paths[index]
+        return tf.io.read_file(path), path, self.labels[index]
 
     def _train_example(self, epoch, index, raw=None):
-        image, label = self._decoded(index, raw)
-        if self.spec.augment and self.spec.crop == "random_resized":
-            draws = example_draws(index[None], self.spec.seed, _AUGMENT_STREAM, epoch, 5)[0]
-            image = random_resized_crop(image, self.size, draws, self.spec.crop_min_area)
+        spec = self.spec
+        random_resized = spec.augment and spec.crop == "random_resized"
+        draws = example_draws(index[None], spec.seed, _AUGMENT_STREAM, epoch, 5)[0] if random_resized else None
+        if self.in_memory:
+            image, label = self.images[index], self.labels[index]
+            if random_resized:
+                image = random_resized_crop(image, self.size, draws, spec.crop_min_area)
         else:
-            image = resize(image, self.size)
+            encoded, name, label = self._source(index, raw)
+            if random_resized:  # a JPEG decodes only the crop
+                image = decode_random_resized(encoded, name, self.size, draws, spec.crop_min_area)
+            else:
+                image = resize(decode(encoded, name), self.size)
         return epoch, index, image, label
 
     def _finish_train(self, epochs, indices, images, labels):
@@ -329,8 +335,8 @@ class ExampleLoader:
         return image, label, tf.cast(mask, tf.float32)
 
     def _viewed(self, index, raw):
-        image, label = self._decoded(index, raw)
-        return eval_view(image, self.size, self.spec.crop), label
+        encoded, name, label = self._source(index, raw)
+        return decode_view(encoded, name, self.size, self.spec.crop), label
 
     def _finish_eval(self, images, labels, mask):
         return images, labels, mask

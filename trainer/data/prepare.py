@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import DataConfig
-from trainer.data.decode import MAX_IMAGE_PIXELS, eval_view, header_size, read_and_decode
+from trainer.data.decode import MAX_IMAGE_PIXELS, decode_view, eval_view, header_size, read_and_decode
 from trainer.data.info import STATS_SAMPLE, DatasetInfo, dataset_info
 from trainer.data.pipeline import InputSpec, file_paths, input_spec, resolve_crop, sample_images, sample_indices
 from trainer.data.sources import Dataset, FileSplit, Split, image_sizes, load_dataset
@@ -150,7 +150,7 @@ def decode_all(split: FileSplit, size: int, crop: str) -> np.ndarray:
     images = np.empty((len(split), size, size, 3), np.uint8)
     paths = tf.data.Dataset.from_tensor_slices(file_paths(split))
     views = paths.map(
-        lambda path: eval_view(read_and_decode(path), size, crop),
+        lambda path: decode_view(tf.io.read_file(path), path, size, crop),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )

@@ -90,8 +90,8 @@ class RecordSplit:
         return records.filter(kept)
 
 
-def decode_record(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(uint8 image [H, W, 3], int32 label) of one serialized tf.train.Example."""
+def parse_record(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(encoded image, its file name or "a record", int32 label) of one tf.train.Example."""
     features = tf.io.parse_single_example(
         raw,
         {
@@ -100,7 +100,13 @@ def decode_record(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             FILENAME_KEY: tf.io.FixedLenFeature([], tf.string, default_value="a record"),
         },
     )
-    return decode(features[IMAGE_KEY], features[FILENAME_KEY]), tf.cast(features[LABEL_KEY], tf.int32)
+    return features[IMAGE_KEY], features[FILENAME_KEY], tf.cast(features[LABEL_KEY], tf.int32)
+
+
+def decode_record(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(uint8 image [H, W, 3], int32 label) of one serialized tf.train.Example."""
+    encoded, name, label = parse_record(raw)
+    return decode(encoded, name), label
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -248,11 +254,11 @@ def record_first_slices(split: RecordSplit, count: int) -> tf.data.Dataset:
 
 def decode_all_records(split: RecordSplit, size: int, crop: str) -> tuple[np.ndarray, np.ndarray]:
     """Every record decoded in parallel (canonical order): uint8 [N, size, size, 3], labels."""
-    from trainer.data.decode import eval_view
+    from trainer.data.decode import decode_view
 
     def view(_ordinal, raw):
-        image, label = decode_record(raw)
-        return eval_view(image, size, crop), label
+        encoded, name, label = parse_record(raw)
+        return decode_view(encoded, name, size, crop), label
 
     images, labels = np.empty((len(split), size, size, 3), np.uint8), np.empty(len(split), np.int32)
     start = 0
