@@ -6,6 +6,7 @@
     python bench/input_pipeline.py scale           # 3. 50,000 vs 500,000 files (hard links)
     python bench/input_pipeline.py photos          # 4. 2,000 640x480 JPEGs at image_size=128
     python bench/input_pipeline.py resume          # 5. TFRecord resume at 90% of an epoch
+    python bench/input_pipeline.py per_step        # the in-memory pipeline alone at 50,000 and 500,000 examples
 
 Side by side means alternating, in one process or one after the other, on the same cores.
 Scratch data (links, photos, shards) goes to --scratch and is removed afterwards.
@@ -28,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from trainer.config import DataConfig, load_config  # noqa: E402
@@ -260,9 +262,26 @@ def resume(args) -> dict:
     return result
 
 
+def per_step(args) -> dict:
+    """The in-memory pipeline alone (no model): random uint8 images, batch 128, pad-crop and
+    flip, for 50,000 and 500,000 examples: the per-step cost must not grow with N."""
+    from trainer.data.sources import Split
+
+    result: dict = {}
+    for count in (50_000, 500_000):
+        rng = np.random.default_rng(0)
+        split = Split(
+            rng.integers(0, 255, (count, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, count).astype("int32")
+        )
+        spec = InputSpec(global_batch=128, seed=0, augment=True, crop_padding=4)
+        batches = train_dataset_fn(split, spec, 0, 10**9)(tf.distribute.InputContext())
+        result[f"{count}_img_per_s"] = [round(_rate(batches, 300)[1]) for _ in range(args.repeats)]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("measure", choices=["decode", "cache", "scale", "photos", "resume"])
+    parser.add_argument("measure", choices=["decode", "cache", "scale", "photos", "resume", "per_step"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--batches", type=int, default=150, help="batches timed per decode measurement")
