@@ -111,7 +111,7 @@ def _flipped(out: np.ndarray, images: np.ndarray) -> np.ndarray:
 def test_alternating_flips_mirror_every_image_in_every_other_epoch():
     spec = InputSpec(global_batch=N, seed=4, augment=True, crop_padding=0, flip="alternating")
     indices = tf.range(N, dtype=tf.int64)
-    epochs = [augment_batch(IMAGES, indices, tf.constant(e, tf.int64), spec, N).numpy() for e in range(4)]
+    epochs = [augment_batch(IMAGES, indices, tf.constant(e, tf.int64), spec).numpy() for e in range(4)]
     flips = [_flipped(out, IMAGES) for out in epochs]
     assert 0 < flips[0].sum() < N  # random in the first epoch
     for previous, current in zip(flips, flips[1:]):
@@ -120,7 +120,7 @@ def test_alternating_flips_mirror_every_image_in_every_other_epoch():
 
 def test_reflect_padding_crops_from_a_mirrored_border():
     spec = InputSpec(global_batch=N, seed=1, augment=True, crop_padding=2, pad_mode="reflect")
-    out = augment_batch(IMAGES, tf.range(N, dtype=tf.int64), tf.constant(0, tf.int64), spec, N).numpy()
+    out = augment_batch(IMAGES, tf.range(N, dtype=tf.int64), tf.constant(0, tf.int64), spec).numpy()
     padded = np.pad(IMAGES, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
     shifted = 0
     for i in range(N):

@@ -25,7 +25,6 @@ def _augment(indices, epoch, seed=0, padding=2):
         tf.constant(indices, tf.int64),
         tf.constant(epoch, tf.int64),
         InputSpec(global_batch=1, seed=seed, augment=True, crop_padding=padding),
-        N,
     ).numpy()
 
 

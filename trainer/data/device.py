@@ -100,7 +100,7 @@ class DeviceFeed:
             order = epoch_permutation(self.num_examples, spec.seed, epoch_t)[: self.per_epoch * spec.global_batch]
             plan = {"indices": tf.reshape(order, shape)}
             if spec.augment:
-                offset_y, offset_x, flipped = augmentation_draws(order, epoch_t, spec, self.num_examples)
+                offset_y, offset_x, flipped = augmentation_draws(order, epoch_t, spec)
                 plan.update(
                     offset_y=tf.reshape(offset_y, shape),
                     offset_x=tf.reshape(offset_x, shape),

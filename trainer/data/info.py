@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from trainer.data.sources import Dataset
 
 
@@ -24,13 +26,11 @@ class DatasetInfo:
 STATS_SAMPLE = 5000
 
 
-def dataset_info(dataset: Dataset, sample=None) -> DatasetInfo:
+def dataset_info(dataset: Dataset, sample: np.ndarray) -> DatasetInfo:
     """The info of a prepared dataset; normalisation statistics from `sample` (training
-    images, see pipeline.sample_images), by default the spread-out sample of an in-memory split."""
-    from trainer.data.pipeline import normalization_stats, sample_indices  # needs TensorFlow
+    images at the training size, see pipeline.sample_images)."""
+    from trainer.data.pipeline import normalization_stats  # needs TensorFlow
 
-    if sample is None:
-        sample = dataset.train.images[sample_indices(len(dataset.train), STATS_SAMPLE)]
     mean, std = normalization_stats(sample)
     return DatasetInfo(
         class_names=list(dataset.class_names),

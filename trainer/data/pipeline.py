@@ -125,12 +125,10 @@ def _flips(indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec, draw: tf.Tenso
     return tf.not_equal(first < 0.5, tf.equal(tf.cast(epoch, tf.int64) % 2, 1))
 
 
-def augmentation_draws(
-    indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec, num_examples: int = 0
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def augmentation_draws(indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Each example's pad-crop offsets (y, x) and flip in epoch `epoch`, keyed by its index,
     so an image is augmented the same way whichever batch, replica, device or resumed run
-    it lands in. (`num_examples` is unused: kept so callers need not change.)"""
+    it lands in."""
     positions = 2 * spec.crop_padding + 1
     draws = example_draws(indices, spec.seed, _AUGMENT_STREAM, epoch, 3)
     offset_y = tf.minimum(tf.cast(draws[:, 0] * positions, tf.int32), positions - 1)
@@ -158,7 +156,7 @@ def apply_augmentation(
     return tf.gather(images, offset_x[:, None] + columns, axis=2, batch_dims=1)
 
 
-def augment_batch(images: tf.Tensor, indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec, num_examples: int = 0):
+def augment_batch(images: tf.Tensor, indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec) -> tf.Tensor:
     """Pad-and-random-crop plus horizontal flip of the examples `indices` in epoch `epoch`."""
     return apply_augmentation(images, *augmentation_draws(indices, epoch, spec), spec)
 
