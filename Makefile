@@ -26,6 +26,9 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
+test-slow:
+	$(BIN)/python -m pytest -q -m slow
+
 quickstart: setup
 	$(BIN)/launch train --config configs/quickstart.yaml --workdir runs/quickstart
 

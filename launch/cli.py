@@ -330,6 +330,19 @@ def devices(obj, overrides: tuple[str, ...]) -> None:
     click.echo(f"Why: {report['reason']}")
 
 
+@cli.command()
+@click.option("--size", default=224, show_default=True, type=click.IntRange(32, 1024), help="Image size to measure at.")
+@click.option("--classes", default=10, show_default=True, type=click.IntRange(2, 100_000), help="Classes of the head.")
+@click.pass_obj
+def models(obj, size: int, classes: int) -> None:
+    """List every model.name with its parameters and forward FLOPs per image."""
+    library = _load("trainer.models", obj["verbose"])
+    click.echo(f"{'model.name':<20} {'from':<37} {'parameters':>11} {'GFLOPs/image':>13}  (at {size}x{size})")
+    for row in library.describe_models(size, classes):
+        click.echo(f"{row.name:<20} {row.origin:<37} {row.parameters / 1e6:>10.2f}M {row.forward_flops / 1e9:>13.3f}")
+    click.echo("Backbones: set model.weights (none | imagenet | a .keras/.h5 file); see the README's Models section")
+
+
 @cli.group("config")
 def config_group() -> None:
     """Inspect configs."""

@@ -88,17 +88,24 @@ print(json.dumps({"keras": keras_probabilities.tolist(), "served": served.tolist
 
 
 @pytest.mark.parametrize(
-    ("model", "precision"),
-    [("paper_cnn", "float32"), ("resnet_small", "float32"), ("airbench", "float32"), ("paper_cnn", "mixed_bfloat16")],
+    ("model", "precision", "size"),
+    [
+        ("paper_cnn", "float32", 32),
+        ("resnet_small", "float32", 32),
+        ("airbench", "float32", 32),
+        ("paper_cnn", "mixed_bfloat16", 32),
+        ("mobilenet_v3_small", "mixed_bfloat16", 64),  # a Keras Applications backbone at its own size
+    ],
 )
-def test_exports_load_in_plain_keras_and_agree_with_launch_predict(tmp_path, images, model, precision):
+def test_exports_load_in_plain_keras_and_agree_with_launch_predict(tmp_path, images, model, precision, size):
     """Where users use exports: a fresh process with only keras and tensorflow imported."""
     workdir = tmp_path / "run"
     settings = ["--set", f"model.name={model}", "--set", f"runtime.precision={precision}", "--set", "train.max_steps=2"]
+    settings += ["--set", f"data.image_size={size}"]
     assert _run("train", "--config", SMOKE, "--workdir", workdir, *settings).exit_code == 0
     assert _run("export", "--workdir", workdir).exit_code == 0
     paths = list(images[0][:2])
-    odd = tmp_path / "odd.png"  # 64x48: predict resizes it to the model's 32x32
+    odd = tmp_path / "odd.png"  # 64x48: predict resizes it to the model's size
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(odd)
     paths.append(odd)
     predicted = _run("predict", "--workdir", workdir, "--json", *paths)
@@ -106,7 +113,7 @@ def test_exports_load_in_plain_keras_and_agree_with_launch_predict(tmp_path, ima
     cli = np.array([list(json.loads(line)["probabilities"].values()) for line in predicted.output.splitlines()])
     from trainer.inference import load_images  # predict's own resizing (tf.image, antialiased)
 
-    batch = load_images(paths, (32, 32, 3))
+    batch = load_images(paths, (size, size, 3))
     np.save(tmp_path / "batch.npy", batch.astype(np.float32))
     export = workdir / "export"
     done = subprocess.run(

@@ -8,7 +8,7 @@ from trainer.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "paper_cnn", "smoke", "cifar10_tpu"])
+@pytest.mark.parametrize("name", ["quickstart", "paper_cnn", "smoke", "cifar10_tpu", "photos_mobilenet"])
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert isinstance(config, Config)

@@ -112,7 +112,8 @@ def test_models_train_under_mixed_bfloat16(tmp_path, model, monkeypatch):
 
     built = []
     original = trainer.training.build_for_dataset
-    monkeypatch.setattr(trainer.training, "build_for_dataset", lambda *a: built.append(original(*a)) or built[-1])
+    recorded = lambda *a, **k: built.append(original(*a, **k)) or built[-1]  # noqa: E731
+    monkeypatch.setattr(trainer.training, "build_for_dataset", recorded)
     config = smoke_config(
         f"model.name={model}", "model.width=8", "runtime.precision=mixed_bfloat16", "train.max_steps=8"
     )

@@ -84,13 +84,46 @@ class DataConfig:
     synthetic_classes: int = 10
 
 
+# Keras Applications backbones offered as model.name (trainer.models.BACKBONES says how
+# each is built; a test checks that the two lists agree).
+BACKBONE_NAMES = (
+    "resnet50",
+    "resnet50_v2",
+    "densenet121",
+    "efficientnetv2_b0",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "convnext_tiny",
+)
+
+
 @dataclass
 class ModelConfig:
     """Which network to build (see trainer.models for the registry)."""
 
-    name: str = _choice("paper_cnn", "paper_cnn", "resnet_small", "airbench")
-    # Channels of the first convolution; later stages scale from it.
+    name: str = _choice("paper_cnn", "paper_cnn", "resnet_small", "airbench", *BACKBONE_NAMES)
+    # Our nets: channels of the first convolution; later stages scale from it. Backbones
+    # have their own widths and ignore it.
     width: int = 32
+    # Backbones only. Where the backbone's starting weights come from: none (random, works
+    # offline), imagenet (Keras downloads them once into ~/.keras/models), or a file: a
+    # .keras model (one of our exports, or a saved backbone) or a backbone's .h5/.weights.h5.
+    weights: str = "none"
+    # Dropout before the classification head (backbones only).
+    head_dropout: float = 0.2
+    # Momentum of the backbone's BatchNorm statistics (0 = the Keras network's own). Keras'
+    # MobileNetV3 uses 0.999, made for ImageNet's million-step runs: after a few thousand
+    # steps its statistics are still mostly the initial ones, and evaluations show chance.
+    batchnorm_momentum: float = 0.9
+    # Fine-tuning: train only the head while the backbone stays fixed (its BatchNorm in
+    # inference mode)...
+    freeze_backbone: bool = False
+    # ...until this many epochs are done (0 = frozen for the whole run); from then on the
+    # backbone trains too, its BatchNorm still in inference mode (Keras' transfer-learning rule)...
+    unfreeze_at_epoch: int = 0
+    # ...at this fraction (or multiple) of the learning rate (sgd only: a gradient multiplier,
+    # which Adam's normalisation would cancel).
+    backbone_lr_multiplier: float = 1.0
 
 
 @dataclass
@@ -231,6 +264,10 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "data.synthetic_test_size": (1, True),
     "data.synthetic_classes": (2, True),
     "model.width": (1, True),
+    "model.head_dropout": (0, True),
+    "model.batchnorm_momentum": (0, True),
+    "model.unfreeze_at_epoch": (0, True),
+    "model.backbone_lr_multiplier": (0, False),
     "optimizer.learning_rate": (0, False),
     "optimizer.warmup_epochs": (0, True),
     "optimizer.momentum": (0, True),
@@ -265,6 +302,7 @@ _MAXIMUMS: dict[str, float] = {
     "data.synthetic_test_size": 10_000_000,
     "data.synthetic_classes": 100_000,
     "model.width": 4096,
+    "model.backbone_lr_multiplier": 10**6,
     "optimizer.warmup_epochs": 100_000,
     "optimizer.bias_lr_multiplier": 10**6,
     "optimizer.lookahead_every_steps": 10**9,
@@ -282,6 +320,8 @@ _MAXIMUMS: dict[str, float] = {
 }
 # Exclusive upper bounds: momenta and decays of averages, and label smoothing, stop below 1.
 _BELOW: dict[str, float] = {
+    "model.head_dropout": 1,
+    "model.batchnorm_momentum": 1,
     "optimizer.label_smoothing": 1,
     "data.validation_split": 1,
     "optimizer.ema_momentum": 1,
@@ -401,9 +441,45 @@ def _check_cross_keys(config: Config) -> None:
         )
     if config.tensorboard.profile_steps:
         profile_range(config.tensorboard.profile_steps)
+    _check_fine_tuning(config)
     if config.data.source in ("folder", "tfrecord") and not config.data.path:
         what = "train/<class>/ and test/<class>/, or <class>/" if config.data.source == "folder" else "TFRecord shards"
         raise ConfigError(f"data.source={config.data.source} needs data.path (a folder with {what})")
+
+
+def _check_fine_tuning(config: Config) -> None:
+    """Backbone-only keys on our own nets, and fine-tuning settings that would do nothing."""
+    model = config.model
+    if model.name not in BACKBONE_NAMES:
+        used = [key for key, idle in _BACKBONE_ONLY.items() if getattr(model, key) != idle]
+        if used:
+            raise ConfigError(
+                f"model.{used[0]} is for Keras Applications backbones, not model.name={model.name}; "
+                f"choose one of {', '.join(BACKBONE_NAMES)}, or leave it out"
+            )
+    if model.unfreeze_at_epoch and not model.freeze_backbone:
+        raise ConfigError("model.unfreeze_at_epoch needs model.freeze_backbone=true (the backbone is never frozen)")
+    if model.unfreeze_at_epoch >= config.train.epochs:
+        raise ConfigError(
+            f"model.unfreeze_at_epoch={model.unfreeze_at_epoch} is not before the last epoch "
+            f"(train.epochs={config.train.epochs}): the backbone would never train; lower it, "
+            "or use 0 to keep it frozen"
+        )
+    if model.backbone_lr_multiplier != 1.0 and config.optimizer.name != "sgd":
+        raise ConfigError(
+            f"model.backbone_lr_multiplier works with optimizer.name=sgd only, got {config.optimizer.name} (it "
+            "multiplies the backbone's gradients, which Adam's normalisation cancels); set it to 1 or use sgd"
+        )
+
+
+# Backbone-only model keys and their values that mean "not used".
+_BACKBONE_ONLY = {
+    "weights": "none",
+    "freeze_backbone": False,
+    "unfreeze_at_epoch": 0,
+    "backbone_lr_multiplier": 1.0,
+    "batchnorm_momentum": 0.9,
+}
 
 
 def profile_range(text: str) -> tuple[int, int]:

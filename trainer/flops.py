@@ -1,12 +1,15 @@
 """Model FLOPs per example and device peaks, for model FLOPs utilisation (MFU).
 
-Counted once from the layer shapes: 2 multiply-adds per weight use in Conv2D and Dense
-layers (the rest is a rounding error for CNNs), and training costs about 3x the forward
-pass (forward, gradient w.r.t. activations, gradient w.r.t. weights).
+Counted once from the layer shapes: 2 FLOPs (a multiply and an add) per weight use in
+Conv2D, DepthwiseConv2D and Dense layers, descending into nested models (a Keras
+Applications backbone is one layer of ours); the rest is a rounding error for CNNs.
+Training costs about 3x the forward pass (forward, gradient w.r.t. activations, gradient
+w.r.t. weights).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import keras
@@ -25,17 +28,29 @@ _MIXED_PRECISION_PEAK_TFLOPS = {
 
 
 def forward_flops_per_example(model: keras.Model) -> int:
-    """FLOPs of one example's forward pass through the Conv2D and Dense layers."""
-    total = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            _, height, width, channels_out = layer.output.shape
-            kernel_h, kernel_w, channels_in, _ = layer.kernel.shape
-            total += 2 * height * width * channels_out * kernel_h * kernel_w * channels_in
-        elif isinstance(layer, keras.layers.Dense):
-            inputs, outputs = layer.kernel.shape
-            total += 2 * inputs * outputs
-    return int(total)
+    """FLOPs of one example's forward pass through the Conv2D, DepthwiseConv2D and Dense layers."""
+    return int(sum(_layer_flops(layer) for layer in model.layers))
+
+
+def _layer_flops(layer) -> int:
+    if isinstance(layer, keras.Model):
+        return forward_flops_per_example(layer)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kernel_h, kernel_w, _, _ = layer.kernel.shape  # (h, w, channels, multiplier)
+        return 2 * _positions(layer.output.shape) * layer.output.shape[-1] * kernel_h * kernel_w
+    if isinstance(layer, keras.layers.Conv2D):
+        # The kernel's input axis is per group (ConvNeXt's depthwise Conv2D: 1).
+        kernel_h, kernel_w, channels_in, _ = layer.kernel.shape
+        return 2 * _positions(layer.output.shape) * layer.output.shape[-1] * kernel_h * kernel_w * channels_in
+    if isinstance(layer, keras.layers.Dense):
+        inputs, outputs = layer.kernel.shape
+        return 2 * _positions(layer.output.shape) * inputs * outputs  # ConvNeXt applies Dense per pixel
+    return 0
+
+
+def _positions(shape) -> int:
+    """Spatial positions of an output (1 for a flat one)."""
+    return int(math.prod(shape[1:-1]))
 
 
 def training_flops_per_example(model: keras.Model) -> int:

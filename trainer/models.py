@@ -8,13 +8,15 @@ are used: an exported `.keras` file loads in plain Keras without custom objects.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 from keras import layers
 
+from trainer.backbones import BACKBONES, build_backbone_model, is_backbone, load_weights_file
 from trainer.errors import ConfigError, DataError
 from trainer.files import short
 
@@ -35,7 +37,8 @@ def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 
 def model_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """Our own nets, then the Keras Applications backbones."""
+    return sorted(_REGISTRY) + list(BACKBONES)
 
 
 def build_model(
@@ -46,8 +49,24 @@ def build_model(
     mean: Sequence[float],
     std: Sequence[float],
     width: int = 32,
+    head_dropout: float = 0.2,
+    weights: str = "none",
+    batchnorm_momentum: float = 0.0,
 ) -> keras.Model:
-    """Build `name` from the registry; call inside `strategy.scope()` to place its variables."""
+    """Build `name` from the registry; call inside `strategy.scope()` to place its variables.
+
+    Backbones take their own preprocessing instead of `mean`/`std`, and `weights`
+    ("imagenet" is loaded here; a file path is for `load_initial_weights`).
+    """
+    if is_backbone(name):
+        return build_backbone_model(
+            name,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            head_dropout=head_dropout,
+            weights=weights,
+            batchnorm_momentum=batchnorm_momentum,
+        )
     if name not in _REGISTRY:
         raise ConfigError(f"model.name={name!r} is not registered; choose one of {', '.join(model_names())}")
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
@@ -64,8 +83,13 @@ def build_model(
     return keras.Model(inputs, logits, name=name)
 
 
-def build_for_dataset(model_config: ModelConfig, info: DatasetInfo) -> keras.Model:
-    """`model_config` (config.model) sized for the data `info` describes (a DatasetInfo)."""
+def build_for_dataset(model_config: ModelConfig, info: DatasetInfo, *, pretrained: bool = False) -> keras.Model:
+    """`model_config` (config.model) sized for the data `info` describes (a DatasetInfo).
+
+    `pretrained`: start from `model.weights` (training a new run). Without it the
+    weights are random, for a checkpoint to restore: evaluate, predict and export never
+    download or read the starting weights again.
+    """
     return build_model(
         model_config.name,
         input_shape=info.image_shape,
@@ -73,7 +97,19 @@ def build_for_dataset(model_config: ModelConfig, info: DatasetInfo) -> keras.Mod
         mean=info.mean,
         std=info.std,
         width=model_config.width,
+        head_dropout=model_config.head_dropout,
+        batchnorm_momentum=model_config.batchnorm_momentum,
+        weights="imagenet" if pretrained and model_config.weights == "imagenet" else "none",
     )
+
+
+def load_initial_weights(model: keras.Model, model_config: ModelConfig) -> str | None:
+    """Load `model.weights` when it names a file; returns what was loaded, for the console."""
+    if model_config.weights == "imagenet":
+        return f"{model_config.name} ImageNet weights (Keras)"
+    if model_config.weights in ("none", ""):
+        return None
+    return load_weights_file(model, model_config.weights)
 
 
 @register("paper_cnn")
@@ -202,3 +238,26 @@ def init_from_data(model: keras.Model, images: np.ndarray, mean, std, max_images
     layer.kernel.assign(kernel)
     layer.bias.assign(np.zeros(kernel.shape[-1], np.float32))
     return True
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """One row of `launch models`."""
+
+    name: str
+    origin: str  # "ours" or the keras.applications constructor
+    parameters: int
+    forward_flops: int  # per image at the size described
+
+
+def describe_models(image_size: int = 224, num_classes: int = 10) -> Iterator[ModelDescription]:
+    """Every `model.name`, built at `image_size` (random weights) and measured."""
+    from trainer.flops import forward_flops_per_example  # flops imports nothing of ours: no cycle
+
+    for name in model_names():
+        model = build_model(
+            name, input_shape=(image_size, image_size, 3), num_classes=num_classes, mean=[0.0] * 3, std=[1.0] * 3
+        )
+        origin = f"keras.applications.{BACKBONES[name].application}" if is_backbone(name) else "ours"
+        yield ModelDescription(name, origin, model.count_params(), forward_flops_per_example(model))
+        keras.backend.clear_session(free_memory=False)

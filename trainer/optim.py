@@ -108,15 +108,22 @@ def build_optimizer(
     return optimizer
 
 
-def gradient_multipliers(variables, config: OptimizerConfig) -> list[float] | None:
-    """Per-variable gradient multipliers that give BatchNorm shifts their own learning rate.
+def gradient_multipliers(
+    variables, config: OptimizerConfig, scaled_ids: frozenset[int] = frozenset(), scale: float = 1.0
+) -> list[float] | None:
+    """Per-variable gradient multipliers: per-variable learning rates under SGD.
 
     Keras optimizers have one learning rate; with (Nesterov) momentum SGD multiplying a
-    gradient by k is exactly a k-times learning rate for that variable. None: all 1.
+    gradient by k is exactly a k-times learning rate for that variable. BatchNorm shifts get
+    `bias_lr_multiplier`; the variables whose id is in `scaled_ids` (a fine-tuned backbone)
+    also get `scale`. None: all 1.
     """
-    if config.bias_lr_multiplier == 1.0:
+    if config.bias_lr_multiplier == 1.0 and (scale == 1.0 or not scaled_ids):
         return None
-    return [config.bias_lr_multiplier if _is_batchnorm_shift(v) else 1.0 for v in variables]
+    return [
+        (config.bias_lr_multiplier if _is_batchnorm_shift(v) else 1.0) * (scale if id(v) in scaled_ids else 1.0)
+        for v in variables
+    ]
 
 
 def _is_batchnorm_shift(variable) -> bool:

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import files
+from trainer.backbones import FreezePlan, backbone_variable_ids, set_backbone_frozen
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, config_differences, profile_range, save_config
 from trainer.console import Console, Echo, summary_table
@@ -53,7 +54,7 @@ from trainer.loop import actions as act
 from trainer.loop.controller import Controller, TrainResult, stop_on_nonfinite
 from trainer.loop.schedule import SaveClock, Schedule
 from trainer.loop.step import StepOptions, Votes, make_train_loop
-from trainer.models import build_for_dataset, init_from_data
+from trainer.models import build_for_dataset, init_from_data, load_initial_weights
 from trainer.monitoring import Monitor
 from trainer.optim import Lookahead, build_lookahead, build_optimizer, gradient_multipliers
 from trainer.runtime import Runtime, accelerator_names, environment, setup_runtime
@@ -113,6 +114,7 @@ class _Parts:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     lookahead: Lookahead | None
+    freeze: FreezePlan
 
 
 def _prepare(config: Config, runtime: Runtime, console: Console, started: float) -> _Parts:
@@ -137,8 +139,9 @@ def _prepare(config: Config, runtime: Runtime, console: Console, started: float)
     total_steps = config.train.epochs * per_epoch
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
+    freeze = FreezePlan.of(config.model, per_epoch)
     with runtime.strategy.scope():
-        model = build_for_dataset(config.model, info)
+        model = _starting_model(config, info, freeze, console)
         optimizer = build_optimizer(
             config.optimizer,
             per_epoch,
@@ -146,12 +149,43 @@ def _prepare(config: Config, runtime: Runtime, console: Console, started: float)
             loss_scaling=runtime.loss_scaling,
             skip_nonfinite=config.train.nan_policy == "skip_step",
         )
+        # Slots for every variable that will ever train: the frozen phase updates a subset
+        # of them, and checkpoints hold the same variables on both sides of the unfreeze.
         optimizer.build(model.trainable_variables)
         if init_from_data(model, sample, info.mean, info.std):
             console.info("Whitening layer initialised from the training images' 2x2 patch covariance")
         # Over the whole schedule, as the LR: a run cut short by max_steps resumes identically.
         lookahead = build_lookahead(model, config.optimizer, per_epoch, config.train.epochs * per_epoch)
-    return _Parts(dataset, spec, info, per_epoch, total_steps, model, optimizer, lookahead)
+    return _Parts(dataset, spec, info, per_epoch, total_steps, model, optimizer, lookahead, freeze)
+
+
+def _starting_model(config: Config, info: DatasetInfo, freeze: FreezePlan, console: Console) -> keras.Model:
+    """The model with `model.weights` loaded, trainable as it will be at the end of the run."""
+    model = build_for_dataset(config.model, info, pretrained=True)
+    loaded = load_initial_weights(model, config.model)
+    if loaded:
+        console.info(f"Starting weights: {loaded}")
+    if freeze.ever_frozen:
+        console.info(_freeze_description(config, freeze))
+        if config.model.weights == "none":
+            console.warning(
+                "Warning: model.freeze_backbone with model.weights=none trains a head on random features; "
+                "set model.weights to imagenet or a file"
+            )
+    set_backbone_frozen(model, freeze.final_frozen, keep_batchnorm_frozen=freeze.ever_frozen)
+    return model
+
+
+def _freeze_description(config: Config, freeze: FreezePlan) -> str:
+    if freeze.final_frozen:
+        return "Fine-tuning: the backbone stays frozen (its BatchNorm in inference mode); only the head trains"
+    epochs = config.model.unfreeze_at_epoch
+    rate = config.model.backbone_lr_multiplier
+    at_rate = f" at {rate:g}x the learning rate" if rate != 1.0 else ""
+    return (
+        f"Fine-tuning: the head trains alone for {epochs} epoch(s), then the backbone too{at_rate} "
+        "(its BatchNorm stays in inference mode)"
+    )
 
 
 @dataclass
@@ -343,14 +377,13 @@ def _controller(run: _Run, monitor: Monitor, schedule: Schedule, start_step: int
     config, wd, runtime, parts, store, console = run.config, run.wd, run.runtime, run.parts, run.store, run.console
     votes = Votes.create()
     device_feed = _device_feed(config, runtime, parts, console)
-    options = _step_options(config, runtime, parts, device_feed)
-    train_loop = make_train_loop(runtime.strategy, parts.model, parts.optimizer, votes, options)
+    loop_for = _phased_loops(run, votes, device_feed)
     iterator = None if device_feed else _host_iterator(config, runtime, parts, start_step)
     _start_monitor(config, runtime, parts, monitor, start_step)
     clock = SaveClock(config.checkpoint.every_minutes, runtime.is_chief)
     progress, profiler = act.Progress(console, schedule), act.Profiler(monitor)
     controller = Controller(
-        train_loop=train_loop,
+        loop_for=loop_for,
         batches_for=lambda step: device_feed.plan(step) if device_feed else iterator,
         schedule=schedule,
         actions=_actions(run, monitor, schedule, clock, progress, profiler),
@@ -374,6 +407,29 @@ def _controller(run: _Run, monitor: Monitor, schedule: Schedule, start_step: int
     return controller, state
 
 
+def _phased_loops(run: _Run, votes: Votes, device_feed: DeviceFeed | None):
+    """`loop_for(step)`: the compiled call for the training phase of `step`.
+
+    Fine-tuning trains the head alone, then the backbone too: each phase has its own
+    compiled call (its own trainable variables and BatchNorm mode, fixed when traced),
+    built when first needed. A resumed run picks the phase from its step alone.
+    """
+    config, runtime, parts = run.config, run.runtime, run.parts
+    loops: dict[bool, object] = {}
+
+    def loop_for(step: int):
+        frozen = parts.freeze.frozen_at(step)
+        set_backbone_frozen(parts.model, frozen, keep_batchnorm_frozen=parts.freeze.ever_frozen)
+        if frozen not in loops:
+            if loops:
+                run.console.info(f"Step {step}: the backbone is unfrozen and trains from here on")
+            options = _step_options(config, runtime, parts, device_feed)
+            loops[frozen] = make_train_loop(runtime.strategy, parts.model, parts.optimizer, votes, options)
+        return loops[frozen]
+
+    return loop_for
+
+
 def _step_options(config: Config, runtime: Runtime, parts: _Parts, device_feed: DeviceFeed | None) -> StepOptions:
     return StepOptions(
         global_batch=config.data.batch_size,
@@ -383,7 +439,12 @@ def _step_options(config: Config, runtime: Runtime, parts: _Parts, device_feed: 
         skip_nonfinite=config.train.nan_policy == "skip_step",
         check_gradients=not runtime.loss_scaling,
         jit_compile=runtime.jit_compile,
-        gradient_multipliers=gradient_multipliers(parts.model.trainable_variables, config.optimizer),
+        gradient_multipliers=gradient_multipliers(
+            parts.model.trainable_variables,
+            config.optimizer,
+            frozenset(backbone_variable_ids(parts.model)),
+            config.model.backbone_lr_multiplier,
+        ),
         lookahead=parts.lookahead,
         device_feed=device_feed,
         agree_on_save=bool(config.checkpoint.every_minutes),

@@ -66,13 +66,14 @@ class Controller:
     """Runs `train_loop` over `schedule`, dispatching `actions` between calls.
 
     Args:
-        train_loop: the compiled call from trainer.loop.step.make_train_loop.
+        loop_for: the compiled call (trainer.loop.step.make_train_loop) for a call starting
+            at a global step: fine-tuning trains other variables after the unfreeze epoch.
         batches_for: the call's `batches` argument for a call starting at a step.
         on_nonfinite: the train.nan_policy rule, called with the window sums after a call.
         profiler: also called before the first call and after the last one.
     """
 
-    train_loop: Callable
+    loop_for: Callable[[int], Callable]
     batches_for: Callable[[int], object]
     schedule: Schedule
     actions: list[Action]
@@ -112,7 +113,7 @@ class Controller:
         with self._save_vote():
             # The worker thread runs the compiled call; the main thread stays free to take signals.
             future = worker.submit(
-                self.train_loop,
+                self.loop_for(state.step),
                 self.batches_for(state.step),
                 tf.constant(state.step, tf.int64),
                 tf.constant(call_end - state.step),
