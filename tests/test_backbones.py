@@ -118,6 +118,19 @@ def _starting_file(path) -> str:
     return str(path)
 
 
+def test_two_replicas_train_a_backbone_like_one(tmp_path):
+    """Synchronized BatchNorm over the global batch: 1 and 2 replicas give the same weights
+    after 3 steps up to rounding, amplified through 50 normalisations. Largest differences
+    measured: kernels 4.8e-3, statistics 7.8e-5, head 8.3e-6; with synchronization switched
+    off they were 0.91, 0.43 and 0.033 (per-replica statistics of 4 images, not 8)."""
+    same = ("model.name=mobilenet_v3_small", "model.head_dropout=0", "train.max_steps=3", "runtime.deterministic=true")
+    for replicas in (1, 2):
+        _train(tmp_path / str(replicas), *same, f"runtime.cpu_replicas={replicas}")
+    one, two = _parts(tmp_path / "1", 3), _parts(tmp_path / "2", 3)
+    for part, bound in (("kernels", 2e-2), ("statistics", 1e-3), ("head", 1e-4)):
+        assert max(np.abs(a - b).max() for a, b in zip(one[part], two[part])) < bound, part
+
+
 FINE_TUNE = (
     "model.name=mobilenet_v3_small",
     "model.freeze_backbone=true",
