@@ -273,3 +273,12 @@ def test_the_photos_config_trains_a_backbone_on_a_folder_at_its_resolution_and_p
     image = next((tmp_path / "photos" / "test").rglob("*.*"))
     [prediction] = predict(tmp_path / "run", [image], warn=quiet)
     assert prediction.label in prediction.probabilities and len(prediction.probabilities) == 3
+
+
+def test_launch_models_lists_every_name_with_its_size():
+    result = CliRunner().invoke(cli, ["models", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:-1]}
+    assert list(rows) == model_names()
+    assert rows["resnet50"][1:3] == ["keras.applications.ResNet50", "23.61M"]
+    assert rows["paper_cnn"][1] == "ours"
