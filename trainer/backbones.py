@@ -162,6 +162,10 @@ def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
             yield from _all_layers(layer)
 
 
+def _batchnorm_layers(backbone: keras.Model) -> Iterator[layers.BatchNormalization]:
+    return (layer for layer in _all_layers(backbone) if isinstance(layer, layers.BatchNormalization))
+
+
 def _configure_batchnorm(backbone: keras.Model, momentum: float) -> None:
     """Batch statistics over the global batch, so N replicas train like one (as our nets do),
     and `momentum` for the moving statistics (0: the network's own).
@@ -169,11 +173,10 @@ def _configure_batchnorm(backbone: keras.Model, momentum: float) -> None:
     Keras reads both when the layer runs (and saves them in the layer's config); with one
     replica the synchronized computation is the plain one.
     """
-    for layer in _all_layers(backbone):
-        if isinstance(layer, layers.BatchNormalization):
-            layer.synchronized = True
-            if momentum:
-                layer.momentum = momentum
+    for layer in _batchnorm_layers(backbone):
+        layer.synchronized = True
+        if momentum:
+            layer.momentum = momentum
 
 
 # --- starting weights from a file --------------------------------------------------------
@@ -284,13 +287,12 @@ def set_backbone_frozen(model: keras.Model, frozen: bool, keep_batchnorm_frozen:
     backbone = backbone_of(model)
     backbone.trainable = not frozen
     if not frozen and keep_batchnorm_frozen:
-        for layer in _all_layers(backbone):
-            if isinstance(layer, layers.BatchNormalization):
-                layer.trainable = False
+        for layer in _batchnorm_layers(backbone):
+            layer.trainable = False
 
 
-def backbone_variable_ids(model: keras.Model) -> set[int]:
+def backbone_variable_ids(model: keras.Model) -> frozenset[int]:
     """ids of the backbone's variables (for per-variable learning rates)."""
     if not is_backbone(model.name):
-        return set()
-    return {id(variable) for variable in backbone_of(model).variables}
+        return frozenset()
+    return frozenset(id(variable) for variable in backbone_of(model).variables)

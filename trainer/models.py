@@ -19,6 +19,7 @@ from keras import layers
 from trainer.backbones import BACKBONES, build_backbone_model, is_backbone, load_weights_file
 from trainer.errors import ConfigError, DataError
 from trainer.files import short
+from trainer.flops import forward_flops_per_example
 
 if TYPE_CHECKING:
     from trainer.config import ModelConfig
@@ -252,8 +253,6 @@ class ModelDescription:
 
 def describe_models(image_size: int = 224, num_classes: int = 10) -> Iterator[ModelDescription]:
     """Every `model.name`, built at `image_size` (random weights) and measured."""
-    from trainer.flops import forward_flops_per_example  # flops imports nothing of ours: no cycle
-
     for name in model_names():
         model = build_model(
             name, input_shape=(image_size, image_size, 3), num_classes=num_classes, mean=[0.0] * 3, std=[1.0] * 3

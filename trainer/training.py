@@ -412,15 +412,17 @@ def _phased_loops(run: _Run, votes: Votes, device_feed: DeviceFeed | None):
 
     Fine-tuning trains the head alone, then the backbone too: each phase has its own
     compiled call (its own trainable variables and BatchNorm mode, fixed when traced),
-    built when first needed. A resumed run picks the phase from its step alone.
+    built when first needed. A resumed run picks the phase from its step alone. Steps
+    only grow, so the phases come in order and trainability is set once per phase, not
+    at every call.
     """
     config, runtime, parts = run.config, run.runtime, run.parts
     loops: dict[bool, object] = {}
 
     def loop_for(step: int):
         frozen = parts.freeze.frozen_at(step)
-        set_backbone_frozen(parts.model, frozen, keep_batchnorm_frozen=parts.freeze.ever_frozen)
         if frozen not in loops:
+            set_backbone_frozen(parts.model, frozen, keep_batchnorm_frozen=parts.freeze.ever_frozen)
             if loops:
                 run.console.info(f"Step {step}: the backbone is unfrozen and trains from here on")
             options = _step_options(config, runtime, parts, device_feed)
@@ -442,7 +444,7 @@ def _step_options(config: Config, runtime: Runtime, parts: _Parts, device_feed: 
         gradient_multipliers=gradient_multipliers(
             parts.model.trainable_variables,
             config.optimizer,
-            frozenset(backbone_variable_ids(parts.model)),
+            backbone_variable_ids(parts.model),
             config.model.backbone_lr_multiplier,
         ),
         lookahead=parts.lookahead,
