@@ -97,8 +97,8 @@ _checkpoint_option = click.option(
 _workdir_required = click.option(
     "--workdir",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Training workdir (holds config.yaml and checkpoints/).",
+    type=click.Path(file_okay=False),  # a str: pathlib would turn gs://b into gs:/b
+    help="Training workdir (holds config.yaml and checkpoints/): a folder, or a gs:// (any tf.io.gfile) URL.",
 )
 
 
@@ -120,8 +120,9 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 )
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where checkpoints, logs and config.yaml go [default: runs/<config name>].",
+    type=click.Path(file_okay=False),  # a str: pathlib would turn gs://b into gs:/b
+    help="Where checkpoints, logs and config.yaml go: a folder or a gs:// (any tf.io.gfile) URL "
+    "[default: runs/<config name>].",
 )
 @_set_option
 @click.option("--fresh", is_flag=True, help="Delete this workdir's checkpoints and logs and start over.")
@@ -144,7 +145,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 def train(
     obj,
     config_path: str,
-    workdir: Path | None,
+    workdir: str | None,
     overrides: tuple[str, ...],
     fresh: bool,
     workers: int,
@@ -153,18 +154,19 @@ def train(
 ) -> None:
     """Train a model; resumes from WORKDIR's latest checkpoint if there is one.
 
-    SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit code 75);
+    SIGTERM, SIGUSR1 (Slurm) or Ctrl-C stops after the current step with a checkpoint (exit code 75);
     a second signal exits at once. A NaN/Inf loss stops the run (exit code 3).
     """
     if profile_steps:
         overrides = (*overrides, f"tensorboard.profile_steps={profile_steps}")
     config = _config(config_path, overrides)
-    workdir = workdir or Path("runs") / Path(config_path).stem
+    workdir = workdir or os.path.join("runs", Path(config_path).stem)
     server = None
     if with_tensorboard:
         from trainer.launcher import start_tensorboard
+        from trainer.storage import join
 
-        server = start_tensorboard(str(workdir / "tensorboard"), echo=click.echo)
+        server = start_tensorboard(join(workdir, "tensorboard"), echo=click.echo)
     try:
         code = _run_training(obj["verbose"], config_path, config, workdir, overrides, fresh, workers)
     finally:
@@ -173,7 +175,7 @@ def train(
     sys.exit(code)
 
 
-def _run_training(verbose: bool, config_path: str, config, workdir: Path, overrides, fresh: bool, workers: int) -> int:
+def _run_training(verbose: bool, config_path: str, config, workdir: str, overrides, fresh: bool, workers: int) -> int:
     """One process, or `workers` local processes re-running this command as a cluster."""
     resume = shlex.join(
         ["launch", "train", "--config", config_path, "--workdir", str(workdir)]
@@ -203,7 +205,7 @@ _RESUME_VARIABLE = "TRAINER_RESUME_COMMAND"
 @_checkpoint_option
 @_set_option
 @click.pass_obj
-def evaluate(obj, workdir: Path, checkpoint: str, overrides: tuple[str, ...]) -> None:
+def evaluate(obj, workdir: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
     """Test accuracy and per-class accuracy of a checkpoint; writes WORKDIR/metrics.json.
 
     While a trainer is running in WORKDIR, metrics.json is the trainer's: the result goes
@@ -231,7 +233,7 @@ def _warn(line: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image with all class probabilities.")
 @_checkpoint_option
 @click.pass_obj
-def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool, checkpoint: str) -> None:
+def predict(obj, workdir: str, images: tuple[str, ...], as_json: bool, checkpoint: str) -> None:
     """Classify image files: one line per image with path, class and probability.
 
     The lines are tab-separated; a path holding a tab or line break needs --json.
@@ -255,7 +257,7 @@ def predict(obj, workdir: Path, images: tuple[str, ...], as_json: bool, checkpoi
 @_workdir_required
 @_checkpoint_option
 @click.pass_obj
-def export(obj, workdir: Path, checkpoint: str) -> None:
+def export(obj, workdir: str, checkpoint: str) -> None:
     """Write WORKDIR/export/model.keras and a SavedModel that tf.saved_model.load serves."""
     inference = _load("trainer.inference", obj["verbose"])
     paths = inference.export(workdir, checkpoint=checkpoint, warn=_warn)

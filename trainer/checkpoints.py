@@ -19,15 +19,15 @@ that a kill at any moment cannot break: the new checkpoint first, then best.json
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import files
+from trainer import files, storage
 from trainer.errors import CheckpointError, CheckpointMismatchError
 from trainer.loop.step import NUM_SUMS
 
@@ -46,11 +46,9 @@ def seed_generator_states(model: keras.Model) -> dict[str, tf.Variable]:
     }
 
 
-def checkpoint_steps(directory: Path) -> list[int]:
-    """Steps of the checkpoints present on disk, newest first."""
-    if not directory.is_dir():
-        return []
-    steps = [int(m.group(1)) for p in directory.iterdir() if (m := _CHECKPOINT_FILE.match(p.name))]
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the checkpoints present in `directory` (any filesystem), newest first."""
+    steps = [int(m.group(1)) for name in storage.listdir(directory) if (m := _CHECKPOINT_FILE.match(name))]
     return sorted(steps, reverse=True)
 
 
@@ -59,13 +57,13 @@ class CheckpointStore:
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike,
         *,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer | None = None,
         keep: int = 3,
         num_replicas: int = 1,
-        save_directory: str | Path | None = None,
+        save_directory: str | os.PathLike | None = None,
         extra: dict[str, Any] | None = None,
         warn: files.Warn = print,
     ) -> None:
@@ -74,9 +72,9 @@ class CheckpointStore:
         save_directory: where they are written, if elsewhere (non-chief workers).
         extra: more training state to carry, by name (e.g. the lookahead's slow weights).
         """
-        self.directory = Path(directory)
+        self.directory = str(directory)
         self.warn = warn
-        self.save_directory = Path(save_directory) if save_directory else self.directory
+        self.save_directory = str(save_directory) if save_directory else self.directory
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         # Metric sums of the logging window in flight (trainer.loop.step.StepSums).
@@ -96,13 +94,13 @@ class CheckpointStore:
         self._for_training = optimizer is not None
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.save_directory), max_to_keep=keep)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_directory, max_to_keep=keep)
         self.restored_path: str | None = None
         self.restored_replicas: int | None = None
 
     @property
-    def best_directory(self) -> Path:
-        return self.directory / "best"
+    def best_directory(self) -> str:
+        return storage.join(self.directory, "best")
 
     @property
     def best_record(self) -> dict | None:
@@ -114,7 +112,7 @@ class CheckpointStore:
         steps = checkpoint_steps(self.best_directory)
         if not steps:
             return None
-        record = files.read_json(self.best_directory / "best.json", self.warn, "rebuilding it from best/")
+        record = files.read_json(storage.join(self.best_directory, "best.json"), self.warn, "rebuilding it from best/")
         if isinstance(record, dict) and record.get("step") in steps and isinstance(record.get("accuracy"), float):
             return record
         return {"step": steps[0], "accuracy": None}
@@ -130,17 +128,17 @@ class CheckpointStore:
             record = self.best_record
             if record is None:
                 raise CheckpointError(f"no best checkpoint in {self.best_directory} (checkpoint.keep_best was off?)")
-            self._restore_named(str(self.best_directory / f"ckpt-{record['step']}"))
+            self._restore_named(storage.join(self.best_directory, f"ckpt-{record['step']}"))
             return int(self.step.numpy())
         if which != "latest":
             step = _parse_step(which)
             if step not in checkpoint_steps(self.directory):
                 available = ", ".join(map(str, sorted(checkpoint_steps(self.directory)))) or "none"
                 raise CheckpointError(f"no checkpoint at step {step} in {self.directory} (available: {available})")
-            self._restore_named(str(self.directory / f"ckpt-{step}"))
+            self._restore_named(storage.join(self.directory, f"ckpt-{step}"))
             return int(self.step.numpy())
         for step in checkpoint_steps(self.directory):
-            path = str(self.directory / f"ckpt-{step}")
+            path = storage.join(self.directory, f"ckpt-{step}")
             try:
                 self._restore_path(path)
                 return int(self.step.numpy())
@@ -154,7 +152,8 @@ class CheckpointStore:
         step = self.restore(which)
         if step is None:
             raise CheckpointError(
-                f"no checkpoint in {self.directory}; train first with `launch train --workdir {self.directory.parent}`"
+                f"no checkpoint in {self.directory}; train first with `launch train --workdir "
+                f"{storage.parent_of(self.directory)}`"
             )
         return step
 
@@ -196,14 +195,15 @@ class CheckpointStore:
         then the old best goes. best.json never names a checkpoint that is already gone.
         """
         self._set_position(step, epoch, window_sums)
-        folder = self.save_directory / "best"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.checkpoint.write(str(folder / f"ckpt-{step}"))
-        files.write_json(folder / "best.json", {"step": step, "accuracy": float(accuracy)})
+        folder = storage.join(self.save_directory, "best")
+        storage.makedirs(folder)
+        self.checkpoint.write(storage.join(folder, f"ckpt-{step}"))
+        files.write_json(storage.join(folder, "best.json"), {"step": step, "accuracy": float(accuracy)})
         for old in checkpoint_steps(folder):
             if old != step:
-                for path in folder.glob(f"ckpt-{old}.*"):
-                    path.unlink(missing_ok=True)
+                for name in storage.listdir(folder):
+                    if name.startswith(f"ckpt-{old}."):
+                        storage.remove(storage.join(folder, name))
 
 
 def _parse_step(which: str) -> int:

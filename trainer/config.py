@@ -14,12 +14,11 @@ import os
 import reprlib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from trainer import files
+from trainer import files, storage
 from trainer.errors import ConfigError
 
 
@@ -218,6 +217,10 @@ class CheckpointConfig:
     keep: int = 3
     # Keep the checkpoint with the best eval accuracy in checkpoints/best/.
     keep_best: bool = True
+    # Workdirs on gs:// and other stores without file locks: the trainer's lease is renewed
+    # every quarter of this and taken over by another trainer this long after its holder
+    # died (SIGKILL, a vanished VM). Local workdirs use flock, which needs no expiry.
+    lease_seconds: float = 120.0
 
 
 @dataclass
@@ -286,6 +289,7 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "checkpoint.every_steps": (0, True),
     "checkpoint.every_minutes": (0, True),
     "checkpoint.keep": (1, True),
+    "checkpoint.lease_seconds": (2, True),
     "tensorboard.every_steps": (0, True),
     "tensorboard.histogram_every_steps": (0, True),
 }
@@ -315,6 +319,7 @@ _MAXIMUMS: dict[str, float] = {
     "checkpoint.every_steps": 10**12,
     "checkpoint.every_minutes": 10**6,
     "checkpoint.keep": 10_000,
+    "checkpoint.lease_seconds": 86_400,
     "tensorboard.every_steps": 10**12,
     "tensorboard.histogram_every_steps": 10**12,
 }
@@ -338,11 +343,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        path = str(path)
+        if not storage.isfile(path):
             raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(storage.read_text(path)) or {}
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
         except yaml.YAMLError as err:

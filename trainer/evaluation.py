@@ -7,7 +7,6 @@ per-class accuracy are derived from the matrix, so nothing is averaged twice.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -26,7 +25,7 @@ class EvalMetrics:
     examples: int
     step: int
 
-    def write(self, path: Path) -> None:
+    def write(self, path: str) -> None:
         """Atomically: a reader never sees half of it."""
         files.write_json(path, asdict(self))
 

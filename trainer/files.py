@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from trainer import storage
 from trainer.errors import WorkdirWriteError
 
 Warn = Callable[[str], None]
@@ -52,13 +53,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _write_url(url: str, text: str) -> None:
-    import tensorflow as tf  # only URLs need it
-
+    """An object store writes each object whole; the temp object keeps a reader of the
+    old name from ever seeing a half-uploaded one on stores that stream writes."""
     folder, name = url.rsplit("/", 1)
     temporary = f"{folder}/.{name}.tmp"
-    with tf.io.gfile.GFile(temporary, "w") as handle:
-        handle.write(text)
-    tf.io.gfile.rename(temporary, url, overwrite=True)
+    storage.write_bytes(temporary, text.encode("utf-8"))
+    storage.rename(temporary, url)
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
@@ -67,11 +67,10 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
 
 def read_json(path: str | os.PathLike, warn: Warn, what: str) -> Any | None:
     """The parsed file, or None if it is missing or damaged (then `warn` says so)."""
-    path = Path(path)
-    if not path.is_file():
+    if not storage.isfile(path):
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         warn(f"Warning: {path} is damaged ({type(err).__name__}: {short(str(err))}); {what}")
         return None
@@ -79,6 +78,35 @@ def read_json(path: str | os.PathLike, warn: Warn, what: str) -> Any | None:
 
 @contextlib.contextmanager
 def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh local temporary folder; on success its content replaces `path`."""
+    if storage.is_url(path):
+        with _replacing_remote_folder(str(path)) as folder:
+            yield folder
+    else:
+        with _replacing_local_folder(path) as folder:
+            yield folder
+
+
+@contextlib.contextmanager
+def _replacing_remote_folder(url: str) -> Iterator[Path]:
+    """On an object store: written locally, uploaded beside `url`, then copied in place.
+
+    Object stores have no folder rename, so the swap is not atomic: a kill during the
+    final copy leaves `url` incomplete and the whole new content in `.NAME.tmp-new`
+    (which the next call replaces). The old content stays until the upload is complete.
+    """
+    staged = f"{storage.parent_of(url)}/.{storage.name_of(url)}.tmp-new"
+    with tempfile.TemporaryDirectory(prefix="trainer-staging-") as local:
+        yield Path(local)
+        storage.rmtree(staged)
+        storage.copy_tree(local, staged)
+    storage.rmtree(url)
+    storage.copy_remote_tree(staged, url)
+    storage.rmtree(staged)
+
+
+@contextlib.contextmanager
+def _replacing_local_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path`.
 
     If the body fails (or the process dies), `path` keeps its old content; the leftover

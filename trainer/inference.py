@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import files
+from trainer import files, storage
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, apply_override, validate
 from trainer.data.decode import eval_view
@@ -66,7 +66,7 @@ def load_trained_model(
     Args:
         checkpoint: `latest`, `best` (highest eval accuracy) or a global step.
     """
-    wd = Workdir(Path(workdir))
+    wd = Workdir(workdir)
     config, info = trained_workdir(wd, warn)
     # Serving and prediction run in float32 whatever the training precision: the
     # variables are float32 either way, so the checkpoint restores unchanged.
@@ -83,7 +83,7 @@ def evaluate(
     Writes nothing: `save_metrics` does, once the caller has shown the numbers.
     `overrides` (e.g. `data.path=...`) adjust the saved config, for data that moved.
     """
-    wd = Workdir(Path(workdir))
+    wd = Workdir(workdir)
     config, info = trained_workdir(wd, warn)
     for override in overrides:
         apply_override(config, override)
@@ -104,15 +104,15 @@ def evaluate(
         raise DataError(f"cannot decode a test image: {files.short(err.message)}") from None
 
 
-def save_metrics(workdir: str | Path, metrics: EvalMetrics) -> tuple[Path, bool]:
+def save_metrics(workdir: str | Path, metrics: EvalMetrics) -> tuple[str, bool]:
     """Write `launch evaluate`'s metrics; returns (path, whether a trainer was running).
 
     metrics.json belongs to the trainer while it runs (it writes its final evaluation
     there), so an evaluation of a busy workdir goes to metrics-evaluate.json instead.
     """
-    wd = Workdir(Path(workdir))
+    wd = Workdir(workdir)
     busy = wd.is_busy()
-    path = wd.root / "metrics-evaluate.json" if busy else wd.metrics_path
+    path = wd.path("metrics-evaluate.json") if busy else wd.metrics_path
     try:
         metrics.write(path)
     except OSError as err:
@@ -151,7 +151,7 @@ def predict(
 ) -> list[Prediction]:
     """Class and softmax probability for each image file."""
     model, info, _ = load_trained_model(workdir, checkpoint, warn)
-    crop = resolve_crop(Workdir(Path(workdir)).require_config().data.crop, info.image_shape[0])
+    crop = resolve_crop(Workdir(workdir).require_config().data.crop, info.image_shape[0])
     images = load_images(paths, info.image_shape, crop)
     logits = model.predict_on_batch(images.astype(np.float32))
     probabilities = tf.nn.softmax(logits).numpy()
@@ -175,7 +175,7 @@ def inference_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, probabilities, name=f"{model.name}_inference")
 
 
-def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) -> dict[str, Path]:
+def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) -> dict[str, str | int]:
     """Write WORKDIR/export/model.keras and a SavedModel (`serve` endpoint) beside it.
 
     Everything is written into a temporary folder beside export/, which replaces it only
@@ -184,7 +184,7 @@ def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) 
     model, info, step = load_trained_model(workdir, checkpoint, warn)
     if not all(name.isprintable() for name in info.class_names):
         raise DataError("a class name holds a line break or control character; labels.txt needs one name per line")
-    wd = Workdir(Path(workdir))
+    wd = Workdir(workdir)
     serving = inference_model(model)
     try:
         with files.replacing_folder(wd.export) as folder:
@@ -195,8 +195,8 @@ def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) 
         reason = err.strerror or err
         raise WorkdirWriteError(f"cannot write {wd.export}: {reason}; the previous export is kept") from err
     return {
-        "keras": wd.export / "model.keras",
-        "saved_model": wd.export / "saved_model",
-        "labels": wd.export / "labels.txt",
+        "keras": storage.join(wd.export, "model.keras"),
+        "saved_model": storage.join(wd.export, "saved_model"),
+        "labels": storage.join(wd.export, "labels.txt"),
         "step": step,
     }

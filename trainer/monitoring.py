@@ -11,13 +11,13 @@ overhead.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams
 
+from trainer import storage
 from trainer.config import Config, hyperparameter_items, profile_range, to_yaml
 from trainer.evaluation import EvalMetrics
 from trainer.loop.step import StepSums
@@ -42,12 +42,12 @@ def _image_tensor(image) -> np.ndarray:
 class Monitor:
     """Owns the summary writers and decides what each event looks like."""
 
-    def __init__(self, config: Config, logdir: Path, enabled: bool, class_names: list[str]) -> None:
+    def __init__(self, config: Config, logdir: str, enabled: bool, class_names: list[str]) -> None:
         self.config, self.logdir, self.enabled, self.class_names = config, logdir, enabled, class_names
         if enabled:
             self.root = tf.summary.create_file_writer(str(logdir))
-            self.train = tf.summary.create_file_writer(str(logdir / "train"))
-            self.eval = tf.summary.create_file_writer(str(logdir / "eval"))
+            self.train = tf.summary.create_file_writer(storage.join(logdir, "train"))
+            self.eval = tf.summary.create_file_writer(storage.join(logdir, "eval"))
         else:
             self.root = self.train = self.eval = tf.summary.create_noop_writer()
         tb = config.tensorboard
@@ -72,7 +72,7 @@ class Monitor:
                 hparams=[hparams.HParam(key) for key in hyperparameters(self.config)],
                 metrics=[hparams.Metric(tag, display_name=name) for tag, name in _HPARAMS_METRICS.items()],
             )
-            hparams.hparams(hyperparameters(self.config), trial_id=str(self.logdir.parent))
+            hparams.hparams(hyperparameters(self.config), trial_id=storage.parent_of(self.logdir))
 
     # --- during training ---------------------------------------------------------------
 

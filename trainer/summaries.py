@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
+from trainer import storage
 from trainer.files import short
 
 
-def read_records(path: Path) -> tuple[list[bytes], str | None]:
+def read_records(path: str | os.PathLike) -> tuple[list[bytes], str | None]:
     """The readable records of an event file, and why reading stopped early (or None)."""
     records: list[bytes] = []
     iterator = iter(tf.data.TFRecordDataset(str(path)))
@@ -39,10 +39,10 @@ def _events(records: list[bytes]) -> Iterator[event_pb2.Event]:
         yield event_pb2.Event.FromString(record)
 
 
-def drop_events_after(logdir: Path, step: int, warn: Callable[[str], None] = print) -> int:
+def drop_events_after(logdir: str | os.PathLike, step: int, warn: Callable[[str], None] = print) -> int:
     """Rewrite event files under `logdir` without events past `step`; returns how many went."""
     dropped = 0
-    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+    for path in _event_files(storage.walk_files(logdir)):
         records, damage = read_records(path)
         kept = [record for record, event in zip(records, _events(records)) if event.step <= step]
         if damage:
@@ -54,18 +54,22 @@ def drop_events_after(logdir: Path, step: int, warn: Callable[[str], None] = pri
     return dropped
 
 
-def _rewrite(path: Path, records: list[bytes]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with tf.io.TFRecordWriter(str(temporary)) as writer:
+def _event_files(paths: list[str]) -> list[str]:
+    return [path for path in paths if storage.name_of(path).startswith("events.out.tfevents.")]
+
+
+def _rewrite(path: str, records: list[bytes]) -> None:
+    temporary = storage.join(storage.parent_of(path), f".{storage.name_of(path)}.tmp")
+    with tf.io.TFRecordWriter(temporary) as writer:
         for record in records:
             writer.write(record)
-    os.replace(temporary, path)
+    storage.rename(temporary, path)
 
 
-def scalar_at(logdir: Path, tag: str, step: int) -> float | None:
+def scalar_at(logdir: str | os.PathLike, tag: str, step: int) -> float | None:
     """The value of scalar `tag` logged at `step` under `logdir`, if any file has it."""
     found = None
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+    for path in _event_files(sorted(storage.join(logdir, name) for name in storage.listdir(logdir))):
         for event in _events(read_records(path)[0]):
             if event.step != step:
                 continue

@@ -19,16 +19,15 @@ checkpoint are known to be usable.
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import files
+from trainer import files, storage
 from trainer.backbones import FreezePlan, backbone_variable_ids, set_backbone_frozen
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, config_differences, profile_range, save_config
@@ -66,7 +65,7 @@ __all__ = ["TrainResult", "train"]
 
 def train(
     config: Config,
-    workdir: str | Path,
+    workdir: str | os.PathLike,
     *,
     fresh: bool = False,
     echo: Echo = print,
@@ -82,12 +81,12 @@ def train(
         resume_command: shown when the run is interrupted, so the user can resume.
     """
     started = time.perf_counter()
-    wd = Workdir(Path(workdir))
+    wd = Workdir(workdir)
     runtime = setup_runtime(config.runtime)
     console = Console.for_worker(echo, runtime.is_chief)
     if runtime.is_chief:
         wd.check_trainable(fresh)
-        wd.check_not_busy()
+        wd.check_not_busy(warn=console.warning)
     console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
     try:
         result = _train(config, wd, runtime, fresh, console, resume_command, started)
@@ -96,9 +95,8 @@ def train(
             raise
         raise describe_write_error(err, wd.root) from err
     if not runtime.is_chief:
-        shutil.rmtree(wd.worker_temp(runtime.worker_index), ignore_errors=True)
-        with contextlib.suppress(OSError):
-            wd.worker_temp(runtime.worker_index).parent.rmdir()  # only once the last worker left it
+        storage.rmtree(wd.worker_temp(runtime.worker_index))
+        storage.remove_if_empty(wd.path(".worker-temp"))  # only once the last worker left it
     return result
 
 
@@ -217,12 +215,13 @@ def _train(
         keep=config.checkpoint.keep,
         num_replicas=runtime.num_replicas,
         # TF needs every worker to save; the others write to a scratch folder.
-        save_directory=None if runtime.is_chief else wd.worker_temp(runtime.worker_index) / "checkpoints",
+        save_directory=None if runtime.is_chief else storage.join(wd.worker_temp(runtime.worker_index), "checkpoints"),
         extra={"lookahead": parts.lookahead.state} if parts.lookahead else None,
         warn=console.warning,
     )
     # Only the chief writes the workdir; the other workers read its checkpoints.
-    with wd.locked() if runtime.is_chief else contextlib.nullcontext():
+    holding = wd.locked(config.checkpoint.lease_seconds, console.warning) if runtime.is_chief else None
+    with holding or contextlib.nullcontext():
         if runtime.is_chief:
             _claim_workdir(wd, fresh, console)
         runtime.barrier("start")  # nobody restores before the chief has cleared
@@ -541,13 +540,14 @@ def _best_so_far(store: CheckpointStore, wd: Workdir, console: Console) -> tuple
     if record["accuracy"] is not None:
         return record["step"], record["accuracy"]
     step = record["step"]
-    accuracy = scalar_at(wd.tensorboard / "eval", "accuracy", step)
+    accuracy = scalar_at(storage.join(wd.tensorboard, "eval"), "accuracy", step)
     known = "unknown" if accuracy is None else f"{accuracy:.2%}, from TensorBoard's eval curve"
-    console.warning(f"Warning: best.json rebuilt for {store.best_directory / f'ckpt-{step}'} (accuracy {known})")
+    where = storage.join(store.best_directory, f"ckpt-{step}")
+    console.warning(f"Warning: best.json rebuilt for {where} (accuracy {known})")
     if accuracy is None:
         return step, -1.0
     if store.save_directory == store.directory:
-        files.write_json(store.best_directory / "best.json", {"step": step, "accuracy": accuracy})
+        files.write_json(storage.join(store.best_directory, "best.json"), {"step": step, "accuracy": accuracy})
     return step, accuracy
 
 

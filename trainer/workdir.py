@@ -7,6 +7,10 @@ WORKDIR/checkpoints/       tf.train.CheckpointManager files (ckpt-STEP.*)
 WORKDIR/tensorboard/       train/ and eval/ event files
 WORKDIR/metrics.json       last evaluation (train's final eval or `launch evaluate`)
 WORKDIR/export/            model.keras and saved_model/ from `launch export`
+WORKDIR/.lock              local disks: the trainer's flock (one trainer at a time)
+WORKDIR/.lease.json        other stores (gs://, ...): the trainer's lease (trainer.lease)
+
+The workdir may live on any filesystem TensorFlow knows (trainer.storage).
 
 What is never lost: the trainer writes only into a folder that is empty, new, or carries
 its marker, and `--fresh` deletes only files whose names the trainer itself gives them
@@ -15,19 +19,20 @@ its marker, and `--fresh` deletes only files whose names the trainer itself give
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from trainer import files
+from trainer import files, storage
 from trainer.config import Config, load_config
 from trainer.data.info import DatasetInfo
 from trainer.errors import CheckpointError, WorkdirBusyError, WorkdirNotOursError
+from trainer.lease import LEASE, Lease, check_free
+
+# How long a remote workdir's lease outlives a trainer that died without releasing it.
+DEFAULT_LEASE_SECONDS = 120.0
 
 MARKER = ".trainer-workdir"
 # Names the trainer gives the files it writes, per folder: what --fresh may delete.
@@ -40,59 +45,67 @@ _DATASET_INFO_KEYS = {"class_names", "image_shape", "mean", "std", "origin"}
 
 @dataclass(frozen=True)
 class Workdir:
-    root: Path
+    """A workdir on any filesystem (local, gs://, ...): `root` stays a string (see storage)."""
+
+    root: str
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", str(root).rstrip("/") if storage.is_url(root) else str(root))
+
+    def path(self, *names: str) -> str:
+        return storage.join(self.root, *names)
 
     @property
-    def marker_path(self) -> Path:
-        return self.root / MARKER
+    def marker_path(self) -> str:
+        return self.path(MARKER)
 
     @property
-    def config_path(self) -> Path:
-        return self.root / "config.yaml"
+    def config_path(self) -> str:
+        return self.path("config.yaml")
 
     @property
-    def dataset_info_path(self) -> Path:
-        return self.root / "dataset.json"
+    def dataset_info_path(self) -> str:
+        return self.path("dataset.json")
 
     @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+    def checkpoints(self) -> str:
+        return self.path("checkpoints")
 
     @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
+    def tensorboard(self) -> str:
+        return self.path("tensorboard")
 
     @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.json"
+    def metrics_path(self) -> str:
+        return self.path("metrics.json")
 
     @property
-    def export(self) -> Path:
-        return self.root / "export"
+    def export(self) -> str:
+        return self.path("export")
 
     @property
-    def lock_path(self) -> Path:
-        return self.root / ".lock"
+    def lock_path(self) -> str:
+        return self.path(".lock")
 
     # --- whose folder is it --------------------------------------------------------------
 
     def is_ours(self) -> bool:
         """Marked by us, or a workdir of a version from before the marker (adopted)."""
-        return self.marker_path.is_file() or self._looks_like_an_unmarked_workdir()
+        return storage.isfile(self.marker_path) or self._looks_like_an_unmarked_workdir()
 
     def _looks_like_an_unmarked_workdir(self) -> bool:
         info = files.read_json(self.dataset_info_path, warn=lambda _: None, what="")
-        return isinstance(info, dict) and info.keys() >= _DATASET_INFO_KEYS and self.config_path.is_file()
+        return isinstance(info, dict) and info.keys() >= _DATASET_INFO_KEYS and storage.isfile(self.config_path)
 
     def check_trainable(self, fresh: bool) -> None:
         """Refuse (before anything is written) a folder that holds files we did not create."""
-        if not self.root.exists():
+        if not storage.exists(self.root):
             return
-        if not self.root.is_dir():
+        if not storage.isdir(self.root):
             raise WorkdirNotOursError(f"--workdir {self.root} is a file, not a folder")
         if self.is_ours():
             return
-        entries = sorted(entry.name for entry in self.root.iterdir() if entry.name != ".lock")
+        entries = sorted(name for name in storage.listdir(self.root) if name not in (".lock", LEASE))
         if not entries:
             return
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
@@ -108,17 +121,20 @@ class Workdir:
 
     def claim(self) -> None:
         """Mark the folder as ours (at its creation, or when adopting an unmarked workdir)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not self.marker_path.is_file():
+        storage.makedirs(self.root)
+        if not storage.isfile(self.marker_path):
             files.write_json(self.marker_path, {"created_by": "launch train", "layout": 1})
 
     # --- one trainer at a time -----------------------------------------------------------
 
-    def check_not_busy(self) -> None:
-        """Fail early, without creating anything, if a trainer holds the lock now."""
+    def check_not_busy(self, warn: files.Warn = print) -> None:
+        """Fail early, without creating anything, if a trainer holds the workdir now."""
+        if storage.is_url(self.root):
+            check_free(self.root, warn)
+            return
         import fcntl
 
-        if not self.lock_path.is_file():
+        if not storage.isfile(self.lock_path):
             return
         with open(self.lock_path) as handle:
             try:
@@ -129,7 +145,7 @@ class Workdir:
 
     def is_busy(self) -> bool:
         try:
-            self.check_not_busy()
+            self.check_not_busy(warn=lambda _: None)
         except WorkdirBusyError:
             return True
         return False
@@ -138,20 +154,31 @@ class Workdir:
         handle.seek(0)
         owner = handle.read(32).strip() or "unknown"
         return WorkdirBusyError(
-            f"{self.root} is in use by another trainer (pid {owner}); wait for it to finish, "
-            "stop it, or pick another --workdir"
+            f"{self.root} is in use by another trainer (pid {owner}); wait for it to finish, stop it, "
+            "or pick another --workdir"
         )
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold WORKDIR/.lock so that two trainers never write one workdir at once.
+    def locked(self, lease_seconds: float = DEFAULT_LEASE_SECONDS, warn: files.Warn = print) -> Iterator[None]:
+        """Hold the workdir so that two trainers never write it at once.
 
-        An OS file lock (flock) is released by the kernel when its process dies, so a
-        killed trainer never leaves a stale lock behind.
+        Local disk: an OS file lock (flock) on WORKDIR/.lock, which the kernel releases
+        when its process dies, so a killed trainer never leaves a stale lock behind.
+        Other stores (gs://, ...): a lease object renewed in the background, which expires
+        `lease_seconds` after its holder died (trainer.lease).
         """
+        if storage.is_url(self.root):
+            with Lease(self.root, lease_seconds, warn).held():
+                yield
+            return
+        with self._flocked():
+            yield
+
+    @contextmanager
+    def _flocked(self) -> Iterator[None]:
         import fcntl  # POSIX only, like the signals the trainer handles
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.root)
         with open(self.lock_path, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,41 +193,42 @@ class Workdir:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def worker_temp(self, worker_index: int) -> Path:
+    def worker_temp(self, worker_index: int) -> str:
         """Scratch folder of a non-chief worker (it must save too; the chief's copy counts)."""
-        return self.root / ".worker-temp" / f"worker-{worker_index}"
+        return self.path(".worker-temp", f"worker-{worker_index}")
 
     # --- --fresh -------------------------------------------------------------------------
 
-    def clear_training_state(self) -> list[Path]:
+    def clear_training_state(self) -> list[str]:
         """`--fresh`: delete the checkpoints, event files and metrics the trainer wrote.
 
         Only files named the way the trainer names them go; folders go only once empty,
         so anything a user put inside (notes, another tool's logs) stays. Returns what went.
         """
-        removed: list[Path] = []
-        for folder in (self.checkpoints, self.checkpoints / "best"):
+        checkpoints, tensorboard = self.checkpoints, self.tensorboard
+        removed: list[str] = []
+        for folder in (checkpoints, storage.join(checkpoints, "best")):
             removed += _remove_matching(folder, _CHECKPOINT_FILES, _CHECKPOINT_TEMP_FOLDERS)
-        for folder in (self.tensorboard, self.tensorboard / "train", self.tensorboard / "eval"):
+        for folder in (tensorboard, storage.join(tensorboard, "train"), storage.join(tensorboard, "eval")):
             removed += _remove_matching(folder, _EVENT_FILES)
-        removed += _remove_matching(self.tensorboard / "plugins" / "profile", None, _PROFILE_RUNS)
-        for path in (self.metrics_path, self.root / "metrics-evaluate.json"):
-            if path.is_file():
-                path.unlink()
+        removed += _remove_matching(storage.join(tensorboard, "plugins", "profile"), None, _PROFILE_RUNS)
+        for path in (self.metrics_path, self.path("metrics-evaluate.json")):
+            if storage.isfile(path):
+                storage.remove(path)
                 removed.append(path)
-        if (self.root / ".worker-temp").is_dir():
-            shutil.rmtree(self.root / ".worker-temp")
-            removed.append(self.root / ".worker-temp")
+        if storage.isdir(self.path(".worker-temp")):
+            storage.rmtree(self.path(".worker-temp"))
+            removed.append(self.path(".worker-temp"))
         for folder in (
-            self.checkpoints / "best",
-            self.checkpoints,
-            self.tensorboard / "plugins" / "profile",
-            self.tensorboard / "plugins",
-            self.tensorboard / "train",
-            self.tensorboard / "eval",
-            self.tensorboard,
+            ("checkpoints", "best"),
+            ("checkpoints",),
+            ("tensorboard", "plugins", "profile"),
+            ("tensorboard", "plugins"),
+            ("tensorboard", "train"),
+            ("tensorboard", "eval"),
+            ("tensorboard",),
         ):
-            _remove_if_empty(folder)
+            storage.remove_if_empty(self.path(*folder))
         return removed
 
     # --- side files ----------------------------------------------------------------------
@@ -220,7 +248,7 @@ class Workdir:
 
     def require_config(self) -> Config:
         """The config the workdir was trained with, or a clear error."""
-        if not self.config_path.is_file():
+        if not storage.isfile(self.config_path):
             raise CheckpointError(
                 f"{self.root} is not a training workdir (no config.yaml); "
                 f"run `launch train --workdir {self.root}` first"
@@ -228,21 +256,15 @@ class Workdir:
         return load_config(self.config_path)
 
 
-def _remove_matching(folder: Path, file_names: re.Pattern | None, folder_names: re.Pattern | None = None) -> list[Path]:
-    if not folder.is_dir():
-        return []
+def _remove_matching(folder: str, file_names: re.Pattern | None, folder_names: re.Pattern | None = None) -> list[str]:
     removed = []
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            if folder_names and folder_names.match(entry.name):
-                shutil.rmtree(entry)
+    for name in storage.listdir(folder):
+        entry = storage.join(folder, name)
+        if storage.isdir(entry) and not os.path.islink(entry):
+            if folder_names and folder_names.match(name):
+                storage.rmtree(entry)
                 removed.append(entry)
-        elif file_names and file_names.match(entry.name):
-            entry.unlink()
+        elif file_names and file_names.match(name):
+            storage.remove(entry)
             removed.append(entry)
     return removed
-
-
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # missing, or holds something that is not ours: it stays
-        folder.rmdir()

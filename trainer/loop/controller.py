@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import tensorflow as tf
 
@@ -44,7 +43,7 @@ class TrainResult:
     seconds: float
     images_per_second: float
     final_eval: EvalMetrics | None
-    workdir: Path
+    workdir: str
     stopped_by: str | None = None  # "SIGTERM"/"SIGINT"/... when interrupted before the end
 
     @property

@@ -1,0 +1,248 @@
+"""Workdirs on stores other than local disk: TensorFlow's in-process `ram://` filesystem
+stands in for gs:// (which cannot be reached here): every file goes through tf.io.gfile
+exactly as it would for GCS. Also the lease that replaces flock on such stores."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from PIL import Image
+
+from launch.cli import cli
+from tests.conftest import REPO, smoke_config
+from tests.test_fault_tolerance import _checkpoint_tensors
+from trainer.checkpoints import checkpoint_steps
+from trainer.errors import WorkdirBusyError
+from trainer.lease import LEASE, Lease, check_free, read_lease
+from trainer.preemption import EXIT_PREEMPTED
+from trainer.training import train
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+# 64 steps, deterministic: a signal lands somewhere in the middle, and the resumed run
+# must end bit-identical to a straight one whatever the step.
+RUN = (
+    "data.synthetic_train_size=2048",
+    "data.batch_size=32",
+    "train.epochs=1",
+    "train.steps_per_loop=4",
+    "checkpoint.every_steps=8",
+    "runtime.deterministic=true",
+)
+TOTAL = 64
+
+
+def _ram_workdir() -> str:
+    return f"ram://runs-{uuid.uuid4().hex[:8]}/run"
+
+
+def _sigterm_after_first_checkpoint(workdir: str) -> threading.Thread:
+    """SIGTERM this process (as a scheduler would) once a checkpoint exists in `workdir`."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while not checkpoint_steps(f"{workdir}/checkpoints") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_full_flow_on_a_remote_store(tmp_path):
+    """train -> SIGTERM -> resume -> evaluate -> predict -> export, all on ram://, through the CLI;
+    the result equals a straight run on local disk, bit for bit."""
+    local = tmp_path / "local"
+    train(smoke_config(*RUN), local, echo=lambda _: None)
+    workdir = _ram_workdir()
+    sets = [word for override in RUN for word in ("--set", override)]
+
+    watcher = _sigterm_after_first_checkpoint(workdir)
+    result = _invoke("train", "--config", SMOKE, "--workdir", workdir, *sets)
+    watcher.join(timeout=5)
+    assert result.exit_code == EXIT_PREEMPTED, result.output
+    assert "SIGTERM received" in result.output
+    stopped = checkpoint_steps(f"{workdir}/checkpoints")[0]
+    assert 8 <= stopped < TOTAL and f"checkpoint saved in {workdir}/checkpoints" in result.output
+    assert not tf.io.gfile.exists(f"{workdir}/{LEASE}")  # released on the way out
+
+    result = _invoke("train", "--config", SMOKE, "--workdir", workdir, *sets)
+    assert result.exit_code == 0, result.output
+    assert f"Resuming from {workdir}/checkpoints/ckpt-{stopped} at step {stopped}" in result.output
+    expected = _checkpoint_tensors(str(local / "checkpoints" / f"ckpt-{TOTAL}"))
+    actual = _checkpoint_tensors(_local_copy(f"{workdir}/checkpoints", f"ckpt-{TOTAL}", tmp_path / "copy"))
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(actual[name], value, err_msg=name)
+    # TensorBoard continuity: one point per logged step across the restart.
+    steps = _logged_steps(f"{workdir}/tensorboard/train", "loss")
+    assert steps == sorted(set(steps)) and steps[-1] == TOTAL
+
+    result = _invoke("evaluate", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(tf.io.gfile.GFile(f"{workdir}/metrics.json").read())
+    local_metrics = json.loads((local / "metrics.json").read_text())
+    assert saved["accuracy"] == local_metrics["accuracy"] and saved["step"] == TOTAL
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(image)
+    result = _invoke("predict", "--workdir", workdir, "--json", str(image))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1])["path"] == str(image)
+
+    result = _invoke("export", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    assert f"{workdir}/export/model.keras" in result.output
+    assert sorted(tf.io.gfile.listdir(f"{workdir}/export")) == ["labels.txt", "model.keras", "saved_model"]
+    copy = tmp_path / "model.keras"
+    tf.io.gfile.copy(f"{workdir}/export/model.keras", str(copy))
+    assert keras.saving.load_model(copy).output_shape == (None, 10)
+    assert not [name for name in tf.io.gfile.listdir(workdir) if name.startswith(".export")]  # no staging left
+
+
+def _local_copy(folder: str, prefix: str, target) -> str:
+    """Copy one checkpoint off the store (ram:// answers isdir() for any prefix, which
+    misleads tf.train.load_checkpoint) and return its local path prefix."""
+    target.mkdir()
+    for name in tf.io.gfile.listdir(folder):
+        if name.startswith(f"{prefix}."):
+            tf.io.gfile.copy(f"{folder}/{name}", str(target / name))
+    return str(target / prefix)
+
+
+def _logged_steps(logdir: str, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logdir, size_guidance={"tensors": 0})
+    events.Reload()
+    return [event.step for event in events.Tensors(tag)]
+
+
+def _foreign_lease(workdir: str, age: float, expires_after: float = 120) -> dict:
+    record = {
+        "owner": "someone-else",
+        "host": "another-host",
+        "pid": 4242,
+        "heartbeat": time.time() - age,
+        "expires_after": expires_after,
+    }
+    tf.io.gfile.makedirs(workdir)
+    # As the trainer writes it (a temp object, then a rename): ram:// does not even truncate
+    # a file opened for writing.
+    with tf.io.gfile.GFile(f"{workdir}/.foreign.tmp", "w") as handle:
+        handle.write(json.dumps(record))
+    tf.io.gfile.rename(f"{workdir}/.foreign.tmp", f"{workdir}/{LEASE}", overwrite=True)
+    return record
+
+
+def test_a_live_lease_refuses_a_second_trainer_and_an_expired_one_is_taken_over():
+    workdir = _ram_workdir()
+    train(smoke_config("train.max_steps=8"), workdir, echo=lambda _: None)
+    before = sorted(tf.io.gfile.listdir(f"{workdir}/checkpoints"))
+    _foreign_lease(workdir, age=10)
+    with pytest.raises(WorkdirBusyError, match=r"in use by another trainer \(pid 4242 on host another-host"):
+        train(smoke_config("train.max_steps=16"), workdir, echo=lambda _: None)
+    assert sorted(tf.io.gfile.listdir(f"{workdir}/checkpoints")) == before  # nothing was touched
+    # `launch evaluate` leaves metrics.json to the trainer holding the lease.
+    result = _invoke("evaluate", "--workdir", workdir)
+    assert result.exit_code == 0 and "metrics-evaluate.json" in result.output, result.output
+
+    _foreign_lease(workdir, age=200)  # its holder stopped renewing 200 s ago: presumed dead
+    lines: list[str] = []
+    result = train(smoke_config("train.max_steps=16"), workdir, echo=lines.append)
+    assert result.step == 16
+    assert any("taking over the lease" in line and "renewed 200s ago" in line for line in lines), lines
+    assert not tf.io.gfile.exists(f"{workdir}/{LEASE}")
+
+
+def _wait_until(condition, timeout: float = 60) -> None:
+    """Poll (bounded) until `condition()` holds: an event, not a moment."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _noticed_takeover(lease: Lease, workdir: str) -> bool:
+    """Whether the holder noticed; the stores have no compare-and-swap, so a renewal racing
+    with the takeover may overwrite it once: the other side then writes it again."""
+    if lease.lost:
+        return True
+    if read_lease(f"{workdir}/{LEASE}", print).owner != "someone-else":
+        _foreign_lease(workdir, age=0)
+    return False
+
+
+def test_a_lease_is_renewed_while_held_and_yields_to_a_takeover():
+    workdir = _ram_workdir()
+    warnings: list[str] = []
+    lease = Lease(workdir, expires_after=0.4, warn=warnings.append)  # renewed every 0.1 s
+    with lease.held():
+        first = read_lease(f"{workdir}/{LEASE}", print).heartbeat
+        _wait_until(lambda: read_lease(f"{workdir}/{LEASE}", print).heartbeat > first)
+        record = _foreign_lease(workdir, age=0)  # someone takes it over (we looked dead)
+        _wait_until(lambda: _noticed_takeover(lease, workdir))
+        assert any("was taken over" in line for line in warnings)
+        assert read_lease(f"{workdir}/{LEASE}", print).owner == record["owner"]  # not overwritten
+    assert read_lease(f"{workdir}/{LEASE}", print).owner == record["owner"]  # nor deleted on exit
+
+
+def test_a_damaged_lease_is_warned_about_and_treated_as_free():
+    workdir = _ram_workdir()
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(f"{workdir}/{LEASE}", "w") as handle:
+        handle.write('{"owner": ')
+    warnings: list[str] = []
+    check_free(workdir, warnings.append)
+    assert len(warnings) == 1 and "is damaged" in warnings[0]
+
+
+def test_a_sigkilled_holder_on_another_process_blocks_until_gone(tmp_path):
+    """The lease on any path (here a local folder, so two processes see it): a live holder
+    blocks; SIGKILLed, its lease is taken over at once on the same host (its pid is gone)."""
+    workdir = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import time
+                from trainer.lease import Lease
+                with Lease({workdir!r}, expires_after=600).held():
+                    print("held", flush=True)
+                    time.sleep(600)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirBusyError, match=rf"pid {holder.pid} on host {socket.gethostname()}"):
+            check_free(workdir, print)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert read_lease(f"{workdir}/{LEASE}", print).pid == holder.pid  # a SIGKILL leaves the lease behind...
+    warnings: list[str] = []
+    check_free(workdir, warnings.append)  # ...but nobody holds it any more
+    with Lease(workdir, expires_after=600, warn=warnings.append).held():
+        assert read_lease(f"{workdir}/{LEASE}", print).pid == os.getpid()
+    assert any("taking over the lease" in line for line in warnings)

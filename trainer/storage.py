@@ -1,0 +1,194 @@
+"""Paths on any filesystem TensorFlow knows: local disk, `gs://`, `s3://`, HDFS, `ram://`.
+
+Every read and write of a workdir goes through these functions. Paths are strings:
+`pathlib.Path("gs://bucket/run")` collapses the `//`. A local path is served by the
+standard library (so a config can be read before TensorFlow is imported, and errors are
+the usual OSErrors); a URL by `tf.io.gfile`, whose errors are turned into OSErrors of the
+matching kind (missing, denied, full), so callers handle one family of errors.
+
+What the stores guarantee differs, and the callers rely on no more than this:
+- local disk: `rename` is atomic, and folders can be renamed;
+- object stores (GCS, S3) and `ram://`: one object is written whole or not at all, and
+  `rename` is a copy then a delete (atomic per object on GCS); there are no real folders,
+  so a folder cannot be renamed (on `ram://` such a rename silently loses the files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """A path with a scheme (gs://, s3://, hdfs://, ram://): served by tf.io.gfile."""
+    return "://" in str(path)
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return os.path.join(base, *names)
+
+
+def name_of(path: str | os.PathLike) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent_of(path: str | os.PathLike) -> str:
+    if is_url(path):
+        return str(path).rstrip("/").rsplit("/", 1)[0]
+    return str(Path(path).parent)
+
+
+def _gfile():
+    import tensorflow as tf  # only URLs need it; `launch --help` and config checks stay light
+
+    return tf.io.gfile
+
+
+@contextlib.contextmanager
+def _as_os_errors(path: str) -> Iterator[None]:
+    """tf.errors.* as the OSError a local filesystem would raise (FileNotFoundError, ...)."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.NotFoundError as err:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from err
+    except tf.errors.PermissionDeniedError as err:
+        raise PermissionError(errno.EACCES, "Permission denied", path) from err
+    except tf.errors.ResourceExhaustedError as err:
+        raise OSError(errno.ENOSPC, "No space left on device", path) from err
+    except tf.errors.OpError as err:
+        raise OSError(errno.EIO, (err.message or type(err).__name__).strip().splitlines()[0][:200], path) from err
+
+
+def exists(path: str | os.PathLike) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    with _as_os_errors(str(path)):
+        return _gfile().exists(str(path))
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    with _as_os_errors(str(path)):
+        return _gfile().isdir(str(path))
+
+
+def isfile(path: str | os.PathLike) -> bool:
+    if not is_url(path):
+        return os.path.isfile(path)
+    return exists(path) and not isdir(path)
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    """Names in a folder (no trailing slashes); [] when it does not exist."""
+    if not isdir(path):
+        return []
+    if not is_url(path):
+        return os.listdir(path)
+    with _as_os_errors(str(path)):
+        return [name.rstrip("/") for name in _gfile().listdir(str(path))]
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    with _as_os_errors(str(path)):
+        _gfile().makedirs(str(path))
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete one file; a missing one is fine (someone else finished the job)."""
+    if not is_url(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    with contextlib.suppress(FileNotFoundError), _as_os_errors(str(path)):
+        _gfile().remove(str(path))
+
+
+def rmtree(path: str | os.PathLike) -> None:
+    """Delete a folder and everything in it; a missing one is fine."""
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    if isdir(path):
+        with _as_os_errors(str(path)):
+            _gfile().rmtree(str(path))
+
+
+def remove_if_empty(folder: str | os.PathLike) -> None:
+    """Delete a folder only if nothing is in it (what someone else put there stays)."""
+    if not is_url(folder):
+        with contextlib.suppress(OSError):  # missing, or holds something
+            os.rmdir(folder)
+        return
+    if isdir(folder) and not listdir(folder):
+        rmtree(folder)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    if not is_url(path):
+        return Path(path).read_text(encoding="utf-8")
+    with _as_os_errors(str(path)), _gfile().GFile(str(path), "rb") as handle:
+        return handle.read().decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write one file or object whole (not atomic by itself: see trainer.files)."""
+    if not is_url(path):
+        Path(path).write_bytes(data)
+        return
+    with _as_os_errors(path), _gfile().GFile(path, "wb") as handle:
+        handle.write(data)
+
+
+def rename(source: str, target: str) -> None:
+    """Replace `target` by the file `source` (atomic locally; copy + delete on object stores)."""
+    if not is_url(source):
+        os.replace(source, target)
+        return
+    with _as_os_errors(source):
+        _gfile().rename(source, target, overwrite=True)
+
+
+def copy_tree(source: str | os.PathLike, target: str) -> None:
+    """Copy a local folder into `target` (any filesystem), file by file."""
+    makedirs(target)
+    for entry in sorted(Path(source).iterdir()):
+        destination = join(target, entry.name)
+        if entry.is_dir():
+            copy_tree(entry, destination)
+        elif not is_url(target):
+            shutil.copyfile(entry, destination)
+        else:
+            with _as_os_errors(destination):
+                _gfile().copy(str(entry), destination, overwrite=True)
+
+
+def copy_remote_tree(source: str, target: str) -> None:
+    """Copy a folder within one store (server-side on GCS), file by file."""
+    makedirs(target)
+    for name in listdir(source):
+        if isdir(join(source, name)):
+            copy_remote_tree(join(source, name), join(target, name))
+        else:
+            with _as_os_errors(source):
+                _gfile().copy(join(source, name), join(target, name), overwrite=True)
+
+
+def walk_files(folder: str | os.PathLike) -> list[str]:
+    """Every file under `folder`, at any depth, sorted."""
+    found = []
+    for name in listdir(folder):
+        path = join(folder, name)
+        found += walk_files(path) if isdir(path) else [path]
+    return sorted(found)
