@@ -167,12 +167,13 @@ def _stop_all(processes: list[subprocess.Popen], grace_seconds: float) -> None:
 
 
 class _forward_signals:  # noqa: N801 - used like a function
-    """Pass the launcher's first SIGTERM/SIGINT to every worker; kill them on the second."""
+    """Pass the launcher's first SIGTERM/SIGINT/SIGUSR1 (as SIGTERM) to every worker; kill
+    them on the second."""
 
     def __init__(self, processes: list[subprocess.Popen], echo: Echo = print) -> None:
         self.processes, self.count, self.previous, self.echo = processes, 0, {}, echo
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:

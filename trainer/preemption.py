@@ -1,6 +1,8 @@
-"""SIGTERM/SIGINT as a request to stop cleanly after the current training step.
+"""SIGTERM/SIGINT/SIGUSR1 as a request to stop cleanly after the current training step.
 
-Preemptible machines send SIGTERM shortly before they go away. The first signal sets a
+Preemptible machines send SIGTERM shortly before they go away (Kubernetes, GCE spot VMs
+and Vertex AI give a grace period); Slurm sends the signal of `--signal=USR1@SECONDS`
+that long before a job's time limit. The first signal sets a
 flag that the compiled training loop checks before every step, so the run stops at a
 step boundary, saves a checkpoint and exits with EXIT_PREEMPTED; a second signal exits
 at once. Python runs signal handlers only in the main thread and only between
@@ -18,11 +20,11 @@ import tensorflow as tf
 
 # "Temporary failure; try again" (sysexits.h): run the same command to resume.
 EXIT_PREEMPTED = 75
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Context manager that turns the first SIGTERM/SIGINT into `flag = True`."""
+    """Context manager that turns the first SIGTERM/SIGINT/SIGUSR1 into `flag = True`."""
 
     def __init__(self, flag: tf.Variable | None = None, announce=None) -> None:
         """Args:

@@ -8,13 +8,13 @@ kept, for the console and `launch devices`.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 
+from trainer.cluster import adopt_slurm_cluster, tf_config_workers
 from trainer.config import RuntimeConfig
 from trainer.errors import RuntimeSetupError
 
@@ -134,39 +134,6 @@ def cached_strategy(kind: str, devices: tuple[str, ...] = ()) -> tf.distribute.S
     return _STRATEGIES[key]
 
 
-def tf_config_workers() -> int:
-    """Number of worker tasks (chief included) in $TF_CONFIG; 0 if unset."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return 0
-    cluster = _checked_tf_config(raw)["cluster"]
-    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
-
-
-def _checked_tf_config(raw: str) -> dict:
-    """$TF_CONFIG parsed and checked for the shape TensorFlow expects, or one clear error.
-
-    {"cluster": {"worker": ["host:port", ...], "chief": [...]}, "task": {"type": "worker", "index": 0}}
-    """
-    hint = 'it must look like {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise RuntimeSetupError(f"TF_CONFIG is not valid JSON ({err}); {hint}") from None
-    cluster = parsed.get("cluster") if isinstance(parsed, dict) else None
-    task = parsed.get("task", {}) if isinstance(parsed, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise RuntimeSetupError(f"TF_CONFIG has no cluster/task mapping; {hint}")
-    for job, addresses in cluster.items():
-        if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a for a in addresses):
-            raise RuntimeSetupError(f'TF_CONFIG cluster job "{str(job)[:40]}" must be a list of "host:port"; {hint}')
-    if task:
-        job, index = task.get("type"), task.get("index", 0)
-        if job not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[job]):
-            raise RuntimeSetupError(f"TF_CONFIG task {str(task)[:80]} names no task of its cluster; {hint}")
-    return parsed
-
-
 def tpu_is_resolvable(config: RuntimeConfig) -> bool:
     """A TPU is named (runtime.tpu, $TPU_NAME) or this is a TPU VM (accelerator devices)."""
     return bool(config.tpu or os.environ.get("TPU_NAME") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
@@ -180,9 +147,11 @@ def _build_strategy(config: RuntimeConfig) -> tuple[tf.distribute.Strategy, str,
     name, cpus = config.strategy, config.cpu_replicas
     if name == "tpu" or (name == "auto" and tpu_is_resolvable(config)):
         return (*_connect_tpu(config), f"{name}: TPUStrategy")
+    from_slurm = name in ("auto", "multi_worker") and adopt_slurm_cluster()
     workers = tf_config_workers()
     if name == "multi_worker" or (name == "auto" and workers > 1):
-        return _multi_worker(config, workers, name)
+        strategy, kind, reason = _multi_worker(config, workers, name)
+        return strategy, kind, reason + (" (cluster from Slurm's srun variables)" if from_slurm else "")
     num_gpus = len(tf.config.list_physical_devices("GPU"))
     if name == "gpu" and not num_gpus:
         raise RuntimeSetupError(
@@ -204,8 +173,9 @@ def _build_strategy(config: RuntimeConfig) -> tuple[tf.distribute.Strategy, str,
 def _multi_worker(config: RuntimeConfig, workers: int, name: str) -> tuple[tf.distribute.Strategy, str, str]:
     if workers < 1:
         raise RuntimeSetupError(
-            "runtime.strategy=multi_worker needs TF_CONFIG describing the cluster; on one machine use "
-            "`launch train --workers N`, which writes it for each worker"
+            "runtime.strategy=multi_worker needs TF_CONFIG describing the cluster (as TFJob and Vertex AI write it) "
+            "or a Slurm step (srun -n N); on one machine use `launch train --workers N`, which writes it for each "
+            "worker"
         )
     kind = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     implementation = {
