@@ -4,6 +4,7 @@ exactly as it would for GCS. Also the lease that replaces flock on such stores."
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import textwrap
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -167,7 +169,9 @@ def test_a_live_lease_refuses_a_second_trainer_and_an_expired_one_is_taken_over(
     lines: list[str] = []
     result = train(smoke_config("train.max_steps=16"), workdir, echo=lines.append)
     assert result.step == 16
-    assert any("taking over the lease" in line and "renewed 200s ago" in line for line in lines), lines
+    takeovers = [line for line in lines if "taking over the lease" in line]
+    assert len(takeovers) == 1 and "pid 4242 on host another-host" in takeovers[0], lines
+    assert int(re.search(r"renewed (\d+)s ago", takeovers[0]).group(1)) >= 200
     assert not tf.io.gfile.exists(f"{workdir}/{LEASE}")
 
 
@@ -246,3 +250,36 @@ def test_a_sigkilled_holder_on_another_process_blocks_until_gone(tmp_path):
     with Lease(workdir, expires_after=600, warn=warnings.append).held():
         assert read_lease(f"{workdir}/{LEASE}", print).pid == os.getpid()
     assert any("taking over the lease" in line for line in warnings)
+
+
+def test_staged_checkpoints_reach_the_store_in_a_safe_order_and_failures_are_not_silent():
+    """CheckpointUploads: the index after its data, the state file naming the newest, only
+    `keep` kept; and an upload that fails is raised at the next wait, not swallowed."""
+    from trainer.staging import CheckpointUploads
+
+    remote = f"{_ram_workdir()}/checkpoints"
+    variable = tf.Variable(np.arange(4.0))
+    uploads = CheckpointUploads(remote, keep=2)
+    checkpoint = tf.train.Checkpoint(v=variable)
+    manager = tf.train.CheckpointManager(checkpoint, uploads.local, max_to_keep=2)
+    for step in (1, 2, 3):
+        variable.assign_add(np.ones(4))
+        manager.save(checkpoint_number=step)
+        uploads.submit(step)
+    uploads.wait()
+    assert checkpoint_steps(remote) == [3, 2]
+    state = tf.io.gfile.GFile(f"{remote}/checkpoint").read()
+    assert state.startswith('model_checkpoint_path: "ckpt-3"')
+    restored = tf.Variable(np.zeros(4))
+    tf.train.Checkpoint(v=restored).restore(_local_copy(remote, "ckpt-3", Path(uploads.local) / "copy"))
+    np.testing.assert_array_equal(restored.numpy(), np.arange(4.0) + 3)
+    uploads.close()
+    assert not os.path.exists(uploads.local)
+
+    broken = CheckpointUploads("nosuchscheme://bucket/checkpoints", keep=2)
+    manager = tf.train.CheckpointManager(checkpoint, broken.local, max_to_keep=2)
+    manager.save(checkpoint_number=1)
+    broken.submit(1)
+    with pytest.raises(OSError):
+        broken.wait()
+    broken.close()

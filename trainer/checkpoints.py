@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -30,6 +30,9 @@ import tensorflow as tf
 from trainer import files, storage
 from trainer.errors import CheckpointError, CheckpointMismatchError
 from trainer.loop.step import NUM_SUMS
+
+if TYPE_CHECKING:
+    from trainer.staging import CheckpointUploads
 
 _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.index$")
 # Errors that mean "this file cannot be read": try an older checkpoint.
@@ -66,11 +69,14 @@ class CheckpointStore:
         save_directory: str | os.PathLike | None = None,
         extra: dict[str, Any] | None = None,
         warn: files.Warn = print,
+        uploads: CheckpointUploads | None = None,
     ) -> None:
         """Args:
         directory: where checkpoints are read from (the chief's folder).
         save_directory: where they are written, if elsewhere (non-chief workers).
         extra: more training state to carry, by name (e.g. the lookahead's slow weights).
+        uploads: save into its local staging folder, and upload from there to `directory`
+            behind training (remote workdirs; trainer.staging).
         """
         self.directory = str(directory)
         self.warn = warn
@@ -94,7 +100,9 @@ class CheckpointStore:
         self._for_training = optimizer is not None
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_directory, max_to_keep=keep)
+        self.uploads = uploads
+        manager_directory = uploads.local if uploads else self.save_directory
+        self.manager = tf.train.CheckpointManager(self.checkpoint, manager_directory, max_to_keep=keep)
         self.restored_path: str | None = None
         self.restored_replicas: int | None = None
 
@@ -186,7 +194,20 @@ class CheckpointStore:
 
     def save(self, step: int, epoch: int, window_sums: np.ndarray | None = None) -> str:
         self._set_position(step, epoch, window_sums)
-        return self.manager.save(checkpoint_number=step)
+        saved = self.manager.save(checkpoint_number=step)
+        if self.uploads is None:
+            return saved
+        self.uploads.submit(step)
+        return storage.join(self.directory, f"ckpt-{step}")
+
+    def wait_for_uploads(self) -> None:
+        """Every checkpoint saved so far is in the workdir (a no-op without staging)."""
+        if self.uploads is not None:
+            self.uploads.wait()
+
+    def close(self) -> None:
+        if self.uploads is not None:
+            self.uploads.close()
 
     def save_best(self, step: int, epoch: int, accuracy: float, window_sums: np.ndarray | None = None) -> None:
         """Keep the current state (weights as evaluated) as the best so far, in best/.

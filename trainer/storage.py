@@ -160,18 +160,23 @@ def rename(source: str, target: str) -> None:
         _gfile().rename(source, target, overwrite=True)
 
 
+def copy_file(source: str | os.PathLike, target: str) -> None:
+    """Copy one file from local disk to `target` (any filesystem), replacing it."""
+    if not is_url(target):
+        shutil.copyfile(source, target)
+        return
+    with _as_os_errors(target):
+        _gfile().copy(str(source), target, overwrite=True)
+
+
 def copy_tree(source: str | os.PathLike, target: str) -> None:
     """Copy a local folder into `target` (any filesystem), file by file."""
     makedirs(target)
     for entry in sorted(Path(source).iterdir()):
-        destination = join(target, entry.name)
         if entry.is_dir():
-            copy_tree(entry, destination)
-        elif not is_url(target):
-            shutil.copyfile(entry, destination)
+            copy_tree(entry, join(target, entry.name))
         else:
-            with _as_os_errors(destination):
-                _gfile().copy(str(entry), destination, overwrite=True)
+            copy_file(entry, join(target, entry.name))
 
 
 def copy_remote_tree(source: str, target: str) -> None:

@@ -57,6 +57,7 @@ from trainer.models import build_for_dataset, init_from_data, load_initial_weigh
 from trainer.monitoring import Monitor
 from trainer.optim import Lookahead, build_lookahead, build_optimizer, gradient_multipliers
 from trainer.runtime import Runtime, accelerator_names, environment, setup_runtime
+from trainer.staging import CheckpointUploads
 from trainer.summaries import drop_events_after, scalar_at
 from trainer.workdir import Workdir
 
@@ -218,20 +219,34 @@ def _train(
         save_directory=None if runtime.is_chief else storage.join(wd.worker_temp(runtime.worker_index), "checkpoints"),
         extra={"lookahead": parts.lookahead.state} if parts.lookahead else None,
         warn=console.warning,
+        # A remote workdir: saves land on local disk and are uploaded behind training.
+        uploads=CheckpointUploads(wd.checkpoints, config.checkpoint.keep)
+        if runtime.is_chief and storage.is_url(wd.root)
+        else None,
     )
     # Only the chief writes the workdir; the other workers read its checkpoints.
     holding = wd.locked(config.checkpoint.lease_seconds, console.warning) if runtime.is_chief else None
-    with holding or contextlib.nullcontext():
-        if runtime.is_chief:
-            _claim_workdir(wd, fresh, console)
-        runtime.barrier("start")  # nobody restores before the chief has cleared
-        try:
-            run = _Run(config, wd, runtime, parts, store, console)
-            result = _resume_and_run(run, resume_command, started)
-        except DivergedError:
-            runtime.barrier("end")  # every worker diverged at the same (agreed) step
-            raise
-        runtime.barrier("end")  # nobody leaves while a peer may still pull data from it
+    run = _Run(config, wd, runtime, parts, store, console)
+    try:
+        with holding or contextlib.nullcontext():
+            try:
+                return _claim_and_run(run, fresh, resume_command, started)
+            finally:
+                store.close()  # the last uploads finish while the workdir is still held
+    finally:
+        store.close()  # also when the workdir could not be taken (closing twice is a no-op)
+
+
+def _claim_and_run(run: _Run, fresh: bool, resume_command: str | None, started: float) -> TrainResult:
+    if run.runtime.is_chief:
+        _claim_workdir(run.wd, fresh, run.console)
+    run.runtime.barrier("start")  # nobody restores before the chief has cleared
+    try:
+        result = _resume_and_run(run, resume_command, started)
+    except DivergedError:
+        run.runtime.barrier("end")  # every worker diverged at the same (agreed) step
+        raise
+    run.runtime.barrier("end")  # nobody leaves while a peer may still pull data from it
     return result
 
 
@@ -260,6 +275,7 @@ def _resume_and_run(run: _Run, resume_command: str | None, started: float) -> Tr
         )
         return TrainResult(start_step, parts.total_steps, 0.0, 0.0, None, wd.root)
     result = _run_loop(run, start_step, started)
+    store.wait_for_uploads()  # a stopped run says "saved" only once it is in the workdir
     if result.stopped_by:
         how = f"resume with: {resume_command}" if resume_command else "run the same command to resume"
         console.every_worker(

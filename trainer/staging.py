@@ -1,0 +1,97 @@
+"""Checkpoints for a remote workdir are saved to local disk first and uploaded behind training.
+
+A save to an object store takes several round trips (data, index, state file, deletes)
+plus the transfer, all while the training loop waits. `tf.train.CheckpointOptions(
+experimental_enable_async_checkpoint=True)` would hide that, but it fails on Keras 3
+variables (TensorFlow 2.21, Keras 3.15: "tf.function only supports singleton
+tf.Variables" in Keras' `_copy_trackable_to_cpu`). So the chief's CheckpointManager
+writes into a local staging folder (a local-disk stall), and one background thread copies
+each checkpoint to the workdir in an order that a kill cannot break:
+
+1. the data files, then the index (a checkpoint is listed, by its `.index`, only once
+   its data is there; a half-uploaded one is unlisted, and the resume falls back);
+2. the `checkpoint` state file naming it (for tools that read tf.train.latest_checkpoint);
+3. only then the remote checkpoints beyond `keep` go, index first.
+
+`wait()` blocks until every queued upload is done (the run's end, a stop for preemption:
+the trainer does not exit before its last checkpoint is in the workdir) and raises an
+upload's error there, so a failed upload is never silent.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import tempfile
+import threading
+
+from trainer import files, storage
+from trainer.checkpoints import checkpoint_steps
+
+_CHECKPOINT_INDEX = ".index"
+
+
+class CheckpointUploads:
+    """A local staging folder for a CheckpointManager, and the thread that uploads from it."""
+
+    def __init__(self, remote: str, keep: int) -> None:
+        self.remote = remote
+        self.keep = keep
+        self.local = tempfile.mkdtemp(prefix="trainer-checkpoints-")
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int) -> None:
+        """Queue the checkpoint of `step` (already saved in `local`) for upload."""
+        self._raise_if_failed()
+        self._queue.put(step)
+
+    def wait(self) -> None:
+        """Block until every queued checkpoint is uploaded; raise the first upload error."""
+        self._queue.join()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        """Finish the uploads, stop the thread and delete the staging folder (once)."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self.wait()
+        finally:
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _run(self) -> None:
+        while (step := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    self._upload(step)
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = err
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _upload(self, step: int) -> None:
+        storage.makedirs(self.remote)
+        names = sorted(name for name in storage.listdir(self.local) if name.startswith(f"ckpt-{step}."))
+        for name in sorted(names, key=lambda name: name.endswith(_CHECKPOINT_INDEX)):  # the index last
+            storage.copy_file(storage.join(self.local, name), storage.join(self.remote, name))
+        kept = checkpoint_steps(self.remote)[: self.keep]
+        newest_first = [f"ckpt-{s}" for s in kept]
+        state = f'model_checkpoint_path: "{newest_first[0]}"\n' + "".join(
+            f'all_model_checkpoint_paths: "{name}"\n' for name in reversed(newest_first)
+        )
+        files.write_text(storage.join(self.remote, "checkpoint"), state)
+        for old in checkpoint_steps(self.remote)[self.keep :]:
+            olds = [name for name in storage.listdir(self.remote) if name.startswith(f"ckpt-{old}.")]
+            for name in sorted(olds, key=lambda name: not name.endswith(_CHECKPOINT_INDEX)):  # the index first
+                storage.remove(storage.join(self.remote, name))
