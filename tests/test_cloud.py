@@ -283,3 +283,14 @@ def test_staged_checkpoints_reach_the_store_in_a_safe_order_and_failures_are_not
     with pytest.raises(OSError):
         broken.wait()
     broken.close()
+
+
+def test_non_chief_scratch_checkpoints_stay_off_the_store(tmp_path):
+    """A non-chief worker's throw-away saves go to local disk for a remote workdir (on a
+    shared disk they stay in the workdir, where --fresh can find them)."""
+    from trainer import storage
+    from trainer.workdir import Workdir
+
+    remote = Workdir("gs://bucket/run").worker_temp(1)
+    assert not storage.is_url(remote) and remote != Workdir("gs://bucket/run").worker_temp(2)
+    assert Workdir(tmp_path).worker_temp(1) == str(tmp_path / ".worker-temp" / "worker-1")

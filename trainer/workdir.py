@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -194,7 +195,13 @@ class Workdir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def worker_temp(self, worker_index: int) -> str:
-        """Scratch folder of a non-chief worker (it must save too; the chief's copy counts)."""
+        """Scratch folder of a non-chief worker (it must save too; the chief's copy counts).
+
+        In the workdir on a shared disk; on local disk for a remote workdir, where a save
+        would otherwise stall the worker (and the collective steps after it) on the store.
+        """
+        if storage.is_url(self.root):
+            return os.path.join(tempfile.gettempdir(), f"trainer-worker-{worker_index}-{os.getpid()}")
         return self.path(".worker-temp", f"worker-{worker_index}")
 
     # --- --fresh -------------------------------------------------------------------------
