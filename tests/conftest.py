@@ -56,6 +56,28 @@ def smoke_config(*overrides: str):
     return load_config(REPO / "configs" / "smoke.yaml", overrides)
 
 
+def launch_tasks(workdir, environments: list[dict[str, str]], *overrides: str, expected_code: int = 0) -> list[str]:
+    """`python -m launch train` on configs/smoke.yaml once per environment, started together
+    as a cluster engine starts them: the same command, each with its own variables (and no
+    TF_CONFIG but the one given). Returns their outputs; each must exit `expected_code`."""
+    import subprocess
+    import sys
+
+    processes = []
+    for extra in environments:
+        env = {name: value for name, value in os.environ.items() if name != "TF_CONFIG"}
+        env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **extra})
+        args = [sys.executable, "-m", "launch", "train", "--config", str(REPO / "configs" / "smoke.yaml")]
+        args += ["--workdir", str(workdir)]
+        for override in overrides:
+            args += ["--set", override]
+        processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == expected_code, output
+    return outputs
+
+
 def launch_train(workdir, *overrides: str, workers: int = 1, env: dict[str, str] | None = None):
     """`python -m launch train` on configs/smoke.yaml in a subprocess, output piped as text.
 

@@ -2,18 +2,15 @@
 SLURM_* variables), their preemption signals, and the deploy/ examples."""
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from launch.cli import cli
-from tests.conftest import REPO, launch_train
+from tests.conftest import launch_tasks, launch_train
 from tests.test_distribution import _EQUIVALENCE_RUN, _weights
 from tests.test_fault_tolerance import _wait_for_checkpoint_after
 from tests.test_safety import assert_one_error
@@ -23,7 +20,6 @@ from trainer.errors import RuntimeSetupError
 from trainer.launcher import free_ports
 from trainer.preemption import EXIT_PREEMPTED
 
-SMOKE = str(REPO / "configs" / "smoke.yaml")
 RUN = (*_EQUIVALENCE_RUN, "data.augment=false")
 
 
@@ -109,22 +105,6 @@ def _adjacent_free_ports() -> int:
     raise AssertionError("no two adjacent free ports")
 
 
-def _two_tasks(workdir, environments: list[dict[str, str]], *overrides: str) -> list[str]:
-    """Two `launch train` processes started as an engine starts them: same command, own env."""
-    processes = []
-    for extra in environments:
-        env = {name: value for name, value in os.environ.items() if name != "TF_CONFIG"}
-        env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **extra})
-        args = [sys.executable, "-m", "launch", "train", "--config", SMOKE, "--workdir", str(workdir)]
-        for override in overrides:
-            args += ["--set", override]
-        processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output
-    return outputs
-
-
 def test_tfjob_chief_and_slurm_srun_train_the_same_weights_as_local_workers(tmp_path):
     process = launch_train(tmp_path / "local", *RUN, workers=2)
     output, _ = process.communicate(timeout=300)
@@ -134,14 +114,14 @@ def test_tfjob_chief_and_slurm_srun_train_the_same_weights_as_local_workers(tmp_
     chief_port, worker_port = free_ports(2)
     cluster = {"chief": [f"localhost:{chief_port}"], "worker": [f"localhost:{worker_port}"]}
     tfjob = [{"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": job, "index": 0}})} for job in cluster]
-    chief, worker = _two_tasks(tmp_path / "tfjob", tfjob, *RUN)
+    chief, worker = launch_tasks(tmp_path / "tfjob", tfjob, *RUN)
     assert "Strategy: auto: MultiWorkerMirroredStrategy over 2 workers" in chief
     assert "Done." in chief and "Done." not in worker  # the chief reports and writes
     assert len(list((tmp_path / "tfjob" / "tensorboard" / "train").iterdir())) == 1
 
     base = _adjacent_free_ports()
     srun = [_srun_environment(rank, SLURM_STEP_RESV_PORTS=f"{base}-{base + 1}") for rank in range(2)]
-    rank0, _ = _two_tasks(tmp_path / "slurm", srun, *RUN)
+    rank0, _ = launch_tasks(tmp_path / "slurm", srun, *RUN)
     assert "MultiWorkerMirroredStrategy over 2 workers (RING) (cluster from Slurm's srun variables)" in rank0
 
     for run in ("tfjob", "slurm"):

@@ -10,7 +10,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from launch.cli import cli
-from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
+from tests.conftest import REPO, launch_tasks, launch_train, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
 from trainer.config import RuntimeConfig
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
@@ -329,26 +329,14 @@ def test_sigterm_to_the_launcher_stops_all_workers_at_one_checkpoint(tmp_path):
 def _cluster(workdir, *overrides: str, stop_worker_1_at: int | None = None) -> list[str]:
     """Two `launch train` processes with hand-written TF_CONFIGs (as a cluster engine starts
     them, not through --workers); the stop seam only on worker 1, the non-chief."""
-    import os
-    import subprocess
-
     from trainer.launcher import free_ports, tf_config
 
     ports = free_ports(2)
-    processes = []
-    for index in range(2):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TF_CONFIG": tf_config(ports, index)}
-        if index == 1 and stop_worker_1_at is not None:
-            env["TRAINER_STOP_AT_STEP"] = str(stop_worker_1_at)
-        args = [sys.executable, "-m", "launch", "train", "--config", SMOKE, "--workdir", str(workdir)]
-        for override in (*overrides, "runtime.strategy=multi_worker"):
-            args += ["--set", override]
-        processes.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    environments = [{"TF_CONFIG": tf_config(ports, index)} for index in range(2)]
+    if stop_worker_1_at is not None:
+        environments[1]["TRAINER_STOP_AT_STEP"] = str(stop_worker_1_at)
     expected = 0 if stop_worker_1_at is None else 75
-    for process, output in zip(processes, outputs):
-        assert process.returncode == expected, output
-    return outputs
+    return launch_tasks(workdir, environments, *overrides, "runtime.strategy=multi_worker", expected_code=expected)
 
 
 def test_a_stop_on_the_non_chief_stops_both_workers_at_one_step_and_resumes_exactly(tmp_path):

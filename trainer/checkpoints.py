@@ -55,6 +55,14 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
     return sorted(steps, reverse=True)
 
 
+def remove_checkpoint(directory: str, step: int) -> None:
+    """Delete the files of one checkpoint, its index first: from then on it is no longer
+    listed (checkpoint_steps), so a kill half-way leaves no checkpoint that looks whole."""
+    names = [name for name in storage.listdir(directory) if name.startswith(f"ckpt-{step}.")]
+    for name in sorted(names, key=lambda name: not name.endswith(".index")):
+        storage.remove(storage.join(directory, name))
+
+
 class CheckpointStore:
     """The training state and its managers; `save`/`restore` keep them in step."""
 
@@ -222,9 +230,7 @@ class CheckpointStore:
         files.write_json(storage.join(folder, "best.json"), {"step": step, "accuracy": float(accuracy)})
         for old in checkpoint_steps(folder):
             if old != step:
-                for name in storage.listdir(folder):
-                    if name.startswith(f"ckpt-{old}."):
-                        storage.remove(storage.join(folder, name))
+                remove_checkpoint(folder, old)
 
 
 def _parse_step(which: str) -> int:

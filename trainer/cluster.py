@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 from trainer.errors import RuntimeSetupError
 
@@ -176,7 +176,7 @@ def _slurm_list(environ: Mapping[str, str], name: str, expand) -> list:
     return values
 
 
-def adopt_slurm_cluster(environ: os._Environ | dict = os.environ) -> bool:
+def adopt_slurm_cluster(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Inside a multi-task `srun` step without $TF_CONFIG, write $TF_CONFIG from Slurm's
     variables (before TensorFlow reads it); returns whether it did."""
     if environ.get("TF_CONFIG") or slurm_tasks(environ) <= 1:

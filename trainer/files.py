@@ -101,7 +101,7 @@ def _replacing_remote_folder(url: str) -> Iterator[Path]:
         storage.rmtree(staged)
         storage.copy_tree(local, staged)
     storage.rmtree(url)
-    storage.copy_remote_tree(staged, url)
+    storage.copy_tree(staged, url)
     storage.rmtree(staged)
 
 

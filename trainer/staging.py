@@ -26,7 +26,7 @@ import tempfile
 import threading
 
 from trainer import files, storage
-from trainer.checkpoints import checkpoint_steps
+from trainer.checkpoints import checkpoint_steps, remove_checkpoint
 
 _CHECKPOINT_INDEX = ".index"
 
@@ -82,16 +82,14 @@ class CheckpointUploads:
 
     def _upload(self, step: int) -> None:
         storage.makedirs(self.remote)
-        names = sorted(name for name in storage.listdir(self.local) if name.startswith(f"ckpt-{step}."))
+        names = [name for name in storage.listdir(self.local) if name.startswith(f"ckpt-{step}.")]
         for name in sorted(names, key=lambda name: name.endswith(_CHECKPOINT_INDEX)):  # the index last
             storage.copy_file(storage.join(self.local, name), storage.join(self.remote, name))
-        kept = checkpoint_steps(self.remote)[: self.keep]
-        newest_first = [f"ckpt-{s}" for s in kept]
+        steps = checkpoint_steps(self.remote)
+        newest_first = [f"ckpt-{kept}" for kept in steps[: self.keep]]
         state = f'model_checkpoint_path: "{newest_first[0]}"\n' + "".join(
             f'all_model_checkpoint_paths: "{name}"\n' for name in reversed(newest_first)
         )
         files.write_text(storage.join(self.remote, "checkpoint"), state)
-        for old in checkpoint_steps(self.remote)[self.keep :]:
-            olds = [name for name in storage.listdir(self.remote) if name.startswith(f"ckpt-{old}.")]
-            for name in sorted(olds, key=lambda name: not name.endswith(_CHECKPOINT_INDEX)):  # the index first
-                storage.remove(storage.join(self.remote, name))
+        for old in steps[self.keep :]:
+            remove_checkpoint(self.remote, old)

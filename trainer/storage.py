@@ -161,8 +161,8 @@ def rename(source: str, target: str) -> None:
 
 
 def copy_file(source: str | os.PathLike, target: str) -> None:
-    """Copy one file from local disk to `target` (any filesystem), replacing it."""
-    if not is_url(target):
+    """Copy one file between any two filesystems (server-side within GCS), replacing `target`."""
+    if not is_url(source) and not is_url(target):
         shutil.copyfile(source, target)
         return
     with _as_os_errors(target):
@@ -170,24 +170,13 @@ def copy_file(source: str | os.PathLike, target: str) -> None:
 
 
 def copy_tree(source: str | os.PathLike, target: str) -> None:
-    """Copy a local folder into `target` (any filesystem), file by file."""
-    makedirs(target)
-    for entry in sorted(Path(source).iterdir()):
-        if entry.is_dir():
-            copy_tree(entry, join(target, entry.name))
-        else:
-            copy_file(entry, join(target, entry.name))
-
-
-def copy_remote_tree(source: str, target: str) -> None:
-    """Copy a folder within one store (server-side on GCS), file by file."""
+    """Copy a folder and everything in it between any two filesystems, file by file."""
     makedirs(target)
     for name in listdir(source):
         if isdir(join(source, name)):
-            copy_remote_tree(join(source, name), join(target, name))
+            copy_tree(join(source, name), join(target, name))
         else:
-            with _as_os_errors(source):
-                _gfile().copy(join(source, name), join(target, name), overwrite=True)
+            copy_file(join(source, name), join(target, name))
 
 
 def walk_files(folder: str | os.PathLike) -> list[str]:

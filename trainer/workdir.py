@@ -32,9 +32,6 @@ from trainer.data.info import DatasetInfo
 from trainer.errors import CheckpointError, WorkdirBusyError, WorkdirNotOursError
 from trainer.lease import LEASE, Lease, check_free
 
-# How long a remote workdir's lease outlives a trainer that died without releasing it.
-DEFAULT_LEASE_SECONDS = 120.0
-
 MARKER = ".trainer-workdir"
 # Names the trainer gives the files it writes, per folder: what --fresh may delete.
 _CHECKPOINT_FILES = re.compile(r"^(ckpt-\d+(\.index|\.data-\d+-of-\d+)|checkpoint|best\.json|\..+\.tmp)$")
@@ -160,7 +157,7 @@ class Workdir:
         )
 
     @contextmanager
-    def locked(self, lease_seconds: float = DEFAULT_LEASE_SECONDS, warn: files.Warn = print) -> Iterator[None]:
+    def locked(self, lease_seconds: float, warn: files.Warn = print) -> Iterator[None]:
         """Hold the workdir so that two trainers never write it at once.
 
         Local disk: an OS file lock (flock) on WORKDIR/.lock, which the kernel releases
