@@ -252,7 +252,7 @@ def test_a_sigkilled_holder_on_another_process_blocks_until_gone(tmp_path):
     assert any("taking over the lease" in line for line in warnings)
 
 
-def test_staged_checkpoints_reach_the_store_in_a_safe_order_and_failures_are_not_silent():
+def test_staged_checkpoints_reach_the_store_in_a_safe_order_and_failures_are_not_silent(tmp_path):
     """CheckpointUploads: the index after its data, the state file naming the newest, only
     `keep` kept; and an upload that fails is raised at the next wait, not swallowed."""
     from trainer.staging import CheckpointUploads
@@ -276,7 +276,9 @@ def test_staged_checkpoints_reach_the_store_in_a_safe_order_and_failures_are_not
     uploads.close()
     assert not os.path.exists(uploads.local)
 
-    broken = CheckpointUploads("nosuchscheme://bucket/checkpoints", keep=2)
+    blocked = tmp_path / "checkpoints"
+    blocked.write_text("a file where the checkpoint folder should be")  # every upload fails
+    broken = CheckpointUploads(str(blocked), keep=2)
     manager = tf.train.CheckpointManager(checkpoint, broken.local, max_to_keep=2)
     manager.save(checkpoint_number=1)
     broken.submit(1)
@@ -294,3 +296,11 @@ def test_non_chief_scratch_checkpoints_stay_off_the_store(tmp_path):
     remote = Workdir("gs://bucket/run").worker_temp(1)
     assert not storage.is_url(remote) and remote != Workdir("gs://bucket/run").worker_temp(2)
     assert Workdir(tmp_path).worker_temp(1) == str(tmp_path / ".worker-temp" / "worker-1")
+
+
+def test_a_workdir_on_a_filesystem_tensorflow_does_not_know_is_one_line():
+    from tests.test_safety import assert_one_error
+
+    for command in (["train", "--config", SMOKE], ["evaluate"], ["export"]):
+        result = CliRunner().invoke(cli, [*command, "--workdir", "nosuch://bucket/run"])
+        assert_one_error(result, "no filesystem for nosuch://", "tensorflow-io")

@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from trainer.errors import ConfigError
+
 
 def is_url(path: str | os.PathLike) -> bool:
     """A path with a scheme (gs://, s3://, hdfs://, ram://): served by tf.io.gfile."""
@@ -57,6 +59,12 @@ def _as_os_errors(path: str) -> Iterator[None]:
 
     try:
         yield
+    except tf.errors.UnimplementedError as err:  # a scheme this TensorFlow has no filesystem for
+        scheme = path.split("://", 1)[0]
+        raise ConfigError(
+            f"{path}: TensorFlow has no filesystem for {scheme}:// (gs:// is built in; s3:// and hdfs:// need "
+            "the tensorflow-io plugin); check the spelling, or use a local folder"
+        ) from err
     except tf.errors.NotFoundError as err:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from err
     except tf.errors.PermissionDeniedError as err:

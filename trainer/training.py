@@ -85,11 +85,11 @@ def train(
     wd = Workdir(workdir)
     runtime = setup_runtime(config.runtime)
     console = Console.for_worker(echo, runtime.is_chief)
-    if runtime.is_chief:
-        wd.check_trainable(fresh)
-        wd.check_not_busy(warn=console.warning)
-    console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
     try:
+        if runtime.is_chief:
+            wd.check_trainable(fresh)
+            wd.check_not_busy(warn=console.warning)
+        console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
         result = _train(config, wd, runtime, fresh, console, resume_command, started)
     except (OSError, tf.errors.OpError) as err:
         if not is_write_failure(err):
