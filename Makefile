@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data/cifar10/train),)
 export CIFAR10_DIR ?= $(abspath ../shared/data/cifar10)
 endif
 
-.PHONY: setup test lint quickstart clean
+.PHONY: setup test test-slow lint quickstart clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,16 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
-	$(BIN)/python -m pytest -q
+# Tests run in $(TEST_WORKERS) processes (pytest-xdist; `auto` is one per core), long tests
+# handed out first-come (worksteal) so no core idles at the end.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-test-slow:
-	$(BIN)/python -m pytest -q -m slow
+test: lint
+	$(PYTEST)
+
+test-slow: setup
+	$(PYTEST) -m slow
 
 quickstart: setup
 	$(BIN)/launch train --config configs/quickstart.yaml --workdir runs/quickstart

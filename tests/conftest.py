@@ -56,6 +56,11 @@ def smoke_config(*overrides: str):
     return load_config(REPO / "configs" / "smoke.yaml", overrides)
 
 
+# float16 has no fast kernels on a CPU (each op is emulated): runs in that precision use
+# batches of 16 and 64 test images, a quarter of the smoke run's work per step.
+SMALL_FLOAT16_RUN = ("data.batch_size=16", "data.synthetic_test_size=64")
+
+
 def launch_tasks(workdir, environments: list[dict[str, str]], *overrides: str, expected_code: int = 0) -> list[str]:
     """`python -m launch train` on configs/smoke.yaml once per environment, started together
     as a cluster engine starts them: the same command, each with its own variables (and no

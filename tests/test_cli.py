@@ -94,7 +94,8 @@ print(json.dumps({"keras": keras_probabilities.tolist(), "served": served.tolist
         ("resnet_small", "float32", 32),
         ("airbench", "float32", 32),
         ("paper_cnn", "mixed_bfloat16", 32),
-        ("mobilenet_v3_small", "mixed_bfloat16", 64),  # a Keras Applications backbone at its own size
+        # a Keras Applications backbone at its own size (30-50 s: make test-slow)
+        pytest.param("mobilenet_v3_small", "mixed_bfloat16", 64, marks=pytest.mark.slow),
     ],
 )
 def test_exports_load_in_plain_keras_and_agree_with_launch_predict(tmp_path, images, model, precision, size):

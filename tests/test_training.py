@@ -5,7 +5,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util.tensor_util import make_ndarray
 
-from tests.conftest import smoke_config
+from tests.conftest import SMALL_FLOAT16_RUN, smoke_config
 from trainer.errors import ConfigError
 from trainer.training import train
 
@@ -128,7 +128,7 @@ def test_models_train_under_mixed_bfloat16(tmp_path, model, monkeypatch):
 
 
 def test_mixed_float16_uses_loss_scaling(tmp_path):
-    config = smoke_config("runtime.precision=mixed_float16", "train.max_steps=8", "model.width=8")
+    config = smoke_config("runtime.precision=mixed_float16", "train.max_steps=8", "model.width=8", *SMALL_FLOAT16_RUN)
     result = train(config, tmp_path, echo=lambda _: None)
     assert np.isfinite(result.final_eval.loss)
     assert _scalars(tmp_path / "tensorboard" / "train", "loss")[-1][1] < 10
