@@ -7,7 +7,10 @@ and the runtime reuses these devices.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,15 @@ def smoke_config(*overrides: str):
     """configs/smoke.yaml with overrides: the small synthetic run most tests start from."""
     return load_config(REPO / "configs" / "smoke.yaml", overrides)
 
+
+# The equivalence runs: synchronized BatchNorm, 8 steps of a small global batch.
+EQUIVALENCE_RUN = (
+    "model.name=resnet_small",
+    "model.width=8",
+    "train.max_steps=8",
+    "data.batch_size=32",
+    "runtime.deterministic=true",  # the reduction order of each op is fixed, so the comparisons are repeatable
+)
 
 # float16 has no fast kernels on a CPU (each op is emulated): runs in that precision use
 # batches of 16 and 64 test images, a quarter of the smoke run's work per step.
@@ -140,3 +152,39 @@ def tiny_loop(strategy, batches, labels, *, optimizer_options=None, model_name="
     )
     loop = make_train_loop(strategy, model, optimizer, Votes.create(), step_options)
     return model, optimizer, TinyLoop(loop), iter(dataset)
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder that `make` fills once per test run, whichever pytest-xdist worker asks first.
+
+    Why: a run that several tests only read (a two-process cluster costs ~15 s of two cores)
+    is made once, not once per worker. The workers share the parent of their base temp
+    folder; a lock file orders them, and the others wait for the first one's result. Tests
+    must not change what it holds (copy it first).
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / f"made-once-{name}"
+    with open(shared / f"made-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(tmp_path_factory) -> tuple[Path, str]:
+    """The equivalence run (augmentation off) through `launch train --workers 2`: its
+    workdir and output. test_distribution and test_cluster compare other runs with it."""
+
+    def make(folder: Path) -> None:
+        process = launch_train(folder / "run", *EQUIVALENCE_RUN, "data.augment=false", workers=2)
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+        (folder / "output.txt").write_text(output)
+
+    folder = made_once(tmp_path_factory, "two-worker-run", make)
+    return folder / "run", (folder / "output.txt").read_text()

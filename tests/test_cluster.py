@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from launch.cli import cli
-from tests.conftest import launch_tasks, launch_train
-from tests.test_distribution import _EQUIVALENCE_RUN, _weights
+from tests.conftest import EQUIVALENCE_RUN, launch_tasks, launch_train
+from tests.test_distribution import _weights
 from tests.test_fault_tolerance import _wait_for_checkpoint_after
 from tests.test_safety import assert_one_error
 from trainer.checkpoints import checkpoint_steps
@@ -20,7 +20,7 @@ from trainer.errors import RuntimeSetupError
 from trainer.launcher import free_ports
 from trainer.preemption import EXIT_PREEMPTED
 
-RUN = (*_EQUIVALENCE_RUN, "data.augment=false")
+RUN = (*EQUIVALENCE_RUN, "data.augment=false")  # as conftest.two_worker_run
 
 
 def _srun_environment(rank: int, tasks: int = 2, **extra: str) -> dict[str, str]:
@@ -105,11 +105,8 @@ def _adjacent_free_ports() -> int:
     raise AssertionError("no two adjacent free ports")
 
 
-def test_tfjob_chief_and_slurm_srun_train_the_same_weights_as_local_workers(tmp_path):
-    process = launch_train(tmp_path / "local", *RUN, workers=2)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output
-    expected = _weights(tmp_path / "local" / "checkpoints", 8)
+def test_tfjob_chief_and_slurm_srun_train_the_same_weights_as_local_workers(tmp_path, two_worker_run):
+    expected = _weights(two_worker_run[0] / "checkpoints", 8)  # launch train --workers 2
 
     chief_port, worker_port = free_ports(2)
     cluster = {"chief": [f"localhost:{chief_port}"], "worker": [f"localhost:{worker_port}"]}

@@ -10,7 +10,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from launch.cli import cli
-from tests.conftest import REPO, launch_tasks, launch_train, smoke_config, tiny_loop
+from tests.conftest import EQUIVALENCE_RUN, REPO, launch_tasks, launch_train, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
 from trainer.config import RuntimeConfig
 from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
@@ -81,16 +81,6 @@ def _weights(checkpoint_dir, step):
     }
 
 
-# The equivalence runs: synchronized BatchNorm, 8 steps of a small global batch.
-_EQUIVALENCE_RUN = (
-    "model.name=resnet_small",
-    "model.width=8",
-    "train.max_steps=8",
-    "data.batch_size=32",
-    "runtime.deterministic=true",  # the reduction order of each op is fixed, so the comparisons are repeatable
-)
-
-
 def _train_on_one_and_two_replicas(tmp_path, overrides):
     """Final (step 8) weights of the same run on 1 and on 2 replicas in this process."""
     train(smoke_config(*overrides), tmp_path / "one", echo=lambda _: None)
@@ -98,22 +88,20 @@ def _train_on_one_and_two_replicas(tmp_path, overrides):
     return _weights(tmp_path / "one" / "checkpoints", 8), _weights(tmp_path / "two" / "checkpoints", 8)
 
 
-def test_two_replicas_and_two_workers_train_the_same_weights(tmp_path):
+def test_two_replicas_and_two_workers_train_the_same_weights(tmp_path, two_worker_run):
     # resnet_small: synchronized BatchNorm and no Dropout, so the maths does not depend
     # on how the global batch is split (Dropout masks are drawn per replica). 1 replica vs
     # 2 is compared with smooth pooling below: max pooling's near-ties turn float rounding
     # into other gradients there, but not here (2 replicas in one process or two, bit for bit).
-    overrides = (*_EQUIVALENCE_RUN, "data.augment=false", "checkpoint.every_steps=4")
+    overrides = (*EQUIVALENCE_RUN, "data.augment=false", "checkpoint.every_steps=4")
     train(smoke_config(*overrides, "runtime.cpu_replicas=2"), tmp_path / "two", echo=lambda _: None)
     two = _weights(tmp_path / "two" / "checkpoints", 8)
-    process = launch_train(tmp_path / "workers", *overrides, workers=2)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output
+    workers_dir, output = two_worker_run  # launch train --workers 2, the same run saved every 8 steps
     assert "[worker 0] Strategy: multi_worker: MultiWorkerMirroredStrategy over 2 workers" in output
     assert "listen on ports" in output and "without authentication" in output  # the exposure is stated
     assert "[worker 1] Done" not in output  # only the chief reports
 
-    workers = _weights(tmp_path / "workers" / "checkpoints", 8)
+    workers = _weights(workers_dir / "checkpoints", 8)
     trainable = [name for name in two if name.startswith("optimizer/_trainable_variables/")]
     assert two.keys() == workers.keys() and len(trainable) == 26
     # 2 replicas in one process and 2 worker processes: the same computation.
@@ -123,8 +111,8 @@ def test_two_replicas_and_two_workers_train_the_same_weights(tmp_path):
     halfway = _weights(tmp_path / "two" / "checkpoints", 4)
     assert max(np.abs(two[name] - halfway[name]).max() for name in trainable) > 0.01
     # Only the chief wrote the workdir: one event file per run folder, no scratch left.
-    assert len(list((tmp_path / "workers" / "tensorboard" / "train").iterdir())) == 1
-    assert not (tmp_path / "workers" / ".worker-temp").exists()
+    assert len(list((workers_dir / "tensorboard" / "train").iterdir())) == 1
+    assert not (workers_dir / ".worker-temp").exists()
     # The same with the training set on each worker's devices (data.placement=device).
     process = launch_train(tmp_path / "device", *overrides, "data.placement=device", workers=2)
     output, _ = process.communicate(timeout=300)
@@ -145,7 +133,7 @@ def test_one_and_two_replicas_agree_when_pooling_is_smooth(tmp_path, monkeypatch
     monkeypatch.setattr(keras.layers, "MaxPooling2D", keras.layers.AveragePooling2D)
     monkeypatch.setattr(keras.layers, "GlobalMaxPooling2D", keras.layers.GlobalAveragePooling2D)
     one, two = _train_on_one_and_two_replicas(
-        tmp_path, (*_EQUIVALENCE_RUN, f"data.augment={augment}", "data.crop_padding=4")
+        tmp_path, (*EQUIVALENCE_RUN, f"data.augment={augment}", "data.crop_padding=4")
     )
     assert one.keys() == two.keys() and len(one) > 26
     # Measured maxima on the AMD EPYC host: 2.05e-3 with crops (one value of 1,152).
