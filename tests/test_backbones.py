@@ -52,21 +52,21 @@ def test_offered_names_agree_and_a_typo_suggests_the_nearest():
         load_config(None, ["model.name=resnet50", *frozen])
 
 
+@pytest.mark.parametrize("size", [32, pytest.param(96, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", BACKBONE_NAMES)
-def test_every_backbone_builds_at_32_and_96_pixels_from_raw_pixels_to_float32_logits(name):
+def test_every_backbone_builds_at_32_and_96_pixels_from_raw_pixels_to_float32_logits(name, size):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    for size in (32, 96):
-        model = build_model(
-            name, input_shape=(size, size, 3), num_classes=7, mean=[0.0] * 3, std=[1.0] * 3, batchnorm_momentum=0.9
-        )
-        logits = model(np.full((2, size, size, 3), 127.0, np.float32), training=False)
-        assert logits.shape == (2, 7) and logits.dtype == "float32"
-        assert model.get_layer(name).count_params() > 500_000  # the Keras network, nested under its name
-        layers = model.get_layer(name)._flatten_layers()
-        batchnorm = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
-        assert all(layer.synchronized for layer in batchnorm)  # N replicas train like one
-        assert all(layer.momentum == 0.9 for layer in batchnorm)
-        assert batchnorm or name.startswith("convnext")  # ConvNeXt normalises with LayerNorm
+    model = build_model(
+        name, input_shape=(size, size, 3), num_classes=7, mean=[0.0] * 3, std=[1.0] * 3, batchnorm_momentum=0.9
+    )
+    logits = model(np.full((2, size, size, 3), 127.0, np.float32), training=False)
+    assert logits.shape == (2, 7) and logits.dtype == "float32"
+    assert model.get_layer(name).count_params() > 500_000  # the Keras network, nested under its name
+    layers = model.get_layer(name)._flatten_layers()
+    batchnorm = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(layer.synchronized for layer in batchnorm)  # N replicas train like one
+    assert all(layer.momentum == 0.9 for layer in batchnorm)
+    assert batchnorm or name.startswith("convnext")  # ConvNeXt normalises with LayerNorm
 
 
 def test_flops_count_the_nested_backbone():
@@ -85,16 +85,14 @@ def test_resnet50_sees_the_caffe_preprocessing_keras_documents():
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
 
-# ResNet-50 trains in the default suite (MobileNetV3 trains below, in the fine-tuning,
-# starting-weights and photos tests); every other backbone at both sizes with
-# `make test-slow` (each costs 25-45 s on a 2-core CPU).
-_FAST_RUNS = [("resnet50", 32)]
-_OTHER_RUNS = [(name, size) for name in BACKBONE_NAMES for size in (32, 96) if (name, size) not in _FAST_RUNS]
+# MobileNetV3 trains in the default suite (below: the fine-tuning, starting-weights and
+# photos tests); every backbone at both sizes trains with `make test-slow` (each costs
+# 25-45 s on a 2-core CPU).
+_TRAIN_RUNS = [(name, size) for name in BACKBONE_NAMES for size in (32, 96)]
 
 
-@pytest.mark.parametrize(
-    ("name", "size"), _FAST_RUNS + [pytest.param(*run, marks=pytest.mark.slow) for run in _OTHER_RUNS]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "size"), _TRAIN_RUNS)
 def test_backbone_trains_two_steps_and_evaluates(tmp_path, name, size):
     precision = "runtime.precision=mixed_bfloat16"
     result = _train(tmp_path, f"model.name={name}", f"data.image_size={size}", "train.max_steps=2", precision)

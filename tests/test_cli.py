@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from launch.cli import cli
-from tests.conftest import REPO
+from tests.conftest import REPO, made_once
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -19,14 +19,16 @@ def _run(*args):
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """One smoke run shared by the evaluate/predict/export tests."""
-    workdir = tmp_path_factory.mktemp("run")
-    result = _run("train", "--config", SMOKE, "--workdir", workdir, "--set", "train.epochs=3")
-    assert result.exit_code == 0, result.output
-    assert "Eval at step 48" in result.output
-    return workdir
+    """One smoke run shared by the evaluate/predict tests (made once per test run)."""
+
+    def make(folder):
+        result = _run("train", "--config", SMOKE, "--workdir", folder / "run", "--set", "train.epochs=3")
+        assert result.exit_code == 0, result.output
+        assert "Eval at step 48" in result.output
+
+    return made_once(tmp_path_factory, "cli-smoke-run", make) / "run"
 
 
 @pytest.fixture(scope="module")

@@ -113,13 +113,19 @@ def test_two_replicas_and_two_workers_train_the_same_weights(tmp_path, two_worke
     # Only the chief wrote the workdir: one event file per run folder, no scratch left.
     assert len(list((workers_dir / "tensorboard" / "train").iterdir())) == 1
     assert not (workers_dir / ".worker-temp").exists()
-    # The same with the training set on each worker's devices (data.placement=device).
-    process = launch_train(tmp_path / "device", *overrides, "data.placement=device", workers=2)
+
+
+@pytest.mark.slow  # one worker with the training set on its devices is in test_device_feed.py
+def test_two_workers_with_the_training_set_on_their_devices_train_the_same_weights(tmp_path, two_worker_run):
+    overrides = (*EQUIVALENCE_RUN, "data.augment=false", "data.placement=device")
+    process = launch_train(tmp_path / "device", *overrides, workers=2)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     assert "[worker 0] Input: the training set is kept on each replica's device" in output
+    on_host = _weights(two_worker_run[0] / "checkpoints", 8)
     on_device = _weights(tmp_path / "device" / "checkpoints", 8)
-    for name, value in two.items():
+    assert on_host.keys() == on_device.keys()
+    for name, value in on_host.items():
         np.testing.assert_allclose(on_device[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util.tensor_util import make_ndarray
 
 from launch.cli import cli
-from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
+from tests.conftest import REPO, launch_train, made_once, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
 from trainer.errors import DivergedError, WorkdirBusyError
 from trainer.loop.step import NUM_SUMS, StepSums
@@ -169,12 +169,16 @@ print("not reached")
 DAMAGE_RUN = ("checkpoint.every_steps=8", "runtime.deterministic=true", "checkpoint.keep=5")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs_to_damage(tmp_path_factory):
-    """A straight run to step 24, and a run stopped at 16 whose newest checkpoint gets damaged."""
-    root = tmp_path_factory.mktemp("damage")
-    train(smoke_config(*DAMAGE_RUN, "train.max_steps=24"), root / "straight", echo=quiet)
-    train(smoke_config(*DAMAGE_RUN, "train.max_steps=16"), root / "at16", echo=quiet)
+    """A straight run to step 24, and a run stopped at 16 whose newest checkpoint gets damaged
+    (in a copy: these are made once per test run and only read)."""
+
+    def make(root: Path) -> None:
+        train(smoke_config(*DAMAGE_RUN, "train.max_steps=24"), root / "straight", echo=quiet)
+        train(smoke_config(*DAMAGE_RUN, "train.max_steps=16"), root / "at16", echo=quiet)
+
+    root = made_once(tmp_path_factory, "runs-to-damage", make)
     return root / "straight", root / "at16"
 
 

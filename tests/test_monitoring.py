@@ -1,6 +1,7 @@
 """Monitoring: what TensorBoard receives, read back with TensorBoard's own reader."""
 
 import io
+import pickle
 import time
 import urllib.request
 
@@ -11,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util.tensor_util import make_ndarray
 
-from tests.conftest import SMALL_FLOAT16_RUN, smoke_config
+from tests.conftest import SMALL_FLOAT16_RUN, made_once, smoke_config
 from trainer.data.sources import CIFAR10_CLASSES
 from trainer.flops import forward_flops_per_example, peak_flops
 from trainer.launcher import start_tensorboard
@@ -31,13 +32,20 @@ def _png(event) -> Image.Image:
     return Image.open(io.BytesIO(event.tensor_proto.string_val[2]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def monitored_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("monitored")
-    lines: list[str] = []
-    config = smoke_config("tensorboard.histogram_every_steps=16", "tensorboard.profile_steps=10:14")
-    result = train(config, workdir, echo=lines.append)
-    return workdir / "tensorboard", result, lines
+    """A run with histograms and a profile, made once per test run and only read: its
+    TensorBoard folder, its TrainResult and its console lines."""
+
+    def make(folder):
+        lines: list[str] = []
+        config = smoke_config("tensorboard.histogram_every_steps=16", "tensorboard.profile_steps=10:14")
+        result = train(config, folder / "run", echo=lines.append)
+        (folder / "result.pickle").write_bytes(pickle.dumps((result, lines)))
+
+    folder = made_once(tmp_path_factory, "monitored-run", make)
+    result, lines = pickle.loads((folder / "result.pickle").read_bytes())
+    return folder / "run" / "tensorboard", result, lines
 
 
 def test_training_scalars_are_keyed_by_global_step(monitored_run):

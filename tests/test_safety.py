@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from launch.cli import cli
-from tests.conftest import REPO, smoke_config
+from tests.conftest import REPO, made_once, smoke_config
 from trainer import files
 from trainer.checkpoints import CheckpointStore, checkpoint_steps
 from trainer.config import load_config
@@ -68,11 +68,14 @@ def assert_one_error(result, *fragments: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_once(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    train(smoke_config("train.max_steps=16", "checkpoint.every_steps=8"), workdir, echo=quiet)
-    return workdir
+    """Made once per test run and only copied (see `trained`)."""
+
+    def make(folder: Path) -> None:
+        train(smoke_config("train.max_steps=16", "checkpoint.every_steps=8"), folder / "run", echo=quiet)
+
+    return made_once(tmp_path_factory, "safety-run-to-16", make) / "run"
 
 
 @pytest.fixture
