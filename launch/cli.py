@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from trainer.errors import DataError, RuntimeSetupError, TrainerError
+from trainer.storage import workdir_spelling
 
 _INSTALL_HINT = (
     "TensorFlow is not installed: run pip install -e '.[cpu]' (CPU only), '.[gpu]' (NVIDIA GPUs) "
@@ -160,7 +161,8 @@ def train(
     if profile_steps:
         overrides = (*overrides, f"tensorboard.profile_steps={profile_steps}")
     config = _config(config_path, overrides)
-    workdir = workdir or os.path.join("runs", Path(config_path).stem)
+    # One spelling before anything starts (TensorBoard, --workers): file:// -> its path.
+    workdir = workdir_spelling(workdir or os.path.join("runs", Path(config_path).stem))
     server = None
     if with_tensorboard:
         from trainer.launcher import start_tensorboard

@@ -31,7 +31,7 @@ from trainer import files
 from trainer.checkpoints import CheckpointStore, checkpoint_steps
 from trainer.config import load_config
 from trainer.data.sources import read_cifar10_pickles, read_image
-from trainer.errors import ConfigError, DataError, WorkdirNotOursError
+from trainer.errors import ConfigError, DataError, WorkdirBusyError, WorkdirNotOursError
 from trainer.launcher import reserved_ports
 from trainer.training import train
 from trainer.visualize import MAX_DRAWN_CLASSES, confusion_matrix_image
@@ -154,6 +154,42 @@ def test_unmarked_workdir_of_an_earlier_version_is_adopted(trained):
     train(smoke_config("train.max_steps=24", "checkpoint.every_steps=8"), trained, echo=lines.append)
     assert any("Resuming from" in line for line in lines)
     assert (trained / MARKER).is_file()
+
+
+@pytest.mark.parametrize("spelling", ["file URL", "file://localhost URL", "symlink", "relative path"])
+def test_every_spelling_of_a_busy_workdir_meets_its_lock(trained, tmp_path, monkeypatch, spelling):
+    """#24 item 1: `--fresh` through `file:///abs/run` deleted a running trainer's checkpoints
+    (a URL took a lease, the path a flock, and neither saw the other)."""
+    (tmp_path / "link").symlink_to(trained)
+    monkeypatch.chdir(tmp_path)
+    other = {
+        "file URL": f"file://{trained}",
+        "file://localhost URL": f"file://localhost{trained}/",
+        "symlink": str(tmp_path / "link"),
+        "relative path": "run",
+    }[spelling]
+    with open(trained / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # as the running trainer holds it
+        before = snapshot(trained)
+        with pytest.raises(WorkdirBusyError, match="in use by another trainer"):
+            train(smoke_config("train.max_steps=8"), other, fresh=True, echo=quiet)
+    assert snapshot(trained) == before  # nothing deleted, nothing written
+
+
+@pytest.mark.parametrize(
+    ("workdir", "fragment"),
+    [
+        ("gs:/bucket/run", "write gs://bucket/run"),
+        ("foo://", "names no bucket or folder after 'foo://'"),
+        ("file://run", "a file:// URL names an absolute path"),
+    ],
+)
+def test_a_workdir_spelled_like_a_broken_url_is_one_line_and_creates_nothing(tmp_path, monkeypatch, workdir, fragment):
+    """#24 item 3: these trained into local folders named `gs:` and `foo:`."""
+    monkeypatch.chdir(tmp_path)
+    for command in (["train", "--config", SMOKE], ["evaluate"]):
+        assert_one_error(run_cli(*command, "--workdir", workdir), fragment)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- 2. a changed config is refused, not treated as corruption -----------------------------

@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 from trainer.errors import ConfigError
 
@@ -28,6 +30,47 @@ from trainer.errors import ConfigError
 def is_url(path: str | os.PathLike) -> bool:
     """A path with a scheme (gs://, s3://, hdfs://, ram://): served by tf.io.gfile."""
     return "://" in str(path)
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def workdir_spelling(path: str | os.PathLike) -> str:
+    """The one spelling of a workdir: `file://` URLs become local paths, a URL loses its
+    trailing slashes, and a scheme typo is refused before anything is written.
+
+    Why: the lock is chosen by spelling (flock for local paths, a lease for URLs), so
+    `file:///abs/run` must be the local path it names, or a second trainer (or `--fresh`)
+    would not see the first one's flock. `gs:/bucket/run` (one slash) or `foo://` would
+    otherwise train into a local folder named `gs:` or `foo:`, which vanishes with a VM.
+    Relative and symlinked spellings of a local path need nothing: flock locks the file
+    itself, whatever path reaches it.
+    """
+    text = str(path)
+    if text.startswith("file://"):
+        return _local_path_of_file_url(text)
+    if is_url(text):
+        scheme, rest = text.split("://", 1)
+        if not _SCHEME.fullmatch(f"{scheme}:") or not rest.strip("/"):
+            raise ConfigError(f"workdir {text!r} names no bucket or folder after '{scheme}://'")
+        return text.rstrip("/")
+    first, _, rest = text.partition("/")
+    if _SCHEME.fullmatch(first):
+        raise ConfigError(
+            f"workdir {text!r} looks like a URL with a slash missing: write {first}//{rest.lstrip('/')} "
+            f"(for a local folder named {first!r}, write ./{text})"
+        )
+    return text
+
+
+def _local_path_of_file_url(url: str) -> str:
+    """file:///abs/path and file://localhost/abs/path (percent-escapes decoded)."""
+    rest = url[len("file://") :]
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost") :]
+    if not rest.startswith("/"):
+        raise ConfigError(f"workdir {url!r}: a file:// URL names an absolute path on this machine (file:///abs/path)")
+    return unquote(rest)
 
 
 def join(base: str | os.PathLike, *names: str) -> str:

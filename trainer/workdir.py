@@ -48,7 +48,7 @@ class Workdir:
     root: str
 
     def __init__(self, root: str | os.PathLike) -> None:
-        object.__setattr__(self, "root", str(root).rstrip("/") if storage.is_url(root) else str(root))
+        object.__setattr__(self, "root", storage.workdir_spelling(root))
 
     def path(self, *names: str) -> str:
         return storage.join(self.root, *names)
