@@ -57,12 +57,6 @@ def _wait_for_checkpoint_after(workdir: Path, step: int, process: subprocess.Pop
     raise AssertionError(f"no new checkpoint appeared:\n{process.communicate(timeout=30)[0]}")
 
 
-def _run(workdir: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300):
-    process = launch_train(workdir, *overrides, env=env)
-    output, _ = process.communicate(timeout=timeout)
-    return process.returncode, output
-
-
 def _checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(path)
     return {
