@@ -188,3 +188,10 @@ def two_worker_run(tmp_path_factory) -> tuple[Path, str]:
 
     folder = made_once(tmp_path_factory, "two-worker-run", make)
     return folder / "run", (folder / "output.txt").read_text()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The order's seed at the end of every log: `-q` (make test) hides pytest-randomly's header."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"Test order: pytest-randomly seed {seed} (replay it with --randomly-seed={seed})")
