@@ -24,9 +24,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # Tests run in $(TEST_WORKERS) processes (pytest-xdist), one more than the cores: a test
-# often waits on a subprocess it started, and a third worker on 2 cores kept both busy
-# (187% CPU, 9:13 for the suite, against 175% and 10:43 with two). Long tests are handed
-# out first-come (worksteal), so no core idles at the end.
+# often waits on a subprocess it started, and a third worker on 2 cores kept them busier
+# (187% CPU against 175% with two; bench/RESULTS.md). Long tests are handed out
+# first-come (worksteal), so no core idles at the end.
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 1)')
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 

@@ -166,7 +166,7 @@ def test_every_spelling_of_a_busy_workdir_meets_its_lock(trained, tmp_path, monk
         "file URL": f"file://{trained}",
         "file://localhost URL": f"file://localhost{trained}/",
         "symlink": str(tmp_path / "link"),
-        "relative path": "run",
+        "relative path": os.path.relpath(trained, tmp_path),
     }[spelling]
     with open(trained / ".lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # as the running trainer holds it
@@ -181,6 +181,7 @@ def test_every_spelling_of_a_busy_workdir_meets_its_lock(trained, tmp_path, monk
     [
         ("gs:/bucket/run", "write gs://bucket/run"),
         ("foo://", "names no bucket or folder after 'foo://'"),
+        ("1x://bucket/run", "'1x' is not a URL scheme"),
         ("file://run", "a file:// URL names an absolute path"),
     ],
 )

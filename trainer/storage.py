@@ -51,7 +51,9 @@ def workdir_spelling(path: str | os.PathLike) -> str:
         return _local_path_of_file_url(text)
     if is_url(text):
         scheme, rest = text.split("://", 1)
-        if not _SCHEME.fullmatch(f"{scheme}:") or not rest.strip("/"):
+        if not _SCHEME.fullmatch(f"{scheme}:"):
+            raise ConfigError(f"workdir {text!r}: {scheme!r} is not a URL scheme (gs://, s3://, ...)")
+        if not rest.strip("/"):
             raise ConfigError(f"workdir {text!r} names no bucket or folder after '{scheme}://'")
         return text.rstrip("/")
     first, _, rest = text.partition("/")
