@@ -129,7 +129,7 @@ class CheckpointStore:
         if not steps:
             return None
         record = files.read_json(storage.join(self.best_directory, "best.json"), self.warn, "rebuilding it from best/")
-        if isinstance(record, dict) and record.get("step") in steps and isinstance(record.get("accuracy"), float):
+        if _names_a_best_checkpoint(record, steps):
             return record
         return {"step": steps[0], "accuracy": None}
 
@@ -166,6 +166,11 @@ class CheckpointStore:
     def require(self, which: str = "latest") -> int:
         """Like `restore`, but a missing checkpoint is the user's error."""
         step = self.restore(which)
+        if step is None and storage.isfile(self.directory):
+            raise CheckpointError(
+                f"{self.directory} is a file, where the trainer keeps its checkpoints folder; "
+                "move or rename it, or pick the workdir that holds the checkpoints"
+            )
         if step is None:
             raise CheckpointError(
                 f"no checkpoint in {self.directory}; train first with `launch train --workdir "
@@ -231,6 +236,19 @@ class CheckpointStore:
         for old in checkpoint_steps(folder):
             if old != step:
                 remove_checkpoint(folder, old)
+
+
+def _names_a_best_checkpoint(record: Any, steps: list[int]) -> bool:
+    """best.json as save_best writes it: an integer step present in best/, an accuracy in [0, 1].
+
+    Checked by type, not only by key: `"step": 16.0` would name ckpt-16.0 (no such file),
+    `true` equals step 1, and an accuracy of NaN or Infinity (json.loads reads both) would
+    never be beaten, so the best checkpoint would stop following the evaluations.
+    """
+    if not isinstance(record, dict):
+        return False
+    step, accuracy = record.get("step"), record.get("accuracy")
+    return files.integer_in(step, 0, 2**63 - 1) and step in steps and files.number_in(accuracy, 0.0, 1.0)
 
 
 def _parse_step(which: str) -> int:

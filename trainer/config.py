@@ -307,6 +307,10 @@ _MAXIMUMS: dict[str, float] = {
     "data.synthetic_classes": 100_000,
     "model.width": 4096,
     "model.backbone_lr_multiplier": 10**6,
+    "model.unfreeze_at_epoch": 100_000,
+    # Tests make runs diverge on purpose with 1e12; past it a value is no experiment, and
+    # 1e300 is infinite once the optimizer casts it to float32.
+    "optimizer.learning_rate": 10**12,
     "optimizer.warmup_epochs": 100_000,
     "optimizer.bias_lr_multiplier": 10**6,
     "optimizer.lookahead_every_steps": 10**9,
@@ -325,6 +329,7 @@ _MAXIMUMS: dict[str, float] = {
 }
 # Exclusive upper bounds: momenta and decays of averages, and label smoothing, stop below 1.
 _BELOW: dict[str, float] = {
+    "optimizer.momentum": 1,  # 1 never forgets a gradient; more grows every update
     "model.head_dropout": 1,
     "model.batchnorm_momentum": 1,
     "optimizer.label_smoothing": 1,
@@ -341,24 +346,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
         path: YAML file; None starts from the dataclass defaults.
         overrides: strings like `"data.batch_size=256"`, applied in order.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = str(path)
-        if not storage.isfile(path):
-            raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
-        try:
-            raw = yaml.safe_load(storage.read_text(path)) or {}
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {files.short(str(err).replace(chr(10), ' '), 300)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = {} if path is None else _read_yaml(str(path))
     config = _from_dict(Config, raw, prefix="")
     for override in overrides:
         apply_override(config, override)
     validate(config)
     return config
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """The mapping a YAML config holds; anything else (hostile input included) is one line."""
+    if not storage.isfile(path):
+        raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+    try:
+        raw = yaml.safe_load(storage.read_text(path)) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {files.short(str(err).replace(chr(10), ' '), 300)}") from None
+    except RecursionError:  # PyYAML composes nested [ and { recursively: 5,000 of them exhaust the stack
+        raise ConfigError(f"{path} nests lists or mappings thousands of levels deep; a config is two levels") from None
+    except ValueError as err:  # a value PyYAML cannot build: a 5,000-digit integer, February 30th
+        raise ConfigError(f"{path} holds a value that cannot be read ({files.short(str(err), 100)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def apply_override(config: Config, override: str) -> None:
@@ -391,8 +403,21 @@ def _flat_value(flat: dict[str, Any], key: str):
     return flat[section][name]
 
 
-_BRIEF = reprlib.Repr()
-_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlevel = 60, 60, 2
+class _Brief(reprlib.Repr):
+    """reprlib, and an integer's digits are not even produced when there are too many of
+    them: repr() of a 5,000-digit integer raises ValueError (Python's 4,300-digit limit),
+    and YAML reads hexadecimal ones of any length."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() <= 512:
+            return super().repr_int(x, level)
+        digits = int((x.bit_length() - 1) * math.log10(2)) + 1
+        digits += abs(x) >= 10**digits
+        return f"<{'a negative' if x < 0 else 'an'} integer of {digits} digits>"
+
+
+_BRIEF = _Brief()
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong, _BRIEF.maxlevel = 60, 60, 60, 2
 
 
 def shown(value: Any, limit: int = 80) -> str:
@@ -412,19 +437,21 @@ def validate(config: Config) -> None:
 
 
 def _check_ranges(flat: dict[str, Any]) -> None:
+    """Values are echoed through `shown`: `--set seed=<4,000 nines>` is one short line too."""
     for key, (minimum, inclusive) in _MINIMUMS.items():
         value = _flat_value(flat, key)
         if value < minimum or (not inclusive and value == minimum):
-            raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {minimum}, got {value}")
+            raise ConfigError(f"{key} must be {'>=' if inclusive else '>'} {minimum}, got {shown(value)}")
     for key, maximum in _MAXIMUMS.items():
         value = _flat_value(flat, key)
         if value > maximum:
             minimum = _MINIMUMS.get(key, (0, True))[0]
-            raise ConfigError(f"{key} must be between {minimum} and {maximum}, got {value}")
+            raise ConfigError(f"{key} must be between {minimum} and {maximum}, got {shown(value)}")
     for key, maximum in _BELOW.items():
         value = _flat_value(flat, key)
         if value >= maximum:
-            raise ConfigError(f"{key} must be < {maximum}, got {value}")
+            minimum = _MINIMUMS.get(key, (0, True))[0]
+            raise ConfigError(f"{key} must be < {maximum}, got {shown(value)} (the range is [{minimum}, {maximum}))")
 
 
 def _check_cross_keys(config: Config) -> None:
@@ -432,6 +459,7 @@ def _check_cross_keys(config: Config) -> None:
         raise ConfigError(
             "optimizer.lookahead_every_steps and optimizer.ema_momentum both average the weights; set one of them to 0"
         )
+    _check_weight_decay(config.optimizer)
     for key in ("initial_lr_fraction", "final_lr_fraction"):
         if not 0 <= getattr(config.optimizer, key) <= 1:
             raise ConfigError(
@@ -450,6 +478,18 @@ def _check_cross_keys(config: Config) -> None:
     if config.data.source in ("folder", "tfrecord") and not config.data.path:
         what = "train/<class>/ and test/<class>/, or <class>/" if config.data.source == "folder" else "TFRecord shards"
         raise ConfigError(f"data.source={config.data.source} needs data.path (a folder with {what})")
+
+
+def _check_weight_decay(optimizer: OptimizerConfig) -> None:
+    """Keras' decoupled decay takes learning_rate * weight_decay of every weight at each
+    step: at 1 or more it zeroes (or flips) all the weights at the peak of the schedule."""
+    limit = 1 / optimizer.learning_rate
+    if optimizer.weight_decay >= limit:
+        raise ConfigError(
+            f"optimizer.weight_decay must be < {limit:g} (1/optimizer.learning_rate: each step removes "
+            f"learning_rate * weight_decay of every weight), got {shown(optimizer.weight_decay)}; "
+            f"the range is [0, {limit:g})"
+        )
 
 
 def _check_fine_tuning(config: Config) -> None:
@@ -609,7 +649,7 @@ def _coerce_value(key: str, value: Any, ftype: Any, f: dataclasses.Field) -> Any
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif ftype is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        value = _as_float(key, value) if ok else value
     elif ftype is str:
         ok = isinstance(value, str)
         if value is None:
@@ -620,6 +660,14 @@ def _coerce_value(key: str, value: Any, ftype: Any, f: dataclasses.Field) -> Any
         raise ConfigError(f"{key} must be {_article(ftype)}, got {shown(value)}")
     _check_finite(key, value)
     return _check_choice(key, value, f)
+
+
+def _as_float(key: str, value: float) -> float:
+    """An int from YAML as a float; one of 400 digits is beyond any float (OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(f"{key} must be a finite number, got {shown(value)}") from None
 
 
 def _check_finite(key: str, value: Any) -> None:

@@ -71,7 +71,9 @@ def read_json(path: str | os.PathLike, warn: Warn, what: str) -> Any | None:
         return None
     try:
         return json.loads(storage.read_text(path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: undecodable bytes, bad JSON, and integers past Python's 4,300-digit limit;
+    # RecursionError: thousands of nested brackets. All are damage, none may end a run.
+    except (OSError, ValueError, RecursionError) as err:
         warn(f"Warning: {path} is damaged ({type(err).__name__}: {short(str(err))}); {what}")
         return None
 
@@ -133,6 +135,17 @@ def _replacing_local_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(temporary, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def number_in(value: Any, low: float, high: float) -> bool:
+    """A JSON number within [low, high]. Side files are untrusted: `true` is no number,
+    and NaN, Infinity and 5,000-digit integers (which json.loads accepts) are out of range."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def integer_in(value: Any, low: int, high: int) -> bool:
+    """A JSON integer (not a float, not a bool) within [low, high]."""
+    return isinstance(value, int) and number_in(value, low, high)
 
 
 def short(text: str, limit: int = 160) -> str:

@@ -181,10 +181,11 @@ def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) 
     Everything is written into a temporary folder beside export/, which replaces it only
     once complete: an interrupted export leaves the previous one as it was.
     """
+    wd = Workdir(workdir)
+    wd.check_folder(wd.export)  # a user's file named export/ is not ours to replace
     model, info, step = load_trained_model(workdir, checkpoint, warn)
     if not all(name.isprintable() for name in info.class_names):
         raise DataError("a class name holds a line break or control character; labels.txt needs one name per line")
-    wd = Workdir(workdir)
     serving = inference_model(model)
     try:
         with files.replacing_folder(wd.export) as folder:

@@ -31,12 +31,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from trainer import files, storage
 from trainer.errors import WorkdirBusyError
 
 LEASE = ".lease.json"
 Clock = Callable[[], float]
+# How far ahead of this host's clock a heartbeat may be before the clocks count as disagreeing.
+_CLOCK_TOLERANCE = 10.0
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,18 @@ class LeaseRecord:
             return False
         return False
 
+    def is_ahead(self, now: float) -> bool:
+        """Renewed "in the future": the two hosts' clocks disagree by more than a little."""
+        return self.age(now) < -_CLOCK_TOLERANCE
+
     def describe(self, now: float) -> str:
-        return (
-            f"pid {self.pid} on host {self.host}, lease renewed {max(self.age(now), 0):.0f}s ago, "
-            f"expiring {self.expires_after:.0f}s after its last renewal"
+        renewed = (
+            f"heartbeat {duration(-self.age(now))} ahead of this host's clock"
+            if self.is_ahead(now)
+            else f"lease renewed {duration(self.age(now))} ago"
         )
+        expiry = duration(self.expires_after)
+        return f"pid {self.pid} on host {self.host}, {renewed}, expiring {expiry} after its last renewal"
 
 
 def read_lease(path: str, warn: files.Warn) -> LeaseRecord | None:
@@ -80,25 +90,79 @@ def read_lease(path: str, warn: files.Warn) -> LeaseRecord | None:
     raw = files.read_json(path, warn, "treating the workdir as free")
     if raw is None:
         return None
-    try:
-        return LeaseRecord(
-            owner=str(raw["owner"]),
-            host=str(raw["host"]),
-            pid=int(raw["pid"]),
-            heartbeat=float(raw["heartbeat"]),
-            expires_after=float(raw["expires_after"]),
-        )
-    except (TypeError, KeyError, ValueError):
-        warn(f"Warning: {path} is damaged (unexpected content); treating the workdir as free")
+    problem = _lease_problem(raw)
+    if problem:
+        warn(f"Warning: {path} is damaged ({problem}); treating the workdir as free")
         return None
+    return LeaseRecord(raw["owner"], raw["host"], raw["pid"], float(raw["heartbeat"]), float(raw["expires_after"]))
+
+
+_MAX_PID = 2**31 - 1  # pid_t
+_LAST_HEARTBEAT = 253_402_300_799  # 9999-12-31 23:59:59 UTC: later is no clock reading, only damage
+_LONGEST_EXPIRY = 10**7
+
+
+def _one_line(value: Any) -> bool:
+    """A short one-line string: it is echoed in an error line."""
+    return isinstance(value, str) and len(value) <= 255 and value.splitlines() == [value]
+
+
+# Each field of a lease and what a trainer could have written there. A pid outside pid_t
+# made os.kill raise OverflowError, and pid 0 or -1 would signal a whole process group.
+_LEASE_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "owner": ("a run id", _one_line),
+    "host": ("a host name", _one_line),
+    "pid": ("a process id", lambda value: files.integer_in(value, 1, _MAX_PID)),
+    "heartbeat": ("a time before the year 10000", lambda value: files.number_in(value, 0, _LAST_HEARTBEAT)),
+    "expires_after": ("a number of seconds", lambda value: files.number_in(value, 1e-3, _LONGEST_EXPIRY)),
+}
+
+
+def _lease_problem(raw: Any) -> str | None:
+    """Which field of a parsed lease is not what a trainer writes, or None."""
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    for key, (meaning, valid) in _LEASE_FIELDS.items():
+        if key not in raw:
+            return f"no {key}"
+        if not valid(raw[key]):
+            return f"{key} is not {meaning}: {files.short(json.dumps(raw[key]), 40)}"
+    return None
 
 
 def busy_error(root: str, record: LeaseRecord, now: float) -> WorkdirBusyError:
+    if record.is_ahead(now):
+        return _clock_skew_error(root, record, now)
     wait = max(record.expires_after - record.age(now), 0)
     return WorkdirBusyError(
         f"{root} is in use by another trainer ({record.describe(now)}); wait for it to finish, stop it, or pick "
-        f"another --workdir (if that trainer is dead, its lease expires in {wait:.0f}s)"
+        f"another --workdir (if that trainer is dead, its lease expires in {duration(wait)})"
     )
+
+
+def _clock_skew_error(root: str, record: LeaseRecord, now: float) -> WorkdirBusyError:
+    """A heartbeat from the future: the holder's clock (or this one) is wrong, and waiting
+    for "expiry" could take years. Say so, and how to get out, instead of a countdown."""
+    wait = record.expires_after - record.age(now)
+    return WorkdirBusyError(
+        f"{root} is held by pid {record.pid} on host {record.host}, whose last heartbeat ({_utc(record.heartbeat)}) "
+        f"is {duration(-record.age(now))} ahead of this host's clock ({_utc(now)}): the two clocks disagree. "
+        f"Check the clock of this host and of {record.host}; the lease counts as live for {duration(wait)} more. "
+        f"If no trainer runs on {record.host}, delete {root}/{LEASE}, or pick another --workdir"
+    )
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them, capped: a damaged clock must not print 998204150770s."""
+    if seconds < 100_000:
+        return f"{max(seconds, 0):.0f}s"
+    if seconds < 365 * 86_400:
+        return f"{seconds / 86_400:.0f} days"
+    return "more than a year"
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
 
 
 def check_free(root: str, warn: files.Warn, clock: Clock = time.time) -> None:

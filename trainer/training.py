@@ -89,6 +89,11 @@ def train(
         if runtime.is_chief:
             wd.check_trainable(fresh)
             wd.check_not_busy(warn=console.warning)
+            if wd.in_memory:
+                console.warning(
+                    f"Warning: {wd.root} is in TensorFlow's in-memory ram:// filesystem: its checkpoints, logs and "
+                    "metrics vanish when this process exits; use a folder or a gs:// URL to keep them"
+                )
         console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
         result = _train(config, wd, runtime, fresh, console, resume_command, started)
     except (OSError, tf.errors.OpError) as err:
@@ -278,6 +283,8 @@ def _resume_and_run(run: _Run, resume_command: str | None, started: float) -> Tr
     store.wait_for_uploads()  # a stopped run says "saved" only once it is in the workdir
     if result.stopped_by:
         how = f"resume with: {resume_command}" if resume_command else "run the same command to resume"
+        if wd.in_memory:
+            how = "it is in memory (ram://) and vanishes when this process exits"
         console.every_worker(
             f"Stopped by {result.stopped_by} at step {result.step} of {parts.total_steps} "
             f"(epoch {result.step // parts.per_epoch + 1}); checkpoint saved in {wd.checkpoints}; {how}"
@@ -586,7 +593,12 @@ def _summary(result: TrainResult, state: act.LoopState, run: _Run) -> str:
         ("speed", f"{result.images_per_second:.0f} img/s over {runtime.num_replicas} replica(s)"),
         ("checkpoints", str(wd.checkpoints)),
         ("metrics", str(wd.metrics_path)),
-        ("export", f"launch export --workdir {wd.root}"),
-        ("TensorBoard", f"tensorboard --logdir {wd.tensorboard}"),
     ]
+    if wd.in_memory:  # no later command can reach this process's memory
+        rows.append(("workdir", "in memory (ram://): it vanishes when this process exits"))
+    else:
+        rows += [
+            ("export", f"launch export --workdir {wd.root}"),
+            ("TensorBoard", f"tensorboard --logdir {wd.tensorboard}"),
+        ]
     return summary_table(rows)

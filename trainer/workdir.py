@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass
 
 from trainer import files, storage
 from trainer.config import Config, load_config
+from trainer.data.decode import MAX_IMAGE_PIXELS
 from trainer.data.info import DatasetInfo
-from trainer.errors import CheckpointError, WorkdirBusyError, WorkdirNotOursError
+from trainer.errors import CheckpointError, WorkdirBusyError, WorkdirNotOursError, WorkdirWriteError
 from trainer.lease import LEASE, Lease, check_free
 
 MARKER = ".trainer-workdir"
@@ -39,6 +40,22 @@ _CHECKPOINT_TEMP_FOLDERS = re.compile(r"^ckpt-\d+_temp.*$")
 _EVENT_FILES = re.compile(r"^(events\.out\.tfevents\..+|\..+\.tmp)$")
 _PROFILE_RUNS = re.compile(r"^\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}$")
 _DATASET_INFO_KEYS = {"class_names", "image_shape", "mean", "std", "origin"}
+# What the trainer keeps in a local workdir, by kind: another kind of the same name is in its way.
+_FOLDERS = (
+    ("checkpoints",),
+    ("checkpoints", "best"),
+    ("tensorboard",),
+    ("tensorboard", "train"),
+    ("tensorboard", "eval"),
+)
+_FILES = (
+    (MARKER,),
+    ("config.yaml",),
+    ("dataset.json",),
+    ("metrics.json",),
+    (".lock",),
+    ("checkpoints", "best", "best.json"),
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,18 @@ class Workdir:
     def lock_path(self) -> str:
         return self.path(".lock")
 
+    @property
+    def in_memory(self) -> bool:
+        """ram:// is TensorFlow's in-process filesystem: what is written there is gone when
+        the process exits, so no later command (resume, evaluate, export) can find it."""
+        return str(self.root).startswith("ram://")
+
+    @property
+    def _how_to_train(self) -> str:
+        if self.in_memory:  # a `launch train` would vanish with its process too: no command to suggest
+            return "ram:// is in-memory: a workdir there lasts only as long as the process that trained it"
+        return f"run `launch train --workdir {self.root}` first"
+
     # --- whose folder is it --------------------------------------------------------------
 
     def is_ours(self) -> bool:
@@ -102,6 +131,7 @@ class Workdir:
         if not storage.isdir(self.root):
             raise WorkdirNotOursError(f"--workdir {self.root} is a file, not a folder")
         if self.is_ours():
+            self.check_layout()
             return
         entries = sorted(name for name in storage.listdir(self.root) if name not in (".lock", LEASE))
         if not entries:
@@ -116,6 +146,34 @@ class Workdir:
             f"{self.root} is not a workdir of launch train (no {MARKER} marker) and holds other files ({shown}); "
             f"{why}. Choose a new or empty --workdir"
         )
+
+    def check_layout(self) -> None:
+        """Refuse, before anything is written, a file where the trainer keeps a folder (or
+        the reverse): TensorFlow would fail only once the run had started (after --fresh
+        deleted the checkpoints), with a FailedPreconditionError traceback.
+
+        Local disk only: object stores (and ram://) have no folders, and an object named
+        like one is in nobody's way there.
+        """
+        if storage.is_url(self.root):
+            return
+        for names in _FOLDERS:
+            self.check_folder(self.path(*names))
+        for names in _FILES:
+            path = self.path(*names)
+            if os.path.isdir(path):
+                raise WorkdirWriteError(
+                    f"cannot write {path}: it is a folder, where the trainer keeps a file of that name; "
+                    "move or rename it, or choose another --workdir"
+                )
+
+    def check_folder(self, path: str) -> None:
+        """`path` is a folder of ours to write into: absent, or a folder (not a user's file)."""
+        if not storage.is_url(path) and os.path.lexists(path) and not os.path.isdir(path):
+            raise WorkdirWriteError(
+                f"cannot write {path}: it is a file, where the trainer keeps a folder of that name; "
+                "move or rename it, or choose another --workdir"
+            )
 
     def claim(self) -> None:
         """Mark the folder as ours (at its creation, or when adopting an unmarked workdir)."""
@@ -134,7 +192,7 @@ class Workdir:
 
         if not storage.isfile(self.lock_path):
             return
-        with open(self.lock_path) as handle:
+        with open(self.lock_path, errors="replace") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -150,7 +208,8 @@ class Workdir:
 
     def _busy(self, handle) -> WorkdirBusyError:
         handle.seek(0)
-        owner = handle.read(32).strip() or "unknown"
+        owner = handle.read(32).strip()  # anyone can write .lock: only a pid is echoed
+        owner = owner if owner.isdigit() else "unknown"
         return WorkdirBusyError(
             f"{self.root} is in use by another trainer (pid {owner}); wait for it to finish, stop it, "
             "or pick another --workdir"
@@ -177,7 +236,7 @@ class Workdir:
         import fcntl  # POSIX only, like the signals the trainer handles
 
         storage.makedirs(self.root)
-        with open(self.lock_path, "a+") as handle:
+        with open(self.lock_path, "a+", errors="replace") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -245,18 +304,16 @@ class Workdir:
         raw = files.read_json(self.dataset_info_path, warn, "rebuilding it from the dataset")
         if raw is None:
             return None
-        if not isinstance(raw, dict) or set(raw) != _DATASET_INFO_KEYS:
-            warn(f"Warning: {self.dataset_info_path} is damaged (unexpected content); rebuilding it from the dataset")
+        problem = dataset_info_problem(raw)
+        if problem:
+            warn(f"Warning: {self.dataset_info_path} is damaged ({problem}); rebuilding it from the dataset")
             return None
         return DatasetInfo(**raw)
 
     def require_config(self) -> Config:
         """The config the workdir was trained with, or a clear error."""
         if not storage.isfile(self.config_path):
-            raise CheckpointError(
-                f"{self.root} is not a training workdir (no config.yaml); "
-                f"run `launch train --workdir {self.root}` first"
-            )
+            raise CheckpointError(f"{self.root} is not a training workdir (no config.yaml); {self._how_to_train}")
         return load_config(self.config_path)
 
 
@@ -272,3 +329,29 @@ def _remove_matching(folder: str, file_names: re.Pattern | None, folder_names: r
             storage.remove(entry)
             removed.append(entry)
     return removed
+
+
+def dataset_info_problem(raw: object) -> str | None:
+    """What is wrong with a parsed dataset.json, or None when every key has its type and shape.
+
+    Key names are not enough: `"mean": null` or `"class_names": 5` would pass them and fail
+    deep inside Keras (a TypeError in predict), where rebuilding the file would have fixed it.
+    """
+    if not isinstance(raw, dict) or set(raw) != _DATASET_INFO_KEYS:
+        keys = ", ".join(sorted(_DATASET_INFO_KEYS))
+        return f"expected an object with the keys {keys}"
+    names, shape = raw["class_names"], raw["image_shape"]
+    # One line each, as every source gives them (labels.txt lines, printable folder names).
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n.splitlines() == [n] for n in names)):
+        return "class_names must be a list of one-line names"
+    if not (isinstance(shape, list) and len(shape) == 3 and all(files.integer_in(n, 1, 2**31) for n in shape)):
+        return "image_shape must be [height, width, 3]"
+    if shape[2] != 3 or shape[0] * shape[1] > MAX_IMAGE_PIXELS:
+        return f"image_shape must be [height, width, 3] of at most {MAX_IMAGE_PIXELS // 2**20} MP"
+    for key, low in (("mean", 0.0), ("std", 1e-6)):
+        values = raw[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(files.number_in(v, low, 255.0) for v in values)):
+            return f"{key} must be 3 numbers between {low:g} and 255, one per channel"
+    if not isinstance(raw["origin"], str):
+        return "origin must be a string"
+    return None
