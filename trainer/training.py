@@ -45,7 +45,7 @@ from trainer.data.pipeline import (
     train_dataset_fn,
 )
 from trainer.data.prepare import prepare_dataset, training_info, unreadable_error
-from trainer.errors import CheckpointMismatchError, DataError, DivergedError, TrainerError
+from trainer.errors import CheckpointMismatchError, DivergedError, TrainerError
 from trainer.evaluation import Evaluator
 from trainer.files import describe_write_error, is_write_failure
 from trainer.flops import peak_flops, training_flops_per_example
@@ -345,6 +345,8 @@ def _run_loop(run: _Run, start_step: int, started: float) -> TrainResult:
         outcome = controller.run(state)
     except tf.errors.InvalidArgumentError as err:
         raise _input_error(run, state.step, err) from None
+    except tf.errors.OutOfRangeError as err:
+        raise _input_ended(run, err) from None
     finally:
         monitor.close()
     state = outcome.state
@@ -372,11 +374,25 @@ def _input_error(run: _Run, step: int, err: tf.errors.InvalidArgumentError) -> E
     split, test, spec = run.parts.dataset.train, run.parts.dataset.test, run.parts.spec
     if isinstance(split, Split) and isinstance(test, Split):
         return err  # not an input error: in-memory batches cannot fail to decode
-    if not isinstance(split, FileSplit) and not isinstance(test, FileSplit):
-        return DataError(f"cannot decode a record: {files.short(err.message)}; set data.on_bad_image=skip")
+    if not isinstance(split, FileSplit) and not isinstance(test, FileSplit):  # TFRecord shards
+        from trainer.data.records import input_error
+
+        calls = min(2 * run.config.train.steps_per_loop, run.parts.total_steps - step)
+        return input_error(split, test, spec, run.parts.per_epoch, step, calls)
     steps = range(step, min(step + 2 * run.config.train.steps_per_loop, run.parts.total_steps))
     window = batch_indices(steps, len(split), spec) if isinstance(split, FileSplit) else []
     return unreadable_error(split, window, fallback=test if isinstance(test, FileSplit) else None)
+
+
+def _input_ended(run: _Run, err: tf.errors.OutOfRangeError) -> Exception:
+    """The input ran out before the schedule did: only TFRecord shards holding fewer records
+    than their shards.json says can do that (every other stream is exactly as long)."""
+    split = run.parts.dataset.train
+    if not hasattr(split, "shards"):
+        return err
+    from trainer.data.records import stream_ended_error
+
+    return stream_ended_error(split)
 
 
 def _schedule(config: Config, parts: _Parts) -> Schedule:

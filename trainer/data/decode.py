@@ -11,7 +11,11 @@ a few KB on disk and 1.2 GB once decoded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
 
 import tensorflow as tf
 
@@ -215,3 +219,60 @@ def decode_view(raw: tf.Tensor, name: tf.Tensor, size: int, crop: str) -> tf.Ten
 def eval_view(image: tf.Tensor, size: int, crop: str) -> tf.Tensor:
     """How evaluation and prediction see an image: resized (pad recipe) or center-cropped."""
     return center_crop(image, size) if crop == "random_resized" else resize(image, size)
+
+
+# --- explaining a failed decode (error paths only: plain Python, eager) ----------------------
+
+# TensorFlow's framing of an op error: "{{function_node __wrapped__...}}", "[[{{node ...}}]]",
+# "[Op:ExtractJpegShape]", a trailing "name:". None of it tells the user anything.
+_TF_INTERNALS = re.compile(r"\{\{[^{}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]|\bname:\s*$", re.MULTILINE)
+
+
+def tf_reason(message: str) -> str:
+    """The words of a TensorFlow error message, without TensorFlow's internals around them."""
+    lines = [line.strip(" \t;") for line in _TF_INTERNALS.sub("", message).splitlines()]
+    return next((line for line in lines if line), "TensorFlow gave no reason")
+
+
+@contextlib.contextmanager
+def native_stderr_quiet() -> Iterator[None]:
+    """Silence the process's own stderr (fd 2) while a failed image is decoded again to
+    say why: libjpeg prints "Improper call to JPEG library in state 201" straight to it on
+    every attempt, which would bury the one line that matters. Error paths only."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def image_problem(raw: bytes, name: str) -> str | None:
+    """Why encoded bytes do not decode, in words ("not a whole JPEG (200 bytes)"), or None
+    if they do. `name` names the image in a pixel-limit refusal."""
+    encoded = tf.constant(raw)
+    try:
+        with native_stderr_quiet():
+            height, width = (int(value) for value in header_size(encoded))
+            if height * width > MAX_IMAGE_PIXELS:
+                return (
+                    f"{width}x{height} pixels ({height * width / 2**20:.0f} MP), over the "
+                    f"{MAX_IMAGE_PIXELS // 2**20} MP limit for one image; shrink it first"
+                )
+            decode(encoded, tf.constant(name))
+    except tf.errors.OpError as err:
+        return _why_not(raw, err.message)
+    return None
+
+
+def _why_not(raw: bytes, message: str) -> str:
+    if not raw:
+        return "an empty file, not an image"
+    if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in raw[-64:]:
+        return f"not a whole JPEG ({len(raw)} bytes)"
+    if "Unknown image file format" in message:
+        return f"not an image: its first bytes ({raw[:8]!r}) are no JPEG, PNG, GIF, BMP or WebP header"
+    return tf_reason(message)

@@ -254,6 +254,7 @@ class ExampleLoader:
         self.in_memory = isinstance(examples, Split)
         self.size = spec.image_size
         if hasattr(examples, "shards"):  # TFRecord: the raw record travels with its index
+            self.num_classes = examples.num_classes  # labels are read per record: checked there
             return
         self.labels = tf.constant(examples.labels, tf.int32)
         if self.in_memory:
@@ -289,9 +290,10 @@ class ExampleLoader:
     def _source(self, index: tf.Tensor, raw: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """(encoded image, its name for errors, label) of a file or TFRecord example."""
         if raw is not None:
-            from trainer.data.records import parse_record
+            from trainer.data.records import checked_label, parse_record
 
-            return parse_record(raw)
+            encoded, name, label = parse_record(raw)
+            return encoded, name, checked_label(label, index, self.num_classes)
         path = self.paths[index]
         return tf.io.read_file(path), path, self.labels[index]
 
@@ -353,7 +355,9 @@ def first_views(examples, spec: InputSpec, count: int, training: bool) -> tuple[
         batch = next(iter(ExampleLoader(examples, spec).batches(slices, training)))
     except tf.errors.InvalidArgumentError:
         if hasattr(examples, "shards"):
-            raise
+            from trainer.data.records import first_records_error
+
+            raise first_records_error(examples, count) from None
         from trainer.data.prepare import unreadable_error
 
         raise unreadable_error(examples, range(count)) from None
@@ -391,9 +395,14 @@ def sample_images(examples, spec: InputSpec, count: int) -> np.ndarray:
 
 
 def file_paths(split) -> tf.Tensor:
-    """A FileSplit's full paths as one string tensor: folder of the label + "/" + name."""
-    folders = tf.constant(split.folders)
-    return tf.strings.join([tf.gather(folders, split.labels), tf.constant(split.names)], separator="/")
+    """A FileSplit's full paths as one string tensor: folder of the label + "/" + name.
+
+    As the file system's bytes (sources.path_bytes), so a name that is not UTF-8 is read too."""
+    from trainer.data.sources import path_bytes
+
+    folders = tf.constant([path_bytes(folder) for folder in split.folders], tf.string)
+    names = tf.constant([path_bytes(name) for name in split.names], tf.string)
+    return tf.strings.join([tf.gather(folders, split.labels), names], separator="/")
 
 
 def replica_slices(batches: tf.data.Dataset, context: tf.distribute.InputContext, global_batch: int) -> tf.data.Dataset:

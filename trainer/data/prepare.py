@@ -18,12 +18,11 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import DataConfig
-from trainer.data.decode import MAX_IMAGE_PIXELS, decode_view, eval_view, header_size, read_and_decode
+from trainer.data.decode import decode_view, eval_view, image_problem, native_stderr_quiet, read_and_decode, tf_reason
 from trainer.data.info import STATS_SAMPLE, DatasetInfo, dataset_info
 from trainer.data.pipeline import InputSpec, file_paths, input_spec, resolve_crop, sample_images, sample_indices
-from trainer.data.sources import Dataset, FileSplit, Split, image_sizes, load_dataset
+from trainer.data.sources import Dataset, FileSplit, Split, image_sizes, load_dataset, path_bytes, shown
 from trainer.errors import DataError
-from trainer.files import short
 
 Say = Callable[[str], None]
 # Headers read to find a dataset's own size when data.image_size is 0.
@@ -44,32 +43,34 @@ def prepare_dataset(dataset: Dataset, config: DataConfig, say: Say = print) -> D
         dataset.test = skip_unreadable(dataset.test, "test", say)
     crop = resolve_crop(config.crop, dataset.image_size)
     if use_memory_cache(dataset, config, crop, say):
-        dataset.train = cached(dataset.train, dataset.image_size, "pad")
-        dataset.test = cached(dataset.test, dataset.image_size, crop)
+        dataset.train = cached(dataset.train, dataset.image_size, "pad", say)
+        dataset.test = cached(dataset.test, dataset.image_size, crop, say)
     return dataset
 
 
-def cached(split, size: int, crop: str) -> Split:
+def cached(split, size: int, crop: str, say: Say = print) -> Split:
     """A file or record split decoded into memory (train: whole images resized, crop="pad";
     test: their evaluation view, so evaluation is the same cached or streamed)."""
     if isinstance(split, FileSplit):
         return Split(decode_all(split, size, crop), split.labels)
-    from trainer.data.records import decode_all_records
+    from trainer.data.records import INDEX_FILE, decode_all_records
 
-    try:
-        return Split(*decode_all_records(split, size, crop))
-    except tf.errors.OpError as err:
-        raise DataError(
-            f"cannot decode a record of {split.shards[0]}...: {short(err.message)}; "
-            "set data.on_bad_image=skip to leave such records out"
-        ) from None
+    decoded = Split(*decode_all_records(split, size, crop))
+    if len(decoded) < len(split):  # every record was read: the recount is free
+        folder, first = split.shards[0].rsplit("/", 1)
+        say(
+            f"Warning: the {first.split('-')[0]} shards in {folder} hold {len(decoded)} usable records, not the "
+            f"{len(split)} their {INDEX_FILE} says (it is out of date; delete it to have them counted): using the "
+            f"{len(decoded)}"
+        )
+    return decoded
 
 
 def prepare_for_inference(config, say: Say = print) -> tuple[Dataset, InputSpec]:
     """The dataset as a run of `config` trained on it, without decoding the whole of it
     (cache=none: evaluation views and samples are identical either way)."""
     data = replace(config.data, cache="none")
-    dataset = prepare_dataset(load_dataset(data, config.seed), data, say)
+    dataset = prepare_dataset(load_dataset(data, config.seed, progress=say), data, say)
     return dataset, input_spec(config, dataset.image_shape[0])
 
 
@@ -107,7 +108,7 @@ def own_size(split: FileSplit) -> int:
         (w1, h1), (w2, h2) = sizes[0], next(size for size in sizes if size != sizes[0])
         other = paths[sizes.index((w2, h2))]
         raise DataError(
-            f"the images have different sizes ({paths[0]} is {w1}x{h1}, {other} is {w2}x{h2}); "
+            f"the images have different sizes ({shown(paths[0])} is {w1}x{h1}, {shown(other)} is {w2}x{h2}); "
             "set data.image_size to the training resolution, e.g. --set data.image_size=224"
         )
     width, height = sizes[0]
@@ -172,7 +173,8 @@ def readable_indices(split: FileSplit, indices) -> set[int]:
         .map(lambda i: (i, tf.shape(read_and_decode(paths[i]))[0]), num_parallel_calls=tf.data.AUTOTUNE)
         .ignore_errors()
     )
-    return {int(index) for index, _ in checked.as_numpy_iterator()}
+    with native_stderr_quiet():  # libjpeg's own complaint about each bad file, on stderr
+        return {int(index) for index, _ in checked.as_numpy_iterator()}
 
 
 def first_unreadable(split: FileSplit, indices) -> str | None:
@@ -195,44 +197,32 @@ def unreadable_error(split: FileSplit, indices, fallback: FileSplit | None = Non
 
 
 def describe_unreadable(path: str) -> str:
-    """Why one file does not decode, in one line, from TensorFlow's own error."""
+    """Why one file does not decode, in one line and in words (not TensorFlow's internals)."""
     try:
-        height, width = (int(value) for value in header_size(tf.io.read_file(path)))
-    except tf.errors.OpError:
-        height = width = 0
-    if height * width > MAX_IMAGE_PIXELS:
-        return (
-            f"{path} is {width}x{height} pixels ({height * width / 2**20:.0f} MP), over the "
-            f"{MAX_IMAGE_PIXELS // 2**20} MP limit for one image; shrink it first"
-        )
-    try:
-        read_and_decode(tf.constant(path))
-    except tf.errors.OpError as err:
-        reason = err.message.strip().splitlines()[0] if err.message.strip() else type(err).__name__
-        return f"cannot read image {path}: {short(reason)}"
-    return f"cannot read image {path}"
+        raw = tf.io.read_file(path_bytes(path)).numpy()
+    except tf.errors.OpError as err:  # gone since it was listed, or no permission
+        return f"cannot read image {shown(path)}: {tf_reason(err.message)}"
+    return (
+        f"cannot read image {shown(path)}: {image_problem(raw, shown(path)) or 'it decodes now (a passing failure?)'}"
+    )
 
 
 def skip_unreadable(split, name: str, say: Say):
     """data.on_bad_image=skip: leave out what does not decode, and say which."""
     if not isinstance(split, FileSplit):
-        from dataclasses import replace as with_fields
+        from trainer.data.records import skip_unreadable_records
 
-        from trainer.data.records import unreadable_records
-
-        bad = unreadable_records(split)
-        if bad:
-            say(
-                f"Warning: skipping {len(bad)} unreadable {name} record(s) (data.on_bad_image=skip): ordinals {bad[:5]}"
-            )
-        return with_fields(split, skipped=tuple(bad))
+        return skip_unreadable_records(split, name, say)
     readable = readable_indices(split, range(len(split)))
     if len(readable) == len(split):
         say(f"Checked the {len(split)} {name} images: all decode")
         return split
     bad = [i for i in range(len(split)) if i not in readable]
-    shown = ", ".join(split.path(i) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip): {shown}")
+    listed = ", ".join(shown(split.path(i)) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip): {listed}")
     if len(readable) == 0:
-        raise DataError(f"none of the {len(split)} {name} images can be decoded (first: {split.path(0)})")
+        raise DataError(
+            f"none of the {len(split)} {name} images can be decoded, so there is nothing to train on "
+            f"({describe_unreadable(split.path(0))})"
+        )
     return split.subset(np.asarray(sorted(readable), np.int64))

@@ -9,6 +9,7 @@ trainer.data.records.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import time
@@ -25,6 +26,7 @@ from trainer.config import DataConfig
 from trainer.data.decode import MAX_IMAGE_PIXELS
 from trainer.errors import DataError
 from trainer.files import short
+from trainer.storage import is_url
 
 Progress = Callable[[str], None]
 CIFAR10_CLASSES = (
@@ -56,6 +58,41 @@ _OFFLINE_HINT = (
     "set CIFAR10_DIR or data.path to a folder holding cifar-10-batches-py or train/<class>/ "
     "and test/<class>/ images, or use data.source=synthetic"
 )
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How the user named what a folder listing checks, so its errors say what to change:
+    config keys for training, command-line flags for `launch data convert`."""
+
+    path: str = "data.path"
+    validation_split: str = "data.validation_split"
+    skip_hint: str = ", or set data.on_bad_image=skip"  # how to leave a bad file out; "" if there is no way
+
+    def setting(self, key: str, value: object) -> str:
+        """`data.path=x` for a config key, `--from x` for a flag."""
+        return f"{key} {value}" if key.startswith("--") else f"{key}={value}"
+
+
+CONFIG_SPELLING = Spelling()
+CONVERT_SPELLING = Spelling(path="--from", validation_split="--validation-split", skip_hint="")
+
+
+def path_bytes(path: str) -> bytes:
+    """A listed path as the file system's own bytes. A name that is not UTF-8 (Latin-1
+    `caf\\xe9.jpg` from an old share) is listed with surrogate escapes, as Python's os does;
+    this turns it back into the bytes that open that very file (TensorFlow takes bytes)."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def shown(path: str) -> str:
+    """A path fit for a message: as it is, or its bytes' repr if it is not UTF-8 (printing
+    surrogate escapes would fail, or show a replacement character the user cannot type)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return ascii(path_bytes(path))[1:]
+    return path
 
 
 @dataclass
@@ -142,7 +179,7 @@ def load_dataset(config: DataConfig, seed: int, progress: Progress | None = None
     elif config.source == "tfrecord":
         from trainer.data.records import read_record_dataset
 
-        return read_record_dataset(config)
+        return read_record_dataset(config, progress)
     else:
         dataset = load_cifar10(config, seed)
     dataset.train = dataset.train.limited(config.train_examples)
@@ -249,27 +286,39 @@ def _download_cifar10() -> Dataset:
 # --- image folders ---------------------------------------------------------------------
 
 
-def read_image_folder(root: str, config: DataConfig, seed: int, progress: Progress | None = None) -> Dataset:
+def read_image_folder(
+    root: str,
+    config: DataConfig,
+    seed: int,
+    progress: Progress | None = None,
+    spelling: Spelling = CONFIG_SPELLING,
+) -> Dataset:
     """List (not decode) `root/train/<class>/*` + `root/test/<class>/*`, or one `root/<class>/*`
     tree split by `config.validation_split`. Classes are the sorted folder names.
 
     Only the first `*_examples` files are kept (taken round-robin over classes, so a small
-    slice stays balanced). Any tf.io.gfile location works (gs://, ram://).
+    slice stays balanced). Any tf.io.gfile location works (gs://, ram://). An entry that
+    cannot be an image file (a broken link, a pipe) is refused here, or left out under
+    data.on_bad_image=skip: found once at listing, it never fails a read mid-run.
     """
     root = root.rstrip("/") or "/"
-    if not tf.io.gfile.isdir(root):
-        raise DataError(f"data.path={root} is not a folder (expected train/<class>/ and test/<class>/, or <class>/)")
-    split_layout = tf.io.gfile.isdir(_join(root, "train"))
+    if not _isdir(root):
+        raise DataError(
+            f"{spelling.setting(spelling.path, root)} is not a folder (expected train/<class>/ and test/<class>/, "
+            "or <class>/)"
+        )
+    split_layout = _isdir(_join(root, "train"))
     if split_layout and config.validation_split:
         raise DataError(
-            f"data.validation_split={config.validation_split} is for one <class>/ tree, but {root} already has "
-            "train/ and test/; set data.validation_split=0"
+            f"{spelling.setting(spelling.validation_split, config.validation_split)} is for one <class>/ tree, but "
+            f"{root} already has train/ and test/; set {spelling.setting(spelling.validation_split, 0)}"
         )
     tick = time.perf_counter()
+    lister = _Lister(progress, config.on_bad_image == "skip", spelling)
     if split_layout:
-        train, test, names = _split_folders(root, config, progress)
+        train, test, names = _split_folders(root, lister)
     else:
-        train, test, names = _one_tree(root, config, seed, progress)
+        train, test, names = _one_tree(root, config, seed, lister)
     if progress and time.perf_counter() - tick > 1:
         progress(f"Listed {len(train) + len(test)} image files in {time.perf_counter() - tick:.1f}s")
     train = train.limited(config.train_examples)
@@ -281,22 +330,137 @@ def _join(*parts: str) -> str:
     return "/".join(part.rstrip("/") for part in parts)
 
 
+def _isdir(path: str) -> bool:
+    return tf.io.gfile.isdir(path) if is_url(path) else os.path.isdir(path_bytes(path))
+
+
+def _listdir(folder: str) -> list[str]:
+    """Entry names of a gfile location (an object store's names are UTF-8 by definition;
+    ram:// is the one place a byte name could still come from)."""
+    try:
+        return tf.io.gfile.listdir(folder)
+    except UnicodeDecodeError:
+        raise DataError(f"{folder} holds a name that is not UTF-8; rename it") from None
+
+
+def _subfolders(folder: str) -> list[str]:
+    if is_url(folder):
+        return [name.rstrip("/") for name in _listdir(folder) if tf.io.gfile.isdir(_join(folder, name))]
+    return [os.fsdecode(entry.name) for entry in _scan(folder) if _is_folder(entry)]
+
+
+def _scan(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path_bytes(folder)) as entries:
+            return list(entries)
+    except OSError as err:
+        raise DataError(f"cannot list {shown(folder)}: {err.strerror or err}") from None
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symbolic link loop: no folder (and no class)
+        return False
+
+
 def _class_names(folder: str) -> list[str]:
-    names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(folder) if tf.io.gfile.isdir(_join(folder, name)))
+    names = sorted(_subfolders(folder))
     if not names:
         raise DataError(f"{folder} has no class folders (expected {folder}/<class>/images)")
     for name in names:
-        if not name.isprintable():
-            raise DataError(
-                f"class folder {name!r} in {folder} has a line break, tab or other control character in its "
-                "name; rename it (class names are written one per line, e.g. to labels.txt)"
-            )
+        _check_class_name(name, folder)
     return names
 
 
-def _split_folders(root: str, config: DataConfig, progress: Progress | None) -> tuple[FileSplit, FileSplit, list[str]]:
+def _check_class_name(name: str, folder: str) -> None:
+    """A class name is written as one line of labels.txt, which readers strip: it must be
+    text, on one line, and neither blank nor edged with spaces (or it would not come back)."""
+    if shown(name) != name:
+        raise DataError(
+            f"class folder {shown(name)} in {folder} has a name that is not UTF-8; rename it (class names "
+            "are written as text to labels.txt and dataset.json), e.g. with convmv -f latin1 -t utf8"
+        )
+    if not name.isprintable():
+        raise DataError(
+            f"class folder {name!r} in {folder} has a line break, tab or other control character in its "
+            "name; rename it (class names are written one per line, e.g. to labels.txt)"
+        )
+    if name != name.strip():
+        raise DataError(
+            f"class folder {name!r} in {folder} is blank or starts or ends with a space; rename it (class "
+            "names are written one per line to labels.txt, whose readers strip them: it would not come back as it is)"
+        )
+
+
+class _Lister:
+    """Lists a class folder's image files, refusing (or, with skip, leaving out and naming)
+    the entries that cannot be read as files."""
+
+    def __init__(self, progress: Progress | None, skip: bool, spelling: Spelling) -> None:
+        self.progress, self.skip, self.spelling = progress, skip, spelling
+
+    def images(self, folder: str) -> list[str]:
+        files = sorted(_image_names(folder) if is_url(folder) else self._local_images(folder))
+        if not files:
+            raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        if self.progress and len(files) >= 50_000:
+            self.progress(f"  {folder}: {len(files)} files")
+        return files
+
+    def split(self, folders: list[str]) -> FileSplit:
+        return FileSplit.round_robin(folders, [self.images(folder) for folder in folders])
+
+    def _local_images(self, folder: str) -> list[str]:
+        """One scandir: regular files (and links to them) are kept, folders named like
+        images are not images and are passed over, anything else is a bad entry."""
+        names, bad = [], []
+        for entry in _scan(folder):
+            name = os.fsdecode(entry.name)
+            if not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            problem = _entry_problem(entry)
+            if problem is None:
+                names.append(name)
+            elif problem:
+                bad.append(f"{shown(_join(folder, name))} is {problem}")
+        if bad and not self.skip:
+            raise DataError(f"{bad[0]}; fix or remove it{self.spelling.skip_hint}")
+        if bad and self.progress:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            self.progress(
+                f"Warning: skipping {len(bad)} unreadable file(s) in {shown(folder)} (data.on_bad_image=skip): "
+                + "; ".join(bad[:3])
+                + more
+            )
+        return names
+
+
+def _image_names(folder: str) -> list[str]:
+    """Image names of a gfile location ("x.jpg/", a folder on an object store, is no image)."""
+    return [name for name in _listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def _entry_problem(entry: os.DirEntry) -> str | None:
+    """Why a listed entry cannot be read as an image file: None if it is a file (or a link
+    to one), "" for a folder (not an image at all, so not listed), else the reason."""
+    try:
+        if entry.is_file():
+            return None
+        if entry.is_dir():
+            return ""
+    except OSError as err:  # stat through the link failed: a loop, no permission
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"not readable ({err.strerror})"
+    if entry.is_symlink():
+        return f"a broken symbolic link (to {shown(os.fsdecode(os.readlink(entry.path)))})"
+    return "not a regular file (a pipe, socket or device)"
+
+
+def _split_folders(root: str, lister: _Lister) -> tuple[FileSplit, FileSplit, list[str]]:
     train_dir, test_dir = _join(root, "train"), _join(root, "test")
-    if not tf.io.gfile.isdir(test_dir):
+    if not _isdir(test_dir):
         raise DataError(f"{test_dir} is missing: an image folder with train/ needs test/<class>/ too")
     names = _class_names(train_dir)
     test_names = _class_names(test_dir)
@@ -306,32 +470,31 @@ def _split_folders(root: str, config: DataConfig, progress: Progress | None) -> 
     extra = [name for name in test_names if name not in names]
     if extra:
         raise DataError(f"class folder {_join(test_dir, extra[0])} has no counterpart in {train_dir}")
-    train = _file_split([_join(train_dir, name) for name in names], progress)
-    test = _file_split([_join(test_dir, name) for name in names], progress)
+    train = lister.split([_join(train_dir, name) for name in names])
+    test = lister.split([_join(test_dir, name) for name in names])
     return train, test, names
 
 
-def _one_tree(
-    root: str, config: DataConfig, seed: int, progress: Progress | None
-) -> tuple[FileSplit, FileSplit, list[str]]:
+def _one_tree(root: str, config: DataConfig, seed: int, lister: _Lister) -> tuple[FileSplit, FileSplit, list[str]]:
     """root/<class>/*: each class's files split by validation_split, chosen by the seed."""
+    key = lister.spelling.validation_split
     if not config.validation_split:
         raise DataError(
-            f"{root} has no train/ folder: for one <class>/ tree set data.validation_split (e.g. 0.2) to hold out "
+            f"{root} has no train/ folder: for one <class>/ tree set {key} (e.g. 0.2) to hold out "
             "a test split, or add train/<class>/ and test/<class>/"
         )
     names = _class_names(root)
     folders = [_join(root, name) for name in names]
-    listed = [_list_images(folder, progress) for folder in folders]
+    listed = [lister.images(folder) for folder in folders]
     train_files: list[list[str]] = []
     test_files: list[list[str]] = []
     for label, files in enumerate(listed):
         held_out = round(len(files) * config.validation_split)
         if held_out == 0 or held_out == len(files):
             raise DataError(
-                f"data.validation_split={config.validation_split} leaves no {'test' if held_out == 0 else 'training'} "
-                f"image of class {names[label]!r} ({len(files)} files); use a split between "
-                f"{1 / len(files):.2f} and {1 - 1 / len(files):.2f}"
+                f"{lister.spelling.setting(key, config.validation_split)} leaves no "
+                f"{'test' if held_out == 0 else 'training'} image of class {names[label]!r} ({len(files)} files); "
+                f"use a split between {1 / len(files):.2f} and {1 - 1 / len(files):.2f}"
             )
         # Stratified and fixed by the seed: the same files are held out on every run and worker.
         order = np.random.default_rng([seed, label]).permutation(len(files))
@@ -340,26 +503,13 @@ def _one_tree(
     return FileSplit.round_robin(folders, train_files), FileSplit.round_robin(folders, test_files), names
 
 
-def _list_images(folder: str, progress: Progress | None) -> list[str]:
-    files = sorted(name for name in tf.io.gfile.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    if progress and len(files) >= 50_000:
-        progress(f"  {folder}: {len(files)} files")
-    return files
-
-
-def _file_split(folders: list[str], progress: Progress | None) -> FileSplit:
-    return FileSplit.round_robin(folders, [_list_images(folder, progress) for folder in folders])
-
-
 def image_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
     """(width, height) of image files from their headers only (PIL reads no pixels here);
     None for a file that is not a readable image (decoding it names it later)."""
     sizes: list[tuple[int, int] | None] = []
     for path in paths:
         try:
-            with tf.io.gfile.GFile(path, "rb") as handle, warnings.catch_warnings():
+            with tf.io.gfile.GFile(path_bytes(path), "rb") as handle, warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(handle) as image:
                     sizes.append(image.size)
