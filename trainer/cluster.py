@@ -42,28 +42,54 @@ def tf_config_workers(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def checked_tf_config(raw: str) -> dict:
-    """$TF_CONFIG parsed and checked for the shape TensorFlow expects, or one clear error."""
+    """$TF_CONFIG parsed and checked for the shape TensorFlow expects, or one clear error.
+
+    TensorFlow itself meets a malformed one with a traceback, an unparsable-port error
+    or (an empty job list beside others) a segfault, so nothing of it is left to TF.
+    """
     try:
         parsed = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise RuntimeSetupError(f"TF_CONFIG is not valid JSON ({err}); {_TF_CONFIG_HINT}") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise RuntimeSetupError(f"TF_CONFIG is not valid JSON ({str(err)[:80]}); {_TF_CONFIG_HINT}") from None
     cluster = parsed.get("cluster") if isinstance(parsed, dict) else None
     task = parsed.get("task", {}) if isinstance(parsed, dict) else None
     if not isinstance(cluster, dict) or not isinstance(task, dict):
         raise RuntimeSetupError(f"TF_CONFIG has no cluster/task mapping; {_TF_CONFIG_HINT}")
     for job, addresses in cluster.items():
-        if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a for a in addresses):
-            raise RuntimeSetupError(
-                f'TF_CONFIG cluster job "{str(job)[:40]}" must be a list of "host:port"; {_TF_CONFIG_HINT}'
-            )
+        _check_job_addresses(str(job)[:40], addresses)
     _refuse_other_jobs(cluster, task)
     if len(cluster.get("chief", [])) > 1:
         raise RuntimeSetupError(f"TF_CONFIG names {len(cluster['chief'])} chief tasks; a cluster has one chief")
-    if task:
-        job, index = task.get("type"), task.get("index", 0)
-        if job not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[job]):
-            raise RuntimeSetupError(f"TF_CONFIG task {str(task)[:80]} names no task of its cluster; {_TF_CONFIG_HINT}")
+    if task or sum(len(cluster.get(job, [])) for job in _TRAINING_JOBS) > 1:
+        _check_task(cluster, task)
     return parsed
+
+
+def _check_job_addresses(job: str, addresses) -> None:
+    """A non-empty list of distinct "host:port" strings with ports TCP can use."""
+    if not isinstance(addresses, list) or not addresses:
+        raise RuntimeSetupError(
+            f'TF_CONFIG cluster job "{job}" must be a non-empty list of "host:port"; {_TF_CONFIG_HINT}'
+        )
+    for address in addresses:
+        host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        if not host or not port.isdigit() or not 1 <= int(port[:6]) <= 65535:
+            raise RuntimeSetupError(
+                f'TF_CONFIG cluster job "{job}" has {str(address)[:60]!r}, which is not "host:port" with a port '
+                f"from 1 to 65535; {_TF_CONFIG_HINT}"
+            )
+    if len(set(addresses)) < len(addresses):
+        raise RuntimeSetupError(f'TF_CONFIG cluster job "{job}" names one address twice; every task needs its own port')
+
+
+def _check_task(cluster: dict, task: dict) -> None:
+    """The task names one task of the cluster: which one this process is."""
+    job, index = task.get("type"), task.get("index", 0)
+    if job not in cluster or type(index) is not int or not 0 <= index < len(cluster[job]):
+        raise RuntimeSetupError(
+            f"TF_CONFIG task {json.dumps(task)[:80]} names no task of its cluster (a cluster of several tasks needs "
+            f'"task": {{"type": "worker", "index": N}}); {_TF_CONFIG_HINT}'
+        )
 
 
 def _refuse_other_jobs(cluster: dict, task: dict) -> None:
@@ -113,6 +139,11 @@ def slurm_tf_config(environ: Mapping[str, str] = os.environ) -> str:
             f"SLURM_STEP_NUM_TASKS={tasks} tasks on the {len(hosts)} node(s) of SLURM_STEP_NODELIST"
         )
     base = _port_base(environ)
+    if base + max(per_node) - 1 > 65535:
+        raise RuntimeSetupError(
+            f"ports {base} to {base + max(per_node) - 1} (SLURM_STEP_RESV_PORTS or {PORT_BASE_VARIABLE}, one per task "
+            "of a node) go past 65535; reserve lower ports"
+        )
     workers = [f"{host}:{base + slot}" for host, count in zip(hosts, per_node) for slot in range(count)]
     _check_block_placement(environ, hosts, per_node, rank)
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}})

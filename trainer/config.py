@@ -203,6 +203,9 @@ class RuntimeConfig:
     collective: str = _choice("auto", "auto", "ring", "nccl")
     # Turn on TensorFlow op determinism (bit-identical reruns on CPU; slower on GPU).
     deterministic: bool = False
+    # How long a worker waits for the rest of its cluster (or a grpc:// TPU) to answer
+    # before it gives up with one line; pods of a job may take minutes to be scheduled.
+    connect_timeout_s: float = 900.0
 
 
 @dataclass
@@ -286,6 +289,7 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "train.steps_per_loop": (1, True),
     "train.eval_every_epochs": (1, True),
     "runtime.cpu_replicas": (1, True),
+    "runtime.connect_timeout_s": (1, True),
     "checkpoint.every_steps": (0, True),
     "checkpoint.every_minutes": (0, True),
     "checkpoint.keep": (1, True),
@@ -320,6 +324,7 @@ _MAXIMUMS: dict[str, float] = {
     "train.steps_per_loop": 10**6,
     "train.eval_every_epochs": 100_000,
     "runtime.cpu_replicas": 256,
+    "runtime.connect_timeout_s": 7 * 86_400,
     "checkpoint.every_steps": 10**12,
     "checkpoint.every_minutes": 10**6,
     "checkpoint.keep": 10_000,

@@ -50,3 +50,12 @@ class CheckpointMismatchError(CheckpointError):
 
 class WorkdirWriteError(TrainerError):
     """The workdir cannot be written (read-only, full disk, no permission)."""
+
+
+class StoppedWaitingError(TrainerError):
+    """A signal arrived while waiting for peers or a TPU, before anything started.
+
+    Exit 75, as a stop with a checkpoint: nothing is lost, and the same command starts again.
+    """
+
+    exit_code = 75

@@ -6,7 +6,6 @@ checkpoint's weights, so they need neither the training data nor the optimizer s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +87,9 @@ def evaluate(
     for override in overrides:
         apply_override(config, override)
     validate(config)
-    if config.runtime.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
-        # Trained with `--workers N`: one process evaluates the same checkpoint.
-        config.runtime.strategy = "auto"
-    runtime = setup_runtime(config.runtime)
+    # One process evaluates, whatever cluster the run trained on or the pod it runs in
+    # ($TF_CONFIG, a Slurm step): joining that cluster would wait for peers forever.
+    runtime = setup_runtime(config.runtime, announce=warn, cluster=False)
     dataset, spec = prepare_for_inference(config, warn)
     with runtime.strategy.scope():
         model, step = _restore_model(wd, info, config, checkpoint)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from trainer.cluster import adopt_slurm_cluster, tf_config_workers
+from trainer import rendezvous
+from trainer.cluster import adopt_slurm_cluster, checked_tf_config, tf_config_workers
 from trainer.config import RuntimeConfig
 from trainer.errors import RuntimeSetupError
 
@@ -71,11 +72,17 @@ class Runtime:
         return self.precision == "mixed_float16"
 
 
-def setup_runtime(config: RuntimeConfig) -> Runtime:
-    """Create the strategy `config.strategy` asks for and set the global precision policy."""
+def setup_runtime(config: RuntimeConfig, announce: rendezvous.Announce = print, cluster: bool = True) -> Runtime:
+    """Create the strategy `config.strategy` asks for and set the global precision policy.
+
+    Args:
+        announce: told what a long wait (for the cluster's other tasks, a TPU) waits for.
+        cluster: False for one-process commands (evaluate), which must not join the
+            cluster of a $TF_CONFIG or a Slurm step they happen to run in.
+    """
     if config.cpu_replicas > 1:
         split_cpu(config.cpu_replicas)
-    strategy, kind, reason = _build_strategy(config)
+    strategy, kind, reason = _build_strategy(config, announce, cluster)
     precision, why_precision = _resolve_precision(config.precision, kind)
     keras.mixed_precision.set_global_policy(precision)
     set_op_determinism(config.deterministic)
@@ -143,15 +150,20 @@ def _cpu_devices(count: int) -> list[str]:
     return [f"/cpu:{i}" for i in range(count)]
 
 
-def _build_strategy(config: RuntimeConfig) -> tuple[tf.distribute.Strategy, str, str]:
+def _build_strategy(
+    config: RuntimeConfig, announce: rendezvous.Announce, cluster: bool
+) -> tuple[tf.distribute.Strategy, str, str]:
     name, cpus = config.strategy, config.cpu_replicas
     if name == "tpu" or (name == "auto" and tpu_is_resolvable(config)):
-        return (*_connect_tpu(config), f"{name}: TPUStrategy")
-    from_slurm = name in ("auto", "multi_worker") and adopt_slurm_cluster()
-    workers = tf_config_workers()
-    if name == "multi_worker" or (name == "auto" and workers > 1):
-        strategy, kind, reason = _multi_worker(config, workers, name)
-        return strategy, kind, reason + (" (cluster from Slurm's srun variables)" if from_slurm else "")
+        return (*_connect_tpu(config, announce), f"{name}: TPUStrategy")
+    if cluster:
+        from_slurm = name in ("auto", "multi_worker") and adopt_slurm_cluster()
+        workers = tf_config_workers()
+        if name == "multi_worker" or (name == "auto" and workers > 1):
+            strategy, kind, reason = _multi_worker(config, workers, name, announce)
+            return strategy, kind, reason + (" (cluster from Slurm's srun variables)" if from_slurm else "")
+    elif name == "multi_worker":
+        name = "auto"  # one process: the same devices as one worker of the run
     num_gpus = len(tf.config.list_physical_devices("GPU"))
     if name == "gpu" and not num_gpus:
         raise RuntimeSetupError(
@@ -170,7 +182,9 @@ def _build_strategy(config: RuntimeConfig) -> tuple[tf.distribute.Strategy, str,
     return cached_strategy("mirrored"), "gpu", f"{name}: MirroredStrategy over {num_gpus} GPUs"
 
 
-def _multi_worker(config: RuntimeConfig, workers: int, name: str) -> tuple[tf.distribute.Strategy, str, str]:
+def _multi_worker(
+    config: RuntimeConfig, workers: int, name: str, announce: rendezvous.Announce
+) -> tuple[tf.distribute.Strategy, str, str]:
     if workers < 1:
         raise RuntimeSetupError(
             "runtime.strategy=multi_worker needs TF_CONFIG describing the cluster (as TFJob and Vertex AI write it) "
@@ -186,14 +200,24 @@ def _multi_worker(config: RuntimeConfig, workers: int, name: str) -> tuple[tf.di
         if kind == "gpu"
         else tf.distribute.experimental.CommunicationImplementation.RING,
     }[config.collective]
+    # Meet the other tasks first: TensorFlow's own wait has no deadline and ignores signals.
+    rendezvous.meet(
+        rendezvous.Cluster.from_tf_config(checked_tf_config(os.environ["TF_CONFIG"])),
+        config.connect_timeout_s,
+        announce,
+    )
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation)
     )
     return strategy, kind, f"{name}: MultiWorkerMirroredStrategy over {workers} workers ({implementation.name})"
 
 
-def _connect_tpu(config: RuntimeConfig) -> tuple[tf.distribute.Strategy, str]:
+def _connect_tpu(config: RuntimeConfig, announce: rendezvous.Announce) -> tuple[tf.distribute.Strategy, str]:
     target = config.tpu or os.environ.get("TPU_NAME") or "local"
+    if target.startswith("grpc://"):
+        # TensorFlow's connect to an address where nothing answers has no deadline and
+        # ignores signals (it holds the GIL): reach the address first, in Python.
+        rendezvous.wait_for_address(target, config.connect_timeout_s, announce)
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
         tf.config.experimental_connect_to_cluster(resolver)
@@ -279,9 +303,9 @@ def _resolve_jit(requested: str, kind: str, replicas: int, deterministic: bool =
     return requested == "true"
 
 
-def describe_devices(config: RuntimeConfig | None = None) -> dict:
+def describe_devices(config: RuntimeConfig | None = None, announce: rendezvous.Announce = print) -> dict:
     """What TensorFlow sees and what `auto` (or `config`) would choose: `launch devices`."""
-    runtime = setup_runtime(config or RuntimeConfig())
+    runtime = setup_runtime(config or RuntimeConfig(), announce)
     devices = []
     for device in tf.config.list_physical_devices():
         details = _details(device)

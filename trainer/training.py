@@ -83,7 +83,7 @@ def train(
     """
     started = time.perf_counter()
     wd = Workdir(workdir)
-    runtime = setup_runtime(config.runtime)
+    runtime = setup_runtime(config.runtime, announce=echo)
     console = Console.for_worker(echo, runtime.is_chief)
     try:
         if runtime.is_chief:
