@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import storage
-from trainer.errors import WorkdirWriteError
+from trainer.errors import WorkdirBusyError, WorkdirWriteError
 
 Warn = Callable[[str], None]
 # How TensorFlow's errors (which are not OSErrors) say that the disk refused a write.
@@ -118,23 +118,54 @@ def _replacing_local_folder(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.parent / f".{path.name}.tmp-old"
-    if old.exists() and not path.exists():
-        os.replace(old, path)
-    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    os.chmod(temporary, 0o755)
-    if path.exists():
+    with _only_writer(path):
+        old = path.parent / f".{path.name}.tmp-old"
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # a dead writer's: the lock says so
+            shutil.rmtree(leftover, ignore_errors=True)
+        temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            yield temporary
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        os.chmod(temporary, 0o755)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(temporary, path)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(temporary, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _only_writer(path: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `path` (flock: the kernel drops it when its holder dies).
+
+    Two writers at once (two `launch export`s) would each delete the other's live
+    temporary folder as a leftover and both report success over a broken result; the
+    second one is refused instead, before it touches anything.
+    """
+    import fcntl  # POSIX only, like the workdir's own lock
+
+    with open(path.parent / f".{path.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read(32).strip()
+            raise WorkdirBusyError(
+                f"{path} is being written by another process (pid {owner if owner.isdigit() else 'unknown'}, "
+                "e.g. another launch export); wait for it to finish and run again"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def number_in(value: Any, low: float, high: float) -> bool:

@@ -8,6 +8,7 @@ WORKDIR/tensorboard/       train/ and eval/ event files
 WORKDIR/metrics.json       last evaluation (train's final eval or `launch evaluate`)
 WORKDIR/export/            model.keras and saved_model/ from `launch export`
 WORKDIR/.lock              local disks: the trainer's flock (one trainer at a time)
+WORKDIR/.export.lock       local disks: `launch export`'s flock (trainer.files.replacing_folder)
 WORKDIR/.lease.json        other stores (gs://, ...): the trainer's lease (trainer.lease)
 
 The workdir may live on any filesystem TensorFlow knows (trainer.storage).
