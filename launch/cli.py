@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from trainer.errors import DataError, RuntimeSetupError, TrainerError
-from trainer.storage import workdir_spelling
+from trainer.storage import is_url, workdir_spelling
 
 _INSTALL_HINT = (
     "TensorFlow is not installed: run pip install -e '.[cpu]' (CPU only), '.[gpu]' (NVIDIA GPUs) "
@@ -78,7 +78,17 @@ def _import_quietly(module: str):
 def _config(path: str | None, overrides: tuple[str, ...]):
     from trainer.config import load_config
 
+    if path is not None and is_url(path):
+        # TensorFlow reads a gs:// config: imported quietly first, as for any command, or its
+        # start-up notices and GCS client warnings would surround a one-line error.
+        _load("trainer.storage", _verbose())
     return load_config(path, overrides)
+
+
+def _verbose() -> bool:
+    """`launch -v`, from any command (some take no context object)."""
+    context = click.get_current_context(silent=True)
+    return bool(context and (context.find_root().obj or {}).get("verbose"))
 
 
 _set_option = click.option(

@@ -59,3 +59,19 @@ class StoppedWaitingError(TrainerError):
     """
 
     exit_code = 75
+
+
+class StoreUnreachableError(TrainerError, OSError):
+    """A request to a remote store (gs://, s3://, ...) never got an answer: no network,
+    an unresolvable host or proxy, a refused or timed-out connection.
+
+    Also an OSError, so code that retries a store's passing failures (lease renewal,
+    staged uploads) keeps retrying this one; the CLI shows it as one line. Not a damaged
+    file and not a full disk: nothing is rebuilt or deleted because of it.
+    """
+
+    def __init__(self, message: str, url: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+        # What OSError handlers quote (`err.strerror`): the reason in words, not None.
+        self.strerror = reason or message

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import storage
-from trainer.errors import WorkdirBusyError, WorkdirWriteError
+from trainer.errors import StoreUnreachableError, WorkdirBusyError, WorkdirWriteError
 
 Warn = Callable[[str], None]
 # How TensorFlow's errors (which are not OSErrors) say that the disk refused a write.
@@ -71,6 +71,8 @@ def read_json(path: str | os.PathLike, warn: Warn, what: str) -> Any | None:
         return None
     try:
         return json.loads(storage.read_text(path))
+    except StoreUnreachableError:
+        raise  # the store did not answer: the file may be fine, and rebuilding it would fail too
     # ValueError: undecodable bytes, bad JSON, and integers past Python's 4,300-digit limit;
     # RecursionError: thousands of nested brackets. All are damage, none may end a run.
     except (OSError, ValueError, RecursionError) as err:
@@ -194,7 +196,12 @@ def describe_write_error(err: BaseException, where: str | os.PathLike) -> Workdi
 
 
 def is_write_failure(err: BaseException) -> bool:
-    """An OSError, or a TensorFlow error whose cause is the disk (full, read-only, denied)."""
+    """An OSError, or a TensorFlow error whose cause is the disk (full, read-only, denied).
+
+    Not a store that cannot be reached: "free some space" would send the user the wrong way,
+    and that error already says what to do."""
+    if isinstance(err, StoreUnreachableError):
+        return False
     if isinstance(err, OSError):
         return True
     return any(reason in str(err) for reason in _WRITE_FAILURES)

@@ -4,7 +4,8 @@ Every read and write of a workdir goes through these functions. Paths are string
 `pathlib.Path("gs://bucket/run")` collapses the `//`. A local path is served by the
 standard library (so a config can be read before TensorFlow is imported, and errors are
 the usual OSErrors); a URL by `tf.io.gfile`, whose errors are turned into OSErrors of the
-matching kind (missing, denied, full), so callers handle one family of errors.
+matching kind (missing, denied, full, or StoreUnreachableError: no answer at all), so
+callers handle one family of errors.
 
 What the stores guarantee differs, and the callers rely on no more than this:
 - local disk: `rename` is atomic, and folders can be renamed;
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StoreUnreachableError
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -97,19 +98,66 @@ def _gfile():
     return tf.io.gfile
 
 
+# How TensorFlow says that a request never reached the store (rather than that the store
+# said no): libcurl's own failures, "libcurl code 6 meaning 'Could not resolve hostname'",
+# raised at once as FailedPrecondition; or, for those its GCS client retries (a refused or
+# timed-out connection, a 503), "All 10 retry attempts failed. The last failure: ..." as
+# Aborted, about three minutes later (GCS_RETRY_CONFIG_MAX_RETRIES sets the tries).
+_TRANSPORT_FAILURE = re.compile(r"libcurl code \d+|All \d+ retry attempts failed")
+_CURL_DETAILS = re.compile(r"error details: ([^\n]+)")
+_TRIES = re.compile(r"All (\d+) retry attempts failed\. (?:The last failure: )?")
+
+
+def unreachable(err: BaseException, path: str) -> StoreUnreachableError | None:
+    """`err`, a TensorFlow error met while reading or writing `path`, as a
+    StoreUnreachableError if it says that the store could not be reached; else None.
+
+    Only for errors of a filesystem call: elsewhere (collectives, a cluster's peers)
+    Unavailable means a peer, not a store."""
+    import tensorflow as tf
+
+    if not isinstance(err, tf.errors.OpError):
+        return None
+    message = err.message or ""
+    transient = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+    if not isinstance(err, transient) and not _TRANSPORT_FAILURE.search(message):
+        return None
+    reason = _transport_reason(message) or type(err).__name__
+    return StoreUnreachableError(
+        f"cannot reach {path} ({reason}); check this machine's network connection (and HTTPS_PROXY, if it "
+        "needs a proxy), then run the same command again",
+        url=path,
+        reason=reason,
+    )
+
+
+def _transport_reason(message: str) -> str:
+    """'Could not resolve host: www.googleapis.com', with ', after 10 tries' when retried."""
+    tries = _TRIES.search(message)
+    details = _CURL_DETAILS.search(message)
+    last = _TRIES.sub("", message).strip()  # a 503, retried: its own first line
+    reason = (details.group(1) if details else last.splitlines()[0] if last else "").strip()
+    return reason[:200] + (f", after {tries.group(1)} tries" if tries else "")
+
+
+def _unknown_scheme(path: str) -> ConfigError:
+    scheme = path.split("://", 1)[0]
+    return ConfigError(
+        f"{path}: TensorFlow has no filesystem for {scheme}:// (gs:// is built in; s3:// and hdfs:// need "
+        "the tensorflow-io plugin); check the spelling, or use a local folder"
+    )
+
+
 @contextlib.contextmanager
 def _as_os_errors(path: str) -> Iterator[None]:
-    """tf.errors.* as the OSError a local filesystem would raise (FileNotFoundError, ...)."""
+    """tf.errors.* as the OSError a local filesystem would raise (FileNotFoundError, ...);
+    a store that cannot be reached as StoreUnreachableError (an OSError too)."""
     import tensorflow as tf
 
     try:
         yield
     except tf.errors.UnimplementedError as err:  # a scheme this TensorFlow has no filesystem for
-        scheme = path.split("://", 1)[0]
-        raise ConfigError(
-            f"{path}: TensorFlow has no filesystem for {scheme}:// (gs:// is built in; s3:// and hdfs:// need "
-            "the tensorflow-io plugin); check the spelling, or use a local folder"
-        ) from err
+        raise _unknown_scheme(path) from err
     except tf.errors.NotFoundError as err:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from err
     except tf.errors.PermissionDeniedError as err:
@@ -117,7 +165,9 @@ def _as_os_errors(path: str) -> Iterator[None]:
     except tf.errors.ResourceExhaustedError as err:
         raise OSError(errno.ENOSPC, "No space left on device", path) from err
     except tf.errors.OpError as err:
-        raise OSError(errno.EIO, (err.message or type(err).__name__).strip().splitlines()[0][:200], path) from err
+        raise unreachable(err, path) or OSError(
+            errno.EIO, (err.message or type(err).__name__).strip().splitlines()[0][:200], path
+        ) from err
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -131,7 +181,13 @@ def isdir(path: str | os.PathLike) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
     with _as_os_errors(str(path)):
-        return _gfile().isdir(str(path))
+        if _gfile().isdir(str(path)):
+            return True
+    # tf.io.gfile.isdir answers False for every failure, an unreachable store or an unknown
+    # scheme included (then a workdir would look new and a data folder missing): exists()
+    # raises those, and answers the rest.
+    exists(path)
+    return False
 
 
 def isfile(path: str | os.PathLike) -> bool:
@@ -230,6 +286,20 @@ def copy_tree(source: str | os.PathLike, target: str) -> None:
             copy_tree(join(source, name), join(target, name))
         else:
             copy_file(join(source, name), join(target, name))
+
+
+def glob(pattern: str) -> list[str]:
+    """Paths matching `pattern` (tf.io.gfile's wildcards: `*`, `?`, `[...]`), on any filesystem."""
+    with _as_os_errors(parent_of(pattern)):
+        return _gfile().glob(pattern)
+
+
+def size(path: str | os.PathLike) -> int:
+    """A file's length in bytes."""
+    if not is_url(path):
+        return os.path.getsize(path)
+    with _as_os_errors(str(path)):
+        return _gfile().stat(str(path)).length
 
 
 def walk_files(folder: str | os.PathLike) -> list[str]:

@@ -26,11 +26,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tensorflow as tf
 
+from trainer import storage
 from trainer.config import DataConfig
 from trainer.data.decode import decode, image_problem, native_stderr_quiet, tf_reason
 from trainer.data.pipeline import InputSpec, _stream_seed, replica_slices, steps_per_epoch
 from trainer.data.sources import CONVERT_SPELLING, Dataset, FileSplit, Progress, path_bytes, shown
-from trainer.errors import DataError
+from trainer.errors import DataError, StoreUnreachableError
 from trainer.files import write_json, write_text
 from trainer.storage import is_url
 
@@ -182,14 +183,15 @@ def _own_size(split: RecordSplit, sample: int = 16) -> int:
 
 def _read_class_names(root: str) -> list[str]:
     labels_path = f"{root}/{LABELS_FILE}"
-    if not tf.io.gfile.exists(labels_path):
+    # Through trainer.storage, the first read of data.path: an unreachable store or an
+    # unknown scheme is one line here, before anything else is read or written.
+    if not storage.exists(labels_path):
         raise DataError(
             f"{labels_path} is missing: a TFRecord folder needs the class names, one per line "
             "(launch data convert writes it)"
         )
     try:
-        with tf.io.gfile.GFile(labels_path, "rb") as handle:
-            text = handle.read().decode("utf-8")
+        text = storage.read_text(labels_path)
     except UnicodeDecodeError as err:
         raise DataError(f"{labels_path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
@@ -202,12 +204,13 @@ def _read_index(root: str, say: Progress) -> dict:
     """shards.json, checked: a damaged one (cut short, edited, another tool's) is said and
     left out, and the shards are counted instead; a valid one spares that pass."""
     path = f"{root}/{INDEX_FILE}"
-    if not tf.io.gfile.exists(path):
+    if not storage.exists(path):
         return {}
     try:
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            index = json.loads(handle.read())
-    except (ValueError, RecursionError, tf.errors.OpError) as err:
+        index = json.loads(storage.read_text(path))
+    except StoreUnreachableError:
+        raise  # no answer is no damage: counting the shards would meet the same store
+    except (ValueError, RecursionError, OSError) as err:
         say(f"Warning: {path} is damaged ({type(err).__name__}); counting the records of the shards instead")
         return {}
     if not isinstance(index, dict):
@@ -229,7 +232,7 @@ def _split_shards(root: str, split: str, index: dict, say: Progress) -> RecordSp
     shards = sorted(
         path
         for prefix in _SPLIT_PREFIXES[split]
-        for path in tf.io.gfile.glob(f"{root}/{prefix}-*")
+        for path in storage.glob(f"{root}/{prefix}-*")
         if ".tfrecord" in path.rsplit("/", 1)[-1]
     )
     if not shards:
@@ -274,7 +277,7 @@ def _indexed_counts(index: dict, split: str, shards: list[str]) -> tuple[list[in
 def _sizes(paths: list[str]) -> list[int]:
     """Byte sizes of files (a stat each, in parallel: each is a request on an object store)."""
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda path: tf.io.gfile.stat(path).length, paths))
+        return list(pool.map(storage.size, paths))
 
 
 def _label_of(raw: tf.Tensor) -> tf.Tensor:
@@ -297,6 +300,11 @@ def _count_shard(path: str) -> tuple[int, int, int]:
         raise DataError(
             f"TFRecord shard {path} is damaged ({tf_reason(err.message)}); copy or write it again"
         ) from None
+    except tf.errors.OpError as err:  # no network mid-count: one line, as at the first read
+        unreachable = storage.unreachable(err, path)
+        if unreachable is None:
+            raise
+        raise unreachable from None
     return int(count), int(low), int(high)
 
 
@@ -603,8 +611,7 @@ def convert(
 
     out = out.rstrip("/")
     _check_outside(source, out)
-    if tf.io.gfile.exists(out) and tf.io.gfile.listdir(out):
-        raise DataError(f"--to {out} exists and is not empty; choose a new folder (nothing was written)")
+    _check_new_folder(out)
     config = DataConfig(source="folder", path=source, validation_split=validation_split)
     dataset = read_image_folder(source, config, seed, progress, spelling=CONVERT_SPELLING)
     try:
@@ -624,6 +631,27 @@ def _check_outside(source: str, out: str) -> None:
             f"--to {out} is inside --from {source}: the shards would become part of the image folder, which "
             "would then no longer train; choose a folder outside it (nothing was written)"
         )
+
+
+def _check_new_folder(out: str) -> None:
+    """--to must be a new or empty folder; asked through trainer.storage, so an unreachable
+    store or an unknown scheme is one line before the images are even listed."""
+    if not storage.exists(out):
+        if not is_url(out) and not os.path.isdir(above := _nearest_existing(out)):  # no folder can be made
+            raise DataError(f"--to {out}: {above} is a file, not a folder; choose a new folder (nothing was written)")
+        return
+    if not storage.isdir(out):
+        raise DataError(f"--to {out} is a file, not a folder; choose a new folder (nothing was written)")
+    if storage.listdir(out):
+        raise DataError(f"--to {out} exists and is not empty; choose a new folder (nothing was written)")
+
+
+def _nearest_existing(path: str) -> str:
+    """The deepest folder or file above local `path` that exists (`/` at worst)."""
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    return above
 
 
 def _resolved(path: str) -> str:

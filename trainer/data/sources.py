@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from trainer import storage
 from trainer.config import DataConfig
 from trainer.data.decode import MAX_IMAGE_PIXELS
 from trainer.errors import DataError
@@ -331,7 +332,9 @@ def _join(*parts: str) -> str:
 
 
 def _isdir(path: str) -> bool:
-    return tf.io.gfile.isdir(path) if is_url(path) else os.path.isdir(path_bytes(path))
+    """Through trainer.storage for a URL: tf.io.gfile.isdir says False for an unreachable
+    store, which would be reported as "not a folder"; storage.isdir raises it as one line."""
+    return storage.isdir(path) if is_url(path) else os.path.isdir(path_bytes(path))
 
 
 def _listdir(folder: str) -> list[str]:
