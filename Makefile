@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# lint-imports: the import rules of pyproject.toml's [tool.importlinter] (layers, no cycles).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo --no-cache
 
 # Tests run in $(TEST_WORKERS) processes (pytest-xdist), one more than the cores: a test
 # often waits on a subprocess it started, and a third worker on 2 cores kept them busier

@@ -19,6 +19,7 @@ from tensorboard.util.tensor_util import make_ndarray
 from launch.cli import cli
 from tests.conftest import REPO, launch_train, made_once, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
+from trainer.config import load_config
 from trainer.errors import DivergedError, WorkdirBusyError
 from trainer.loop.step import NUM_SUMS, StepSums
 from trainer.preemption import EXIT_PREEMPTED
@@ -137,6 +138,27 @@ def _assert_same_run(straight: Path, resumed: Path, step: int = TOTAL) -> None:
         assert _scalars(resumed / "tensorboard" / run) == _scalars(straight / "tensorboard" / run)
     steps = [s for s, _ in _scalars(resumed / "tensorboard" / "train")["loss"]]
     assert steps == sorted(set(steps)) and steps[-1] == step  # one point per logged step
+
+
+# A workdir that the code before #25 (commit 793a59c, when the checkpoint store still took
+# the loop's window sums itself) stopped at step 8 of 16: model, momentum slots, lookahead
+# slow weights, step, epoch, dropout RNG states and a logging window in flight (its sums
+# are logged at 16). How it was made: tests/fixtures/README.md.
+WORKDIR_BEFORE_25 = REPO / "tests" / "fixtures" / "workdir_793a59c"
+
+
+def test_a_checkpoint_written_before_the_store_split_resumes_bit_for_bit(tmp_path):
+    config = load_config(WORKDIR_BEFORE_25 / "config.yaml")
+    window = tf.train.load_checkpoint(str(WORKDIR_BEFORE_25 / "checkpoints" / "ckpt-8"))
+    assert StepSums.of(window.get_tensor("window_sums/.ATTRIBUTES/VARIABLE_VALUE")).steps == 8
+    resumed = tmp_path / "resumed"
+    shutil.copytree(WORKDIR_BEFORE_25, resumed)
+    lines: list[str] = []
+    assert train(config, resumed, echo=lines.append).step == 16
+    assert any(f"Resuming from {resumed / 'checkpoints' / 'ckpt-8'} at step 8" in line for line in lines), lines
+    train(config, tmp_path / "straight", echo=quiet)
+    assert any("lookahead" in name for name in _checkpoint_tensors(str(resumed / "checkpoints" / "ckpt-16")))
+    _assert_same_run(tmp_path / "straight", resumed, step=16)
 
 
 def test_first_signal_requests_a_stop_and_the_second_exits_at_once():

@@ -1,10 +1,18 @@
 """Checkpoints in WORKDIR/checkpoints: everything that decides the future of a run.
 
 A checkpoint holds the model, the optimizer (slots, iterations, loss scale), the global
-step and epoch, the metric sums of a half-finished logging window, and the RNG states of
-random layers. Keras 3 `SeedGenerator` states (Dropout) are not tracked through the model
-by `tf.train.Checkpoint`, so they are added explicitly: without them a resumed run draws
-different masks. The input stream needs no state: it is a function of (seed, step).
+step and epoch, the RNG states of random layers, and what the training code hands over as
+`extra` state by name: the loop's metric sums of a half-finished logging window
+(trainer.loop.actions.checkpointed_state), the lookahead's slow weights. The store knows
+nothing of the loop; an extra object's name is its name in the checkpoint, so it must
+never change (checkpoints written before the loop handed its sums over hold them under
+the same name, "window_sums"). Keras 3 `SeedGenerator` states (Dropout) are not tracked
+through the model by `tf.train.Checkpoint`, so they are added explicitly: without them a
+resumed run draws different masks. The input stream needs no state: it is a function of
+(seed, step).
+
+Which checkpoint files a folder holds, and deleting one, is trainer.checkpoint_files
+(shared with the uploader, trainer.staging).
 
 `tf.train.CheckpointManager` writes and rotates. Restoring tries the newest checkpoint
 file on disk first and falls back to older ones if it is unreadable (a save killed
@@ -20,21 +28,21 @@ that a kill at any moment cannot break: the new checkpoint first, then best.json
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from trainer import files, storage
+from trainer.checkpoint_files import checkpoint_steps, remove_checkpoint
 from trainer.errors import CheckpointError, CheckpointMismatchError
-from trainer.loop.step import NUM_SUMS
 
 if TYPE_CHECKING:
     from trainer.staging import CheckpointUploads
 
-_CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.index$")
+__all__ = ["CheckpointStore", "checkpoint_steps", "remove_checkpoint", "seed_generator_states"]
+
 # Errors that mean "this file cannot be read": try an older checkpoint.
 _UNREADABLE = (tf.errors.OpError, IndexError, KeyError)
 # Errors that mean "this file is fine but holds another model or optimizer": refuse.
@@ -47,20 +55,6 @@ def seed_generator_states(model: keras.Model) -> dict[str, tf.Variable]:
         for layer in model.layers
         if getattr(layer, "seed_generator", None) is not None
     }
-
-
-def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
-    """Steps of the checkpoints present in `directory` (any filesystem), newest first."""
-    steps = [int(m.group(1)) for name in storage.listdir(directory) if (m := _CHECKPOINT_FILE.match(name))]
-    return sorted(steps, reverse=True)
-
-
-def remove_checkpoint(directory: str, step: int) -> None:
-    """Delete the files of one checkpoint, its index first: from then on it is no longer
-    listed (checkpoint_steps), so a kill half-way leaves no checkpoint that looks whole."""
-    names = [name for name in storage.listdir(directory) if name.startswith(f"ckpt-{step}.")]
-    for name in sorted(names, key=lambda name: not name.endswith(".index")):
-        storage.remove(storage.join(directory, name))
 
 
 class CheckpointStore:
@@ -82,7 +76,10 @@ class CheckpointStore:
         """Args:
         directory: where checkpoints are read from (the chief's folder).
         save_directory: where they are written, if elsewhere (non-chief workers).
-        extra: more training state to carry, by name (e.g. the lookahead's slow weights).
+        extra: more training state to carry, by checkpoint object name: the loop's window
+            sums, the lookahead's slow weights. `save(values=...)` assigns new values to
+            these variables by the same names. A name is what a checkpoint stores, so
+            renaming one breaks the restore of older checkpoints.
         uploads: save into its local staging folder, and upload from there to `directory`
             behind training (remote workdirs; trainer.staging).
         """
@@ -91,20 +88,21 @@ class CheckpointStore:
         self.save_directory = str(save_directory) if save_directory else self.directory
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        # Metric sums of the logging window in flight (trainer.loop.step.StepSums).
-        self.window_sums = tf.Variable(tf.zeros([NUM_SUMS]), trainable=False, name="window_sums")
         self.replicas = tf.Variable(num_replicas, dtype=tf.int64, trainable=False, name="replicas")
         objects = {
             "model": model,
             "step": self.step,
             "epoch": self.epoch,
-            "window_sums": self.window_sums,
             "replicas": self.replicas,
             "seed_generators": seed_generator_states(model),
         }
         if optimizer is not None:
             objects["optimizer"] = optimizer
-        objects.update(extra or {})
+        self.extra = dict(extra or {})
+        clashes = sorted(objects.keys() & self.extra.keys())
+        if clashes:
+            raise ValueError(f"extra checkpoint state may not reuse the store's own names: {clashes}")
+        objects.update(self.extra)
         self._for_training = optimizer is not None
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
@@ -178,10 +176,12 @@ class CheckpointStore:
             )
         return step
 
-    def _set_position(self, step: int, epoch: int, window_sums: np.ndarray | None) -> None:
+    def _set_position(self, step: int, epoch: int, values: Mapping[str, Any] | None) -> None:
+        """The state a save writes besides the variables training updates in place."""
         self.step.assign(step)
         self.epoch.assign(epoch)
-        self.window_sums.assign(np.zeros(NUM_SUMS, np.float32) if window_sums is None else window_sums)
+        for name, value in (values or {}).items():
+            self.extra[name].assign(value)
 
     def _restore_named(self, path: str) -> None:
         """A checkpoint the user asked for by name: unreadable is an error, not a fallback."""
@@ -205,8 +205,9 @@ class CheckpointStore:
         self.restored_replicas = int(self.replicas.numpy())
         self.replicas.assign(self._num_replicas)
 
-    def save(self, step: int, epoch: int, window_sums: np.ndarray | None = None) -> str:
-        self._set_position(step, epoch, window_sums)
+    def save(self, step: int, epoch: int, values: Mapping[str, Any] | None = None) -> str:
+        """Write a checkpoint of `step`; `values`: new values of `extra` variables, by name."""
+        self._set_position(step, epoch, values)
         saved = self.manager.save(checkpoint_number=step)
         if self.uploads is None:
             return saved
@@ -222,13 +223,13 @@ class CheckpointStore:
         if self.uploads is not None:
             self.uploads.close()
 
-    def save_best(self, step: int, epoch: int, accuracy: float, window_sums: np.ndarray | None = None) -> None:
+    def save_best(self, step: int, epoch: int, accuracy: float, values: Mapping[str, Any] | None = None) -> None:
         """Keep the current state (weights as evaluated) as the best so far, in best/.
 
         Order matters for a kill at any moment: new checkpoint, then best.json naming it,
         then the old best goes. best.json never names a checkpoint that is already gone.
         """
-        self._set_position(step, epoch, window_sums)
+        self._set_position(step, epoch, values)
         folder = storage.join(self.save_directory, "best")
         storage.makedirs(folder)
         self.checkpoint.write(storage.join(folder, f"ckpt-{step}"))

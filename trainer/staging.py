@@ -26,9 +26,7 @@ import tempfile
 import threading
 
 from trainer import files, storage
-from trainer.checkpoints import checkpoint_steps, remove_checkpoint
-
-_CHECKPOINT_INDEX = ".index"
+from trainer.checkpoint_files import INDEX_SUFFIX, checkpoint_file_names, checkpoint_steps, remove_checkpoint
 
 
 class CheckpointUploads:
@@ -82,8 +80,8 @@ class CheckpointUploads:
 
     def _upload(self, step: int) -> None:
         storage.makedirs(self.remote)
-        names = [name for name in storage.listdir(self.local) if name.startswith(f"ckpt-{step}.")]
-        for name in sorted(names, key=lambda name: name.endswith(_CHECKPOINT_INDEX)):  # the index last
+        names = checkpoint_file_names(self.local, step)
+        for name in sorted(names, key=lambda name: name.endswith(INDEX_SUFFIX)):  # the index last
             storage.copy_file(storage.join(self.local, name), storage.join(self.remote, name))
         steps = checkpoint_steps(self.remote)
         newest_first = [f"ckpt-{kept}" for kept in steps[: self.keep]]

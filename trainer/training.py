@@ -222,7 +222,8 @@ def _train(
         num_replicas=runtime.num_replicas,
         # TF needs every worker to save; the others write to a scratch folder.
         save_directory=None if runtime.is_chief else storage.join(wd.worker_temp(runtime.worker_index), "checkpoints"),
-        extra={"lookahead": parts.lookahead.state} if parts.lookahead else None,
+        # What the loop needs back on resume, and the lookahead's slow weights, by checkpoint name.
+        extra={**act.checkpointed_state(), **({"lookahead": parts.lookahead.state} if parts.lookahead else {})},
         warn=console.warning,
         # A remote workdir: saves land on local disk and are uploaded behind training.
         uploads=CheckpointUploads(wd.checkpoints, config.checkpoint.keep)
@@ -437,7 +438,7 @@ def _controller(run: _Run, monitor: Monitor, schedule: Schedule, start_step: int
     best_step, best_accuracy = _best_so_far(store, wd, console)
     state = act.LoopState(
         step=start_step,
-        window_sums=np.asarray(store.window_sums.numpy(), np.float32),
+        window_sums=act.restored_window_sums(store),
         saved_step=start_step,
         best_step=best_step,
         best_accuracy=best_accuracy,

@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import tensorflow as tf
 
 from trainer.checkpoints import CheckpointStore
 from trainer.console import Console, progress_bar
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.loop.schedule import Due, SaveClock, Schedule
-from trainer.loop.step import StepSums
+from trainer.loop.step import NUM_SUMS, StepSums
 from trainer.monitoring import Monitor, misclassified_examples
 from trainer.optim import averaged_weights, current_learning_rate, finalize_averaged_weights
 
@@ -40,6 +41,28 @@ class LoopState:
     best_accuracy: float = -1.0
     epoch_sums: np.ndarray = field(default_factory=StepSums.zeros)
     images_per_second: float = 0.0
+
+
+# The loop's part of every checkpoint, by its object name there. Checkpoints have always
+# held the window's sums under this name (the store made the variable before #25): never
+# rename it, or older checkpoints no longer restore.
+WINDOW_SUMS = "window_sums"
+
+
+def checkpointed_state() -> dict[str, tf.Variable]:
+    """The variables the loop needs back on resume, for CheckpointStore(extra=...): the
+    StepSums of the logging window in flight, so a resumed run logs the window's means as
+    a straight run does. `checkpoint_values(state)` gives what each save writes to them."""
+    return {WINDOW_SUMS: tf.Variable(tf.zeros([NUM_SUMS]), trainable=False, name=WINDOW_SUMS)}
+
+
+def checkpoint_values(state: LoopState) -> dict[str, np.ndarray]:
+    return {WINDOW_SUMS: state.window_sums}
+
+
+def restored_window_sums(store: CheckpointStore) -> np.ndarray:
+    """The window's sums as the store holds them: restored from a checkpoint, or zeros."""
+    return np.asarray(store.extra[WINDOW_SUMS].numpy(), np.float32)
 
 
 class LogScalars:
@@ -138,7 +161,7 @@ class EvaluateAndKeepBest:
             state.last_eval = self._evaluate(step)
             if state.save and ctx.keep_best and state.last_eval.accuracy > state.best_accuracy:
                 state.best_accuracy, state.best_step = state.last_eval.accuracy, step
-                ctx.store.save_best(step, step // ctx.per_epoch, state.last_eval.accuracy, state.window_sums)
+                ctx.store.save_best(step, step // ctx.per_epoch, state.last_eval.accuracy, checkpoint_values(state))
             if state.due.final and ctx.tta != "none":
                 state.single_view_accuracy = state.last_eval.accuracy
                 state.last_eval = self._evaluate_tta(step)
@@ -195,7 +218,7 @@ class SaveCheckpoint:
 
     def __call__(self, step: int, state: LoopState) -> None:
         if state.save or self.always:
-            self.store.save(step, step // self.per_epoch, state.window_sums)
+            self.store.save(step, step // self.per_epoch, checkpoint_values(state))
             state.saved_step = step
             self.clock.saved()
 

@@ -1,0 +1,37 @@
+"""The files of checkpoints in a folder (any filesystem): which steps it holds, one's files, deleting one.
+
+A checkpoint of step N is `ckpt-N.index` plus its `ckpt-N.data-*` files, as
+`tf.train.CheckpointManager` names them. It counts as present once its index is there:
+data first and index last when writing (trainer.staging), index first when deleting.
+Shared by the store (trainer.checkpoints) and the uploader (trainer.staging), which
+otherwise need nothing of each other; this module needs only trainer.storage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from trainer import storage
+
+INDEX_SUFFIX = ".index"
+_INDEX_FILE = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the checkpoints present in `directory` (any filesystem), newest first."""
+    steps = [int(m.group(1)) for name in storage.listdir(directory) if (m := _INDEX_FILE.match(name))]
+    return sorted(steps, reverse=True)
+
+
+def checkpoint_file_names(directory: str | os.PathLike, step: int) -> list[str]:
+    """Names of the files of the checkpoint of `step` in `directory` (index and data)."""
+    return [name for name in storage.listdir(directory) if name.startswith(f"ckpt-{step}.")]
+
+
+def remove_checkpoint(directory: str, step: int) -> None:
+    """Delete the files of one checkpoint, its index first: from then on it is no longer
+    listed (checkpoint_steps), so a kill half-way leaves no checkpoint that looks whole."""
+    names = checkpoint_file_names(directory, step)
+    for name in sorted(names, key=lambda name: not name.endswith(INDEX_SUFFIX)):
+        storage.remove(storage.join(directory, name))
