@@ -627,4 +627,4 @@ def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path):
     with pytest.raises(RuntimeError), files.replacing_folder(export):
         raise RuntimeError("this export fails too")
     assert (export / "model.keras").read_bytes() == b"the previous export"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.lock", "export"]  # the lock file stays
