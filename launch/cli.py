@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from trainer.errors import DataError, RuntimeSetupError, TrainerError
+from trainer.errors import ConfigError, DataError, RuntimeSetupError, TrainerError
 from trainer.storage import is_url, workdir_spelling
 
 _INSTALL_HINT = (
@@ -165,9 +165,12 @@ def train(
 ) -> None:
     """Train a model; resumes from WORKDIR's latest checkpoint if there is one.
 
-    SIGTERM, SIGUSR1 (Slurm) or Ctrl-C stops after the current step with a checkpoint (exit code 75);
+    SIGTERM, SIGHUP, SIGUSR1 (Slurm) or Ctrl-C stops after the current step with a checkpoint (exit code 75);
     a second signal exits at once. A NaN/Inf loss stops the run (exit code 3).
     """
+    if workdir is not None and not workdir.strip():
+        # `--workdir ''` (an unset shell variable) would otherwise mean the default, runs/<config name>.
+        raise ConfigError("--workdir is empty (an unset shell variable?); name a folder, or leave --workdir out")
     if profile_steps:
         overrides = (*overrides, f"tensorboard.profile_steps={profile_steps}")
     config = _config(config_path, overrides)

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from trainer import storage
 from trainer.errors import ConfigError, DataError
 from trainer.files import short
 
@@ -125,14 +126,18 @@ def _application(spec: Backbone, input_shape: tuple[int, ...], imagenet: bool) -
         with warnings.catch_warnings():
             # "input_shape is undefined or non-square, or rows is not 224": expected, ours is ours.
             warnings.filterwarnings("ignore", message=".*input_shape.*", category=UserWarning)
-            backbone = constructor(include_top=False, weights="imagenet" if imagenet else None, input_shape=input_shape)
+            with storage.download_deadline():  # ImageNet weights may be downloaded: never wait forever
+                backbone = constructor(
+                    include_top=False, weights="imagenet" if imagenet else None, input_shape=input_shape
+                )
     except ValueError as err:
         raise DataError(
             f"model.name={spec.name} cannot be built for {input_shape[1]}x{input_shape[0]}x{input_shape[2]} images: "
             f"{short(str(err), 200)}"
         ) from None
     except Exception as err:  # Keras' get_file raises a bare Exception when it cannot download
-        if imagenet and "URL fetch failure" in str(err):
+        # TimeoutError: the server went silent mid-file (download_deadline), after the URL answered.
+        if imagenet and ("URL fetch failure" in str(err) or isinstance(err, TimeoutError)):
             raise _offline_error(spec, err) from None
         raise
     # Named like model.name, to be found again in our exports. (Not through the
@@ -195,6 +200,9 @@ def load_weights_file(model: keras.Model, path: str) -> str:
         raise ConfigError(f"model.weights={path}: no such file (use none, imagenet, or a .keras/.h5 file)")
     if not path.endswith((".keras", ".h5")):
         raise ConfigError(f"model.weights={path}: expected a .keras, .weights.h5 or .h5 file")
+    kind = storage.special_kind(path)  # h5py/zipfile would open a pipe and wait for a writer forever
+    if kind:
+        raise ConfigError(f"model.weights={path} is not a regular file ({kind}); name a .keras or .h5 file")
     try:
         _load_strictly(backbone, path)
     except (ValueError, KeyError, OSError) as err:

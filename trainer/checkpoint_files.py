@@ -19,9 +19,15 @@ _INDEX_FILE = re.compile(r"^ckpt-(\d+)\.index$")
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
-    """Steps of the checkpoints present in `directory` (any filesystem), newest first."""
-    steps = [int(m.group(1)) for name in storage.listdir(directory) if (m := _INDEX_FILE.match(name))]
-    return sorted(steps, reverse=True)
+    """Steps of the checkpoints present in `directory` (any filesystem), newest first.
+
+    A checkpoint one of whose files is a pipe or a device (local folders) is left out:
+    TensorFlow would open it and wait for a writer forever."""
+    names = storage.listdir(directory)
+    steps = {int(m.group(1)) for name in names if (m := _INDEX_FILE.match(name))}
+    special = {name for name in names if storage.special_kind(storage.join(directory, name))}
+    blocked = {step for step in steps if any(name.startswith(f"ckpt-{step}.") for name in special)}
+    return sorted(steps - blocked, reverse=True)
 
 
 def checkpoint_file_names(directory: str | os.PathLike, step: int) -> list[str]:

@@ -108,6 +108,7 @@ class CheckpointStore:
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.uploads = uploads
         manager_directory = uploads.local if uploads else self.save_directory
+        _refuse_special_state_file(manager_directory)
         self.manager = tf.train.CheckpointManager(self.checkpoint, manager_directory, max_to_keep=keep)
         self.restored_path: str | None = None
         self.restored_replicas: int | None = None
@@ -239,6 +240,18 @@ class CheckpointStore:
                 remove_checkpoint(folder, old)
 
 
+def _refuse_special_state_file(directory: str) -> None:
+    """CheckpointManager reads `checkpoint` (its state file) when it starts: a pipe there
+    would hold the command forever, waiting for a writer."""
+    path = storage.join(directory, "checkpoint")
+    kind = storage.special_kind(path)
+    if kind:
+        raise CheckpointError(
+            f"{path} is not a regular file ({kind}); the trainer keeps its checkpoint list there: "
+            "move or remove it, then run again"
+        )
+
+
 def _names_a_best_checkpoint(record: Any, steps: list[int]) -> bool:
     """best.json as save_best writes it: an integer step present in best/, an accuracy in [0, 1].
 
@@ -253,7 +266,9 @@ def _names_a_best_checkpoint(record: Any, steps: list[int]) -> bool:
 
 
 def _parse_step(which: str) -> int:
-    try:
-        return int(which)
-    except ValueError:
-        raise CheckpointError(f"--checkpoint must be latest, best or a step number, got {which!r}") from None
+    """A step number; anything else (a 5,000-digit number included) is one short line."""
+    text = which.strip()
+    if text.isdigit() and len(text) <= 19:  # up to 2**63 - 1: what a step variable holds
+        return int(text)
+    shown = which if len(which) <= 40 else f"{which[:20]}...({len(which)} characters)"
+    raise CheckpointError(f"--checkpoint must be latest, best or a step number, got {shown!r}")

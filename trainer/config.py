@@ -361,6 +361,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 def _read_yaml(path: str) -> dict[str, Any]:
     """The mapping a YAML config holds; anything else (hostile input included) is one line."""
+    kind = storage.special_kind(path)  # /dev/null, a pipe: isfile() says no, yet they exist
+    if kind:
+        raise ConfigError(f"{path} is not a regular file ({kind}); a config is a YAML file, e.g. configs/smoke.yaml")
     if not storage.isfile(path):
         raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
     try:

@@ -61,6 +61,32 @@ class StoppedWaitingError(TrainerError):
     exit_code = 75
 
 
+class StoppedBySignalError(TrainerError):
+    """SIGTERM or SIGHUP ended a command that has no checkpoint to stop at (`data convert`,
+    `export`), after its cleanup removed what it had written.
+
+    Exit 128+N, as the signal's default action would give, so a script sees the signal;
+    but the next try finds nothing half-written in its way.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class PeerLostError(TrainerError):
+    """Another task of a multi-worker run stopped answering (killed, crashed, its machine gone).
+
+    Exit 75, as a stop: this task's own state is sound, the workdir holds the last
+    checkpoint, and the same command on every task resumes from it; schedulers that
+    requeue on 75 (deploy/slurm.sbatch) then do the right thing. A task that failed by
+    itself (a bug) exits with its own code and traceback, which the launcher reports.
+    """
+
+    exit_code = 75
+
+
 class StoreUnreachableError(TrainerError, OSError):
     """A request to a remote store (gs://, s3://, ...) never got an answer: no network,
     an unresolvable host or proxy, a refused or timed-out connection.

@@ -14,6 +14,7 @@ with a warning, and the caller rebuilds it; it never ends a run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -188,11 +189,36 @@ def short(text: str, limit: int = 160) -> str:
 
 
 def describe_write_error(err: BaseException, where: str | os.PathLike) -> WorkdirWriteError:
-    """A write that failed (read-only, full disk, no permission) as one user-facing line."""
+    """A write that failed (read-only, full disk, no permission) as one user-facing line,
+    naming the file that failed when the error knows it, with the fix for that cause."""
     path = getattr(err, "filename", None) or where
     known = [reason for reason in _WRITE_FAILURES if reason in str(err)]
     reason = getattr(err, "strerror", None) or (known[0] if known else short(str(err))) or type(err).__name__
-    return WorkdirWriteError(f"cannot write {path}: {reason}; free some space, or choose a writable --workdir")
+    return WorkdirWriteError(f"cannot write {path}: {reason}; {_write_fix(err, reason)}")
+
+
+# The advice for each cause: "free some space" helps a full disk, not a read-only one.
+_FIXES = {
+    errno.ENOSPC: "free some space, or choose a --workdir on another disk",
+    errno.EDQUOT: "free some space (the disk quota is full), or choose a --workdir on another disk",
+    errno.EROFS: "choose a writable --workdir (this filesystem is read-only)",
+    errno.EACCES: "choose a writable --workdir, or fix its permissions",
+    errno.EPERM: "choose a writable --workdir, or fix its permissions",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: move it, or choose another --workdir",
+    errno.ENAMETOOLONG: "choose a shorter --workdir path",
+}
+_FIX_BY_REASON = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+}
+
+
+def _write_fix(err: BaseException, reason: str) -> str:
+    """The fix for `err`'s errno (TensorFlow's errors carry none: their words are matched)."""
+    code = getattr(err, "errno", None) or _FIX_BY_REASON.get(reason)
+    return _FIXES.get(code, "check that --workdir can be written (disk space, permissions), or choose another one")
 
 
 def is_write_failure(err: BaseException) -> bool:

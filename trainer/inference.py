@@ -26,6 +26,7 @@ from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.files import Warn
 from trainer.models import build_for_dataset
+from trainer.preemption import signals_interrupt
 from trainer.runtime import setup_runtime
 from trainer.workdir import Workdir
 
@@ -186,7 +187,11 @@ def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) 
         raise DataError("a class name holds a line break or control character; labels.txt needs one name per line")
     serving = inference_model(model)
     try:
-        with files.replacing_folder(wd.export) as folder:
+        # SIGTERM/SIGHUP raise like Ctrl-C, so replacing_folder removes its temporary folder.
+        with (
+            signals_interrupt("stopped exporting; the previous export is kept"),
+            files.replacing_folder(wd.export) as folder,
+        ):
             serving.save(folder / "model.keras")
             serving.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
             files.write_text(folder / "labels.txt", "\n".join(info.class_names) + "\n")

@@ -9,9 +9,11 @@ Security: TensorFlow's gRPC server binds every network interface (0.0.0.0; its b
 address is hard-coded in grpc_server_lib.cc), whatever host TF_CONFIG names, and it has
 no authentication. `run_local_workers` says so when it starts. Output is prefixed `[worker i]`. If a worker fails, the
 others are stopped and the failure's exit code is returned; otherwise the chief's.
-SIGTERM/SIGINT to the launcher are forwarded once to every worker, which then stop
-together at a checkpoint; a second signal kills them. The workers run in their own
-process groups, so a terminal's Ctrl-C reaches them once, through the launcher.
+SIGTERM/SIGINT/SIGHUP/SIGUSR1 to the launcher are forwarded once (as SIGTERM) to every
+worker, which then stop together at a checkpoint (or at once, nothing written, if they
+are still starting); a second signal kills them. The workers run in their own process
+groups, so a terminal's Ctrl-C or hang-up reaches them once, through the launcher; and
+they die with it (Linux), so a launcher killed outright leaves none holding the workdir.
 
 This module needs no TensorFlow: it only starts and watches processes.
 """
@@ -92,6 +94,9 @@ def _run_workers(
 ) -> int:
     lock = threading.Lock()
     workers = []
+    # SIGKILL: a launcher killed outright will not relay the workers' output or stop them
+    # later; a worker left running would hold the workdir's lock for its whole run.
+    die_with_us = _die_with_parent_hook(signal.SIGKILL)
     for index in range(len(ports)):
         env = {
             **os.environ,
@@ -107,6 +112,7 @@ def _run_workers(
             text=True,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_us,
         )
         thread = threading.Thread(target=_relay, args=(process, f"[worker {index}] ", echo, lock), daemon=True)
         thread.start()
@@ -114,7 +120,7 @@ def _run_workers(
     processes = [process for process, _ in workers]
     forwarded = _forward_signals(processes, echo)
     try:
-        code = _wait(processes, echo, lock, grace_seconds)
+        code = _wait(processes, echo, lock, grace_seconds, forwarded)
     finally:
         forwarded.restore()
         for _, thread in workers:
@@ -128,16 +134,28 @@ def _relay(process: subprocess.Popen, prefix: str, echo: Echo, lock: threading.L
             echo(prefix + line.rstrip("\n"))
 
 
-def _wait(processes: list[subprocess.Popen], echo: Echo, lock: threading.Lock, grace_seconds: float) -> int:
+def _wait(
+    processes: list[subprocess.Popen],
+    echo: Echo,
+    lock: threading.Lock,
+    grace_seconds: float,
+    forwarded: _forward_signals | None = None,
+) -> int:
     while True:
         codes = [process.poll() for process in processes]
         failed = [(index, code) for index, code in enumerate(codes) if code is not None and code not in _CLEAN_EXITS]
         if failed:
             index, code = failed[0]
+            received = forwarded.first_signal if forwarded is not None else None
+            stopped = received is not None and code == -signal.SIGTERM
             with lock:
-                echo(f"worker {index} failed with exit code {code}; stopping the other workers")
+                if stopped:  # our own forwarded SIGTERM, taken before training began: nothing to save
+                    echo(f"worker {index} stopped by the {received.name} before training started; nothing was saved")
+                else:
+                    echo(f"worker {index} failed with exit code {code}; stopping the other workers")
             _stop_all(processes, grace_seconds)
-            return as_exit_code(code)
+            # A signal's stop says which signal, as one trainer killed by it would (128+N).
+            return 128 + received if stopped else as_exit_code(code)
         if all(code is not None for code in codes):
             return as_exit_code(codes[0])  # the chief's
         time.sleep(0.1)
@@ -167,17 +185,19 @@ def _stop_all(processes: list[subprocess.Popen], grace_seconds: float) -> None:
 
 
 class _forward_signals:  # noqa: N801 - used like a function
-    """Pass the launcher's first SIGTERM/SIGINT/SIGUSR1 (as SIGTERM) to every worker; kill
-    them on the second."""
+    """Pass the launcher's first SIGTERM/SIGINT/SIGHUP/SIGUSR1 (as SIGTERM) to every worker;
+    kill them on the second."""
 
     def __init__(self, processes: list[subprocess.Popen], echo: Echo = print) -> None:
         self.processes, self.count, self.previous, self.echo = processes, 0, {}, echo
+        self.first_signal: signal.Signals | None = None
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         self.count += 1
+        self.first_signal = self.first_signal or signal.Signals(signum)
         for process in self.processes:
             if process.poll() is None:
                 if self.count == 1:
@@ -185,7 +205,10 @@ class _forward_signals:  # noqa: N801 - used like a function
                 else:
                     process.kill()
         if self.count == 1:
-            self.echo(f"{signal.Signals(signum).name} received: the workers stop at their next step (again: at once)")
+            self.echo(
+                f"{signal.Signals(signum).name} received: the workers stop at their next step, or at once if still "
+                "starting (again: at once)"
+            )
         else:
             # As a single trainer does: a second signal means "now", and says which one.
             os._exit(128 + signum)
@@ -207,6 +230,28 @@ def _die_with_parent() -> None:
 
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _die_with_parent_hook(signum: int) -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux send `signum` to the child when this process dies.
+
+    prctl is looked up here, in the parent: the hook runs between fork and exec while
+    other threads (the output relays) may hold locks, so it only makes one C call. A
+    parent that died before the call was made is noticed too. None elsewhere than Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signum)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signum)
+
+    return hook
 
 
 def start_tensorboard(logdir: str, echo: Echo = print) -> subprocess.Popen | None:

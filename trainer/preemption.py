@@ -1,8 +1,9 @@
-"""SIGTERM/SIGINT/SIGUSR1 as a request to stop cleanly after the current training step.
+"""SIGTERM/SIGINT/SIGHUP/SIGUSR1 as a request to stop cleanly after the current training step.
 
 Preemptible machines send SIGTERM shortly before they go away (Kubernetes, GCE spot VMs
 and Vertex AI give a grace period); Slurm sends the signal of `--signal=USR1@SECONDS`
-that long before a job's time limit. The first signal sets a
+that long before a job's time limit; SIGHUP comes when the terminal or SSH session that
+started the run goes away. The first signal sets a
 flag that the compiled training loop checks before every step, so the run stops at a
 step boundary, saves a checkpoint and exits with EXIT_PREEMPTED; a second signal exits
 at once. Python runs signal handlers only in the main thread and only between
@@ -12,19 +13,23 @@ thread waits: the handler then runs within milliseconds, even in a long loop cal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 import tensorflow as tf
 
+from trainer.errors import StoppedBySignalError
+
 # "Temporary failure; try again" (sysexits.h): run the same command to resume.
 EXIT_PREEMPTED = 75
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Context manager that turns the first SIGTERM/SIGINT/SIGUSR1 into `flag = True`."""
+    """Context manager that turns the first SIGTERM/SIGINT/SIGHUP/SIGUSR1 into `flag = True`."""
 
     def __init__(self, flag: tf.Variable | None = None, announce=None) -> None:
         """Args:
@@ -68,3 +73,45 @@ class StopRequest:
                 f"{self.signal_name} received: stopping after the current step with a checkpoint "
                 "(a second signal stops at once, without one)"
             )
+
+
+class _Interrupt(BaseException):
+    """Raised by the handler: a BaseException, as KeyboardInterrupt, so no `except Exception`
+    in library code (Keras' export has some) swallows it on its way to the cleanup."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt(outcome: str) -> Iterator[None]:
+    """While the block runs, the first SIGTERM or SIGHUP raises where the main thread is, and
+    leaves the block as StoppedBySignalError (exit 128+N); a second one exits at once.
+
+    For commands that write files but have no checkpoint to stop at (`data convert`,
+    `export`): the signals' default action ends the process without running a line more,
+    so their cleanup (which runs on any exception, Ctrl-C's KeyboardInterrupt included)
+    never ran and half-written files refused the next try. `outcome` says what the
+    cleanup left, for the error line. Handlers are put back on leaving.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised: list[int] = []
+
+    def interrupt(signum: int, _frame) -> None:
+        if raised:
+            os._exit(128 + signum)  # the cleanup itself is being interrupted: the user will not wait
+        raised.append(signum)
+        raise _Interrupt(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    except _Interrupt as stopped:
+        name = signal.Signals(stopped.signum).name
+        raise StoppedBySignalError(f"{name} received: {outcome}", stopped.signum) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

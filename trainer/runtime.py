@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import keras
@@ -17,7 +21,7 @@ import tensorflow as tf
 from trainer import rendezvous
 from trainer.cluster import adopt_slurm_cluster, checked_tf_config, tf_config_workers
 from trainer.config import RuntimeConfig
-from trainer.errors import RuntimeSetupError
+from trainer.errors import RuntimeSetupError, TrainerError
 
 
 @dataclass
@@ -206,10 +210,32 @@ def _multi_worker(
         config.connect_timeout_s,
         announce,
     )
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation)
-    )
+    with _sigterm_kept():
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+        )
     return strategy, kind, f"{name}: MultiWorkerMirroredStrategy over {workers} workers ({implementation.name})"
+
+
+@contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Put SIGTERM's handler back as it was once the block (the strategy's start) is done.
+
+    TensorFlow's coordination service installs a C-level SIGTERM handler when a
+    multi-worker strategy starts (the preemption notifier of PreemptionCheckpointHandler,
+    which the trainer does not use): it only records the signal, so until StopRequest took
+    over at the first step, a SIGTERM was swallowed and the run trained to its end. Put
+    back, a SIGTERM during start-up (data, model, restore, the start barrier) ends the
+    worker at once, nothing saved, exactly as it ends a single-worker run there; a
+    recorded stop could not interrupt the start barrier's wait for a peer.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _connect_tpu(config: RuntimeConfig, announce: rendezvous.Announce) -> tuple[tf.distribute.Strategy, str]:
@@ -219,10 +245,12 @@ def _connect_tpu(config: RuntimeConfig, announce: rendezvous.Announce) -> tuple[
         # ignores signals (it holds the GIL): reach the address first, in Python.
         rendezvous.wait_for_address(target, config.connect_timeout_s, announce)
     try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
+        resolver = _tpu_resolver(target, config.connect_timeout_s, announce)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver), "tpu"
+    except TrainerError:
+        raise  # the metadata server's deadline, or a signal during the wait: already one line
     except Exception as err:  # noqa: BLE001 - every failure here means "no usable TPU"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise RuntimeSetupError(
@@ -230,6 +258,53 @@ def _connect_tpu(config: RuntimeConfig, announce: rendezvous.Announce) -> tuple[
             "install the [tpu] extra; elsewhere set runtime.tpu to the TPU's name or grpc:// address, or use "
             "runtime.strategy=auto"
         ) from None
+
+
+def _tpu_resolver(
+    target: str, deadline_s: float, announce: rendezvous.Announce
+) -> tf.distribute.cluster_resolver.TPUClusterResolver:
+    """TPUClusterResolver(tpu=target), waited for with a deadline, a "Waiting for" line and
+    signals heard.
+
+    Why a thread: for a TPU given by name, TensorFlow asks the GCE metadata server with
+    urlopen and no timeout; a server that accepts the connection and never answers held
+    the command silent forever. The thread is left behind (a daemon) when the wait ends.
+    """
+    outcome: dict = {}
+
+    def resolve() -> None:
+        try:
+            outcome["resolver"] = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
+        except Exception as err:  # noqa: BLE001 - handed to the caller, which words it
+            outcome["error"] = err
+
+    worker = threading.Thread(target=resolve, name="tpu-resolver", daemon=True)
+    worker.start()
+
+    def finished() -> bool:
+        worker.join(timeout=0.25)
+        return not worker.is_alive()
+
+    server = _metadata_server()
+    rendezvous.wait_until(
+        finished,
+        deadline_s,
+        announce,
+        lambda: f"the metadata server ({server}) to say where TPU {target[:80]!r} is",
+        lambda: (
+            "it did not answer; on a Cloud TPU VM check that the metadata server answers, elsewhere set "
+            "runtime.tpu to the TPU's grpc://host:port address"
+        ),
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["resolver"]
+
+
+def _metadata_server() -> str:
+    """Where TensorFlow's TPU client asks (tensorflow/python/tpu/client/client.py)."""
+    host = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+    return f"http://{host}"
 
 
 def _worker_position(strategy: tf.distribute.Strategy) -> tuple[int, int]:

@@ -21,6 +21,8 @@ import errno
 import os
 import re
 import shutil
+import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -309,3 +311,45 @@ def walk_files(folder: str | os.PathLike) -> list[str]:
         path = join(folder, name)
         found += walk_files(path) if isdir(path) else [path]
     return sorted(found)
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What a local `path` is when it is neither a regular file nor a folder ("a pipe
+    (FIFO)", "a device", "a socket"); None for a file, a folder, a missing path or a URL.
+
+    Why: open() on a FIFO blocks until a writer comes, forever; a device may never end.
+    A path a user names is checked with this first (os.stat does not block), so it is
+    refused in one line instead of hanging the command."""
+    if is_url(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None  # missing or unreadable: the open() that follows says so
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+
+
+# How long a download may receive nothing (connecting included) before it is given up.
+# Per read, not for the whole file: a slow download that keeps arriving is never cut.
+DOWNLOAD_STALL_S = 60.0
+
+
+@contextlib.contextmanager
+def download_deadline() -> Iterator[None]:
+    """Every socket opened inside gives up after DOWNLOAD_STALL_S s of silence.
+
+    Why: Keras' get_file opens its URL with no timeout, so a proxy or server that accepts
+    and never answers kept a command at "Downloading data from ..." forever. The process
+    default is restored after (it is global: only short, single-purpose calls go inside)."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_STALL_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ from trainer.data.pipeline import (
     train_dataset_fn,
 )
 from trainer.data.prepare import prepare_dataset, training_info, unreadable_error
-from trainer.errors import CheckpointMismatchError, DivergedError, TrainerError
+from trainer.errors import CheckpointMismatchError, DivergedError, PeerLostError, TrainerError
 from trainer.evaluation import Evaluator
 from trainer.files import describe_write_error, is_write_failure
 from trainer.flops import peak_flops, training_flops_per_example
@@ -97,6 +98,8 @@ def train(
         console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
         result = _train(config, wd, runtime, fresh, console, resume_command, started)
     except (OSError, tf.errors.OpError) as err:
+        if runtime.num_workers > 1 and isinstance(err, _PEER_ERRORS):  # one process has no peer to lose
+            raise peer_lost_error(err, runtime) from None
         if not is_write_failure(err):
             raise
         raise describe_write_error(err, wd.root) from err
@@ -104,6 +107,33 @@ def train(
         storage.rmtree(wd.worker_temp(runtime.worker_index))
         storage.remove_if_empty(wd.path(".worker-temp"))  # only once the last worker left it
     return result
+
+
+# What a collective or the coordination service raises when a peer task is gone.
+_PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+)
+
+
+def peer_lost_error(err: tf.errors.OpError, runtime: Runtime) -> PeerLostError:
+    """A peer's disappearance as one line naming the task, if TensorFlow's message does.
+
+    TensorFlow reports it from whichever collective was waiting (a broadcast at start-up,
+    an all-reduce in a step or an evaluation) with a long traceback that never says what
+    to do: look at that task's log, then start every task again.
+    """
+    resolver = getattr(runtime.strategy, "cluster_resolver", None)
+    me = f"{resolver.task_type} {resolver.task_id}" if resolver is not None else ""
+    named = {f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", err.message or "")}
+    others = sorted(named - {me})
+    who = f"task {', '.join(others)} of the cluster" if others else "another task of the cluster"
+    return PeerLostError(
+        f"{who} stopped answering ({type(err).__name__} in this task, {me or 'a worker'}): check that task's log for "
+        "why; then start every task again with the same command, which resumes from the last checkpoint"
+    )
 
 
 @dataclass

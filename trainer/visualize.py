@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainer import storage
 from trainer.config import Config
+from trainer.errors import DataError
+from trainer.files import short
 
 _LABEL_HEIGHT = 14
 
@@ -80,16 +87,70 @@ def _draw_matrix(counts: np.ndarray, shares: np.ndarray, class_names: Sequence[s
 
 
 def show_samples(config: Config, out: str | Path, count: int = 32, augmented: bool = False) -> Path:
-    """Write a grid of the first `count` training images (after augmentation if asked)."""
+    """Write a grid of the first `count` training images (after augmentation if asked).
+
+    --out is checked before any data is loaded (a typo costs nothing), and written
+    atomically: a failed or killed write leaves no half image under that name."""
     from dataclasses import replace
 
     from trainer.data.pipeline import first_views  # deferred: needs TensorFlow
     from trainer.data.prepare import prepare_for_inference
 
+    out = Path(out)
+    image_format = _check_out(out)
     dataset, spec = prepare_for_inference(config)
     images, labels = first_views(dataset.train, spec if augmented else replace(spec, augment=False), count, True)
     names = [dataset.class_names[label] for label in labels]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid(images, names).save(out)
+    _save(sample_grid(images, names), out, image_format)
     return out
+
+
+def _check_out(out: Path) -> str:
+    """The Pillow format that --out's extension names; a DataError for an extension Pillow
+    cannot write, a pipe or device, a file in the way, or a name too long."""
+    Image.init()
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format not in Image.SAVE:
+        raise DataError(
+            f"--out {_shown(out)}: {out.suffix or 'no extension'} is not an image format Pillow can write; "
+            "name a .png file (or .jpg, .webp, ...)"
+        )
+    if any(len(os.fsencode(part)) > 255 for part in out.parts):
+        raise DataError(f"--out {_shown(out)}: a name in it is longer than 255 bytes; choose a shorter name")
+    kind = storage.special_kind(out)
+    if kind or out.is_dir():
+        raise DataError(f"--out {_shown(out)} is {kind or 'a folder'}, not a regular file; name a new or existing file")
+    above = out.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise DataError(f"--out {_shown(out)}: {above} is a file, not a folder; choose another --out")
+    return image_format
+
+
+def _save(image: Image.Image, out: Path, image_format: str) -> None:
+    """Through a temporary file beside `out`, then os.replace; a refusal is one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name[:80]}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_error(out, err) from None
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            image.save(handle, format=image_format)
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600
+        os.replace(temporary, out)
+    except (OSError, ValueError, io.UnsupportedOperation) as err:
+        raise _write_error(out, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)  # gone after the replace; left by a failure
+
+
+def _write_error(out: Path, err: BaseException) -> DataError:
+    reason = getattr(err, "strerror", None) or short(str(err)) or type(err).__name__
+    return DataError(f"cannot write --out {_shown(out)}: {reason}; choose another --out")
+
+
+def _shown(out: Path) -> str:
+    return short(str(out), 120)

@@ -32,7 +32,8 @@ from trainer.data.decode import decode, image_problem, native_stderr_quiet, tf_r
 from trainer.data.pipeline import InputSpec, _stream_seed, replica_slices, steps_per_epoch
 from trainer.data.sources import CONVERT_SPELLING, Dataset, FileSplit, Progress, path_bytes, shown
 from trainer.errors import DataError, StoreUnreachableError
-from trainer.files import write_json, write_text
+from trainer.files import short, write_json, write_text
+from trainer.preemption import signals_interrupt
 from trainer.storage import is_url
 
 LABELS_FILE = "labels.txt"
@@ -619,7 +620,9 @@ def convert(
     except DataError:
         dataset.image_size = 0  # mixed sizes: training needs data.image_size, and says so
     progress(f"Converting {len(dataset.train)} train / {len(dataset.test)} test images from {source} to {out}")
-    return convert_folder(dataset, out, shard_size_mb, progress=progress)
+    # SIGTERM/SIGHUP raise like Ctrl-C, so convert_folder's cleanup removes what it wrote.
+    with signals_interrupt(f"stopped converting; the files written to {out} were removed"):
+        return convert_folder(dataset, out, shard_size_mb, progress=progress)
 
 
 def _check_outside(source: str, out: str) -> None:
@@ -639,11 +642,46 @@ def _check_new_folder(out: str) -> None:
     if not storage.exists(out):
         if not is_url(out) and not os.path.isdir(above := _nearest_existing(out)):  # no folder can be made
             raise DataError(f"--to {out}: {above} is a file, not a folder; choose a new folder (nothing was written)")
+        if not is_url(out):
+            _check_name_lengths(out)
         return
     if not storage.isdir(out):
         raise DataError(f"--to {out} is a file, not a folder; choose a new folder (nothing was written)")
     if storage.listdir(out):
         raise DataError(f"--to {out} exists and is not empty; choose a new folder (nothing was written)")
+
+
+def _check_name_lengths(out: str) -> None:
+    """A name past the filesystem's limit (255 bytes on most) would fail only once the
+    images are read, as an ENAMETOOLONG traceback: refused first, in words."""
+    limit = _name_max(_nearest_existing(out))
+    for name in os.fsencode(os.path.abspath(out)).split(b"/"):
+        if len(name) > limit:
+            raise DataError(
+                f"--to {short(os.fsdecode(name), 60)}: a name of {len(name)} bytes is longer than this filesystem "
+                f"allows ({limit}); choose a shorter folder name (nothing was written)"
+            )
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _make_out(out: str) -> None:
+    """Make the --to folder through trainer.storage (TensorFlow's errors as OSErrors): a
+    refusal (a file on the way, a read-only or full disk, no permission) is one line."""
+    try:
+        storage.makedirs(out)
+    except StoreUnreachableError:
+        raise  # already says what to do: "choose another --to" would send the user the wrong way
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise DataError(
+            f"--to {out}: cannot make that folder ({reason}); choose another --to (nothing was written)"
+        ) from None
 
 
 def _nearest_existing(path: str) -> str:
@@ -671,8 +709,8 @@ def convert_folder(
     if not isinstance(dataset.train, FileSplit):
         raise DataError("launch data convert reads image folders (data.source=folder or a CIFAR-10 image folder)")
     out = out.rstrip("/")
-    made_out = not tf.io.gfile.exists(out)
-    tf.io.gfile.makedirs(out)
+    made_out = not storage.exists(out)
+    _make_out(out)
     written: list[str] = []
     try:
         return _write_all(dataset, out, shard_size_mb, image_size, progress, written)

@@ -273,12 +273,16 @@ def _download_cifar10() -> Dataset:
     import keras  # deferred: only this path needs it
 
     try:
-        folder = keras.utils.get_file(
-            fname="cifar-10-batches-py-target", origin=_CIFAR_ORIGIN, extract=True, file_hash=_CIFAR_SHA256
-        )
+        with storage.download_deadline():
+            folder = keras.utils.get_file(
+                fname="cifar-10-batches-py-target", origin=_CIFAR_ORIGIN, extract=True, file_hash=_CIFAR_SHA256
+            )
     except Exception as err:  # noqa: BLE001 - any download failure means "offline" to the user
-        reason = short(str(err)) or type(err).__name__
-        raise DataError(f"CIFAR-10 not found locally and the download failed ({reason}); {_OFFLINE_HINT}") from err
+        reason = short(str(err).split(" -- ")[-1]) or type(err).__name__
+        raise DataError(
+            f"CIFAR-10 not found locally and the download failed ({reason}: {_CIFAR_ORIGIN}); {_OFFLINE_HINT} "
+            f"(or download that file by hand and unpack it into {keras_cache_dir()})"
+        ) from None
     dataset = read_cifar10_pickles(Path(folder) / "cifar-10-batches-py")
     dataset.origin = f"CIFAR-10 downloaded by Keras into {folder}"
     return dataset
@@ -533,7 +537,11 @@ def read_image(path: Path, draft_size: tuple[int, int] | None = None) -> np.ndar
 
     The pixel count is checked from the header before anything is decoded. `draft_size`
     (width, height) lets JPEG decode at a reduced scale when only a small copy is needed.
+    A pipe or device is refused first: open() on a FIFO waits for a writer forever.
     """
+    kind = storage.special_kind(path)
+    if kind:
+        raise DataError(f"{path} is not a regular file ({kind}); name an image file")
     try:
         with warnings.catch_warnings():  # PIL's bomb warning: our own limit, below, is lower
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
