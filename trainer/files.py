@@ -149,18 +149,29 @@ def _only_writer(path: Path) -> Iterator[None]:
     temporary folder as a leftover and both report success over a broken result; the
     second one is refused instead, before it touches anything.
     """
-    import fcntl  # POSIX only, like the workdir's own lock
 
-    with open(path.parent / f".{path.name}.lock", "a+") as handle:
+    def busy(owner: str) -> WorkdirBusyError:
+        return WorkdirBusyError(
+            f"{path} is being written by another process (pid {owner}, e.g. another launch export); "
+            "wait for it to finish and run again"
+        )
+
+    with pid_flock(path.parent / f".{path.name}.lock", busy):
+        yield
+
+
+@contextlib.contextmanager
+def pid_flock(lock_path: str | os.PathLike, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path`, which then names our pid; if another process
+    holds it, raise `busy(its pid)` at once (never wait). The kernel releases a flock when
+    its holder dies, so a killed holder never leaves a stale lock behind."""
+    import fcntl  # POSIX only, like the signals the trainer handles
+
+    with open(lock_path, "a+", errors="replace") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read(32).strip()
-            raise WorkdirBusyError(
-                f"{path} is being written by another process (pid {owner if owner.isdigit() else 'unknown'}, "
-                "e.g. another launch export); wait for it to finish and run again"
-            ) from None
+            raise busy(lock_owner(handle)) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -169,6 +180,13 @@ def _only_writer(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_owner(handle) -> str:
+    """The pid a lock file names; anyone can write the file, so only digits are echoed."""
+    handle.seek(0)
+    owner = handle.read(32).strip()
+    return owner if owner.isdigit() else "unknown"
 
 
 def number_in(value: Any, low: float, high: float) -> bool:

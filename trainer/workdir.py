@@ -197,7 +197,7 @@ class Workdir:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise self._busy(handle) from None
+                raise self._busy(files.lock_owner(handle)) from None
             fcntl.flock(handle, fcntl.LOCK_UN)
 
     def is_busy(self) -> bool:
@@ -207,10 +207,7 @@ class Workdir:
             return True
         return False
 
-    def _busy(self, handle) -> WorkdirBusyError:
-        handle.seek(0)
-        owner = handle.read(32).strip()  # anyone can write .lock: only a pid is echoed
-        owner = owner if owner.isdigit() else "unknown"
+    def _busy(self, owner: str) -> WorkdirBusyError:
         return WorkdirBusyError(
             f"{self.root} is in use by another trainer (pid {owner}); wait for it to finish, stop it, "
             "or pick another --workdir"
@@ -234,22 +231,9 @@ class Workdir:
 
     @contextmanager
     def _flocked(self) -> Iterator[None]:
-        import fcntl  # POSIX only, like the signals the trainer handles
-
         storage.makedirs(self.root)
-        with open(self.lock_path, "a+", errors="replace") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise self._busy(handle) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with files.pid_flock(self.lock_path, self._busy):
+            yield
 
     def worker_temp(self, worker_index: int) -> str:
         """Scratch folder of a non-chief worker (it must save too; the chief's copy counts).
