@@ -231,3 +231,23 @@ def test_an_empty_workdir_is_refused(tmp_path, monkeypatch):
 def test_a_config_that_is_a_pipe_or_a_device_is_not_called_missing(tmp_path, fifo):
     for path in ("/dev/null", str(fifo(tmp_path / "c.yaml"))):
         assert_one_error(run_cli("config", "show", "--config", path), f"{path} is not a regular file")
+
+
+# --- H11, TFRecord folders: labels.txt, shards.json or a shard that is a pipe ----------------
+
+
+def test_a_pipe_in_a_tfrecord_folder_is_one_line_or_recounted(tmp_path, fifo):
+    from tests.test_hostile_data import good_records, show, write_shards
+
+    shards = write_shards(tmp_path / "shards", good_records(), good_records(4))
+    fifo(shards / "shards.json")  # a damaged side file: warned about, the records are counted
+    result = show(tmp_path, "tfrecord", shards)
+    assert result.exit_code == 0 and "shards.json is damaged" in result.output, result.output
+    (shards / "labels.txt").unlink()
+    fifo(shards / "labels.txt")
+    assert_one_error(show(tmp_path, "tfrecord", shards), "labels.txt is a pipe (FIFO), not a regular file")
+    (shards / "labels.txt").unlink()
+    (shards / "labels.txt").write_text("a\nb\n")
+    (shards / "train-00000-of-00001.tfrecord").unlink()
+    fifo(shards / "train-00000-of-00001.tfrecord")
+    assert_one_error(show(tmp_path, "tfrecord", shards), "train-00000-of-00001.tfrecord is a pipe (FIFO)")

@@ -248,6 +248,9 @@ def remove_if_empty(folder: str | os.PathLike) -> None:
 
 def read_text(path: str | os.PathLike) -> str:
     if not is_url(path):
+        kind = special_kind(path)
+        if kind:  # open() would wait for a writer forever
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file", str(path))
         return Path(path).read_text(encoding="utf-8")
     with _as_os_errors(str(path)), _gfile().GFile(str(path), "rb") as handle:
         return handle.read().decode("utf-8")

@@ -191,6 +191,7 @@ def _read_class_names(root: str) -> list[str]:
             f"{labels_path} is missing: a TFRecord folder needs the class names, one per line "
             "(launch data convert writes it)"
         )
+    _refuse_special(labels_path)
     try:
         text = storage.read_text(labels_path)
     except UnicodeDecodeError as err:
@@ -199,6 +200,13 @@ def _read_class_names(root: str) -> list[str]:
     if not names:
         raise DataError(f"{labels_path} names no class; it needs the class names, one per line, in label order")
     return names
+
+
+def _refuse_special(path: str) -> None:
+    """A pipe or a device named like a shard or labels.txt: reading it would wait forever."""
+    kind = storage.special_kind(path)
+    if kind:
+        raise DataError(f"{path} is {kind}, not a regular file; replace it with the file it stands for")
 
 
 def _read_index(root: str, say: Progress) -> dict:
@@ -238,6 +246,8 @@ def _split_shards(root: str, split: str, index: dict, say: Progress) -> RecordSp
     )
     if not shards:
         raise DataError(f"no {split} shards in {root} (expected {root}/{_SPLIT_PREFIXES[split][0]}-*.tfrecord)")
+    for shard in shards:
+        _refuse_special(shard)
     counts, why = _indexed_counts(index, split, shards)
     if counts is not None:
         return RecordSplit(shards, counts)
