@@ -26,10 +26,11 @@ from trainer.data import load_dataset  # noqa: E402
 from trainer.data.device import DeviceFeed  # noqa: E402
 from trainer.data.pipeline import input_spec, normalization_stats, steps_per_epoch, train_dataset_fn  # noqa: E402
 from trainer.data.prepare import prepare_dataset  # noqa: E402
-from trainer.loop.step import NUM_SUMS, StepOptions, Votes, make_train_loop  # noqa: E402
+from trainer.loop.step import StepOptions, Votes, make_train_loop  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 from trainer.runtime import setup_runtime  # noqa: E402
+from trainer.sums import NUM_SUMS  # noqa: E402
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
 from trainer.data.sources import Split
 from trainer.errors import RuntimeSetupError
 from trainer.launcher import run_local_workers
-from trainer.loop.step import NUM_SUMS
 from trainer.runtime import _resolve_jit, cached_strategy, setup_runtime
+from trainer.sums import NUM_SUMS
 from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")

@@ -13,10 +13,10 @@ from trainer.config import OptimizerConfig, load_config
 from trainer.data.pipeline import InputSpec, augment_batch
 from trainer.errors import ConfigError
 from trainer.evaluation import tta_logits
-from trainer.loop.step import NUM_SUMS
 from trainer.models import build_model, init_from_data, patch_whitening_kernel
 from trainer.optim import Lookahead, averaged_weights, finalize_averaged_weights, learning_rate_schedule
 from trainer.runtime import cached_strategy
+from trainer.sums import NUM_SUMS
 from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")

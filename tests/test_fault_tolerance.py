@@ -21,9 +21,9 @@ from tests.conftest import REPO, launch_train, made_once, smoke_config, tiny_loo
 from trainer.checkpoints import checkpoint_steps
 from trainer.config import load_config
 from trainer.errors import DivergedError, WorkdirBusyError
-from trainer.loop.step import NUM_SUMS, StepSums
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.runtime import cached_strategy
+from trainer.sums import NUM_SUMS, StepSums
 from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")

@@ -17,8 +17,8 @@ from tests.conftest import REPO, launch_train, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
 from trainer.errors import DivergedError
 from trainer.flops import peak_flops
-from trainer.loop.step import NUM_SUMS, StepSums
 from trainer.runtime import Runtime, accelerator_names, cached_strategy
+from trainer.sums import NUM_SUMS, StepSums
 from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")

@@ -20,7 +20,7 @@ from tensorboard.plugins.hparams import api as hparams
 from trainer import storage
 from trainer.config import Config, hyperparameter_items, profile_range, to_yaml
 from trainer.evaluation import EvalMetrics
-from trainer.loop.step import StepSums
+from trainer.sums import StepSums
 from trainer.visualize import confusion_matrix_image, sample_grid
 
 _MISCLASSIFIED_SHOWN = 16

@@ -1,7 +1,7 @@
 """What happens between compiled calls, one small callable per side effect.
 
 Each action is called as `action(step, state)` after every compiled call that reached
-its planned end, in the order of the list `default_actions` builds; `state.due` (from
+its planned end, in the order of the list `trainer.training._actions` builds; `state.due` (from
 trainer.loop.schedule) says what is due at that step. To add "evaluate every N minutes"
 or "save on SIGUSR1", write an action and put it in that list: the controller does not
 change.
@@ -19,9 +19,9 @@ from trainer.checkpoints import CheckpointStore
 from trainer.console import Console, progress_bar
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.loop.schedule import Due, SaveClock, Schedule
-from trainer.loop.step import NUM_SUMS, StepSums
 from trainer.monitoring import Monitor, misclassified_examples
 from trainer.optim import averaged_weights, current_learning_rate, finalize_averaged_weights
+from trainer.sums import NUM_SUMS, StepSums
 
 
 @dataclass

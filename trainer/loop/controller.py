@@ -25,8 +25,9 @@ from trainer.errors import DivergedError
 from trainer.evaluation import EvalMetrics
 from trainer.loop.actions import LoopState, Progress
 from trainer.loop.schedule import SaveClock, Schedule
-from trainer.loop.step import StepSums, Votes
+from trainer.loop.step import Votes
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
+from trainer.sums import StepSums
 
 Action = Callable[[int, LoopState], None]
 # Test seam: a worker whose environment sets this votes to stop before global step k, as a

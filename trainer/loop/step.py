@@ -14,38 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import tensorflow as tf
 
 from trainer.data.device import DeviceFeed
 from trainer.evaluation import per_example_loss
 from trainer.optim import Lookahead, unwrapped
+from trainer.sums import StepSums
 
-
-class StepSums(NamedTuple):
-    """Sums over the steps of a logging window, as the compiled call carries them.
-
-    Inside the graph they travel as one float32 vector in this field order (one
-    all-reduce instead of six); `StepSums.of(vector)` names them again on the host.
-    """
-
-    loss: float  # sum of per-example losses
-    correct: float  # correctly classified examples
-    examples: float
-    nonfinite: float  # steps with a NaN/Inf loss or gradient
-    gradient_norm: float  # sum over steps of the global gradient's norm
-    steps: float
-
-    @classmethod
-    def of(cls, vector) -> StepSums:
-        return cls(*(float(value) for value in np.asarray(vector)))
-
-    @staticmethod
-    def zeros() -> np.ndarray:
-        return np.zeros(len(StepSums._fields), np.float32)
-
-
-NUM_SUMS = len(StepSums._fields)
 _NONFINITE = StepSums._fields.index("nonfinite")
 
 
