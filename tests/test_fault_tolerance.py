@@ -161,24 +161,27 @@ def test_a_checkpoint_written_before_the_store_split_resumes_bit_for_bit(tmp_pat
     _assert_same_run(tmp_path / "straight", resumed, step=16)
 
 
-def test_first_signal_requests_a_stop_and_the_second_exits_at_once():
-    script = """
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_first_signal_requests_a_stop_and_the_second_exits_at_once(signum):
+    """SIGHUP (a closed terminal or SSH session) is a stop request as SIGTERM is (#24 sweep)."""
+    name = signal.Signals(signum).name
+    script = f"""
 import os, signal, time
 from trainer.preemption import StopRequest
 with StopRequest() as stop:
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.{name})
     deadline = time.monotonic() + 30
     while stop.signal_name is None and time.monotonic() < deadline:  # until the handler ran
         time.sleep(0.01)
     print(stop.signal_name, bool(stop.flag.numpy()), flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.{name})
     time.sleep(10)
 print("not reached")
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
-    assert done.stdout.split() == ["SIGTERM", "True"]
-    assert done.returncode == 128 + signal.SIGTERM
+    assert done.stdout.split() == [name, "True"], done.stdout + done.stderr
+    assert done.returncode == 128 + signum
 
 
 # Deterministic smoke runs, 16 steps per epoch: checkpoints at 8 and 16, then on to 24.
