@@ -161,7 +161,7 @@ def test_a_checkpoint_written_before_the_store_split_resumes_bit_for_bit(tmp_pat
     _assert_same_run(tmp_path / "straight", resumed, step=16)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_first_signal_requests_a_stop_and_the_second_exits_at_once(signum):
     """SIGHUP (a closed terminal or SSH session) is a stop request as SIGTERM is (#24 sweep)."""
     name = signal.Signals(signum).name
