@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import tensorflow as tf
 
+from trainer import signals
 from trainer.errors import StoppedBySignalError
 
 # "Temporary failure; try again" (sysexits.h): run the same command to resume.
@@ -75,15 +76,6 @@ class StopRequest:
             )
 
 
-class _Interrupt(BaseException):
-    """Raised by the handler: a BaseException, as KeyboardInterrupt, so no `except Exception`
-    in library code (Keras' export has some) swallows it on its way to the cleanup."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 @contextlib.contextmanager
 def signals_interrupt(outcome: str) -> Iterator[None]:
     """While the block runs, the first SIGTERM or SIGHUP raises where the main thread is, and
@@ -95,23 +87,8 @@ def signals_interrupt(outcome: str) -> Iterator[None]:
     never ran and half-written files refused the next try. `outcome` says what the
     cleanup left, for the error line. Handlers are put back on leaving.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    raised: list[int] = []
-
-    def interrupt(signum: int, _frame) -> None:
-        if raised:
-            os._exit(128 + signum)  # the cleanup itself is being interrupted: the user will not wait
-        raised.append(signum)
-        raise _Interrupt(signum)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        yield
-    except _Interrupt as stopped:
-        name = signal.Signals(stopped.signum).name
-        raise StoppedBySignalError(f"{name} received: {outcome}", stopped.signum) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with signals.raising((signal.SIGTERM, signal.SIGHUP), second_exits=True):
+            yield
+    except signals.SignalRaised as stopped:
+        raise StoppedBySignalError(f"{stopped.name} received: {outcome}", stopped.signum) from None

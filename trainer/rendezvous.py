@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
+from trainer import signals
 from trainer.errors import RuntimeSetupError, StoppedWaitingError
 
 Announce = Callable[[str], None]
@@ -122,34 +122,17 @@ def wait_until(
                 next_announce = now + _ANNOUNCE_EVERY_S
 
 
-class _Stop(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 @contextmanager
 def _signals_stop_the_wait() -> Iterator[None]:
     """Signals raise inside the wait (a blocking accept or recv returns at once)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, _frame) -> None:
-        raise _Stop(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in _SIGNALS}
     try:
-        yield
-    except _Stop as stopped:
-        name = signal.Signals(stopped.signum).name
+        with signals.raising(_SIGNALS):
+            yield
+    except signals.SignalRaised as stopped:
         raise StoppedWaitingError(
-            f"{name} received while waiting for the cluster or TPU: nothing had started, nothing was written; "
-            "run the same command to start again"
+            f"{stopped.name} received while waiting for the cluster or TPU: nothing had started, nothing was "
+            "written; run the same command to start again"
         ) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _check_own_port_free(cluster: Cluster) -> None:
