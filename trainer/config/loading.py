@@ -1,0 +1,291 @@
+"""Reading a config: YAML, `--set` overrides, types, bounds, and what a wrong value says.
+
+Nothing here knows a key by name: the keys, their types and their limits come from the
+dataclasses of trainer.config.schema (bounds and choices from each field's metadata), the
+rules between keys from trainer.config.rules. A new key therefore needs no change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+
+from trainer import files, storage
+from trainer.config.brief import shown
+from trainer.config.rules import check_rules
+from trainer.config.schema import Bounds, Config
+from trainer.errors import ConfigError
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply `key=value` overrides, validate.
+
+    Args:
+        path: YAML file; None starts from the dataclass defaults.
+        overrides: strings like `"data.batch_size=256"`, applied in order.
+    """
+    raw = {} if path is None else _read_yaml(str(path))
+    config = _from_dict(Config, raw, prefix="")
+    for override in overrides:
+        apply_override(config, override)
+    validate(config)
+    return config
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """The mapping a YAML config holds; anything else (hostile input included) is one line."""
+    kind = storage.special_kind(path)  # /dev/null, a pipe: isfile() says no, yet they exist
+    if kind:
+        raise ConfigError(f"{path} is not a regular file ({kind}); a config is a YAML file, e.g. configs/smoke.yaml")
+    if not storage.isfile(path):
+        raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+    try:
+        raw = yaml.safe_load(storage.read_text(path)) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {files.short(str(err).replace(chr(10), ' '), 300)}") from None
+    except RecursionError:  # PyYAML composes nested [ and { recursively: 5,000 of them exhaust the stack
+        raise ConfigError(f"{path} nests lists or mappings thousands of levels deep; a config is two levels") from None
+    except ValueError as err:  # a value PyYAML cannot build: a 5,000-digit integer, February 30th
+        raise ConfigError(f"{path} holds a value that cannot be read ({files.short(str(err), 100)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(config: Config, override: str) -> None:
+    """Apply one `section.key=value`, coercing the text to the field's type."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.key=value, got {shown(override)}")
+    target: Any = config
+    parts = key.split(".")
+    for depth, name in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        f = _field_named(target, name, prefix)
+        full_key = ".".join(parts[: depth + 1])
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(_resolved_type(target, f)):
+                example = f"{full_key}.{_first_key(target, f)}"
+                raise ConfigError(f"{full_key} is a section; set one of its keys, e.g. {example}=...")
+            setattr(target, name, _coerce_text(full_key, text.strip(), _resolved_type(target, f), f))
+        else:
+            target = getattr(target, name)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"{full_key} is a key, not a section; use --set {full_key}=VALUE")
+
+
+def validate(config: Config) -> None:
+    """Check every key's bounds, then the rules between keys (trainer.config.rules)."""
+    check_bounds(config)
+    check_rules(config)
+
+
+def check_bounds(config: Any) -> None:
+    """Every lower bound first, then the upper ones, each in the order the keys are declared.
+
+    Values are echoed through `shown`: `--set seed=<4,000 nines>` is one short line too.
+    """
+    leaves = [(key, value, f.metadata["bounds"]) for key, value, f in _leaves(config) if "bounds" in f.metadata]
+    for key, value, bounds in leaves:
+        minimum = bounds.minimum
+        if minimum is not None and (value < minimum or (not bounds.inclusive and value == minimum)):
+            raise ConfigError(f"{key} must be {'>=' if bounds.inclusive else '>'} {minimum}, got {shown(value)}")
+    for key, value, bounds in leaves:
+        if bounds.maximum is not None and value > bounds.maximum:
+            raise ConfigError(f"{key} must be between {_lowest(bounds)} and {bounds.maximum}, got {shown(value)}")
+    for key, value, bounds in leaves:
+        if bounds.below is not None and value >= bounds.below:
+            raise ConfigError(
+                f"{key} must be < {bounds.below}, got {shown(value)} (the range is [{_lowest(bounds)}, {bounds.below}))"
+            )
+
+
+def _lowest(bounds: Bounds) -> float:
+    """The low end a range message names: 0 when the key has no lower bound."""
+    return 0 if bounds.minimum is None else bounds.minimum
+
+
+def _leaves(instance: Any, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """(dotted key, value, field) of every leaf key, sections entered, in declaration order."""
+    for f in dataclasses.fields(instance):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, key)
+        else:
+            yield key, value, f
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain dicts, as YAML and the hyperparameter tables want them."""
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    """The config as `load_config` reads it back, keys in declaration order (as documented)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (atomically), so a run can be understood and repeated later."""
+    files.write_text(path, to_yaml(config))
+
+
+def config_differences(before: Config, after: Config) -> list[tuple[str, str, str]]:
+    """(key, old value, new value) of every leaf key that differs, values shown briefly."""
+    old, new = hyperparameter_items(before), hyperparameter_items(after)
+    return [(key, shown(old[key], 40), shown(new[key], 40)) for key in old if old[key] != new[key]]
+
+
+def hyperparameter_items(config: Config) -> dict[str, Any]:
+    """Every leaf key as a flat `section.key` -> value."""
+    flat: dict[str, Any] = {}
+    for section, values in to_dict(config).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(key, type name, default) for every leaf key: used by `launch config keys`."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                rows.append((f"{section.name}.{f.name}", _type_name(value, f), getattr(value, f.name)))
+        else:
+            rows.append((section.name, _type_name(Config(), section), value))
+    return rows
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        where = prefix or "the config"
+        raise ConfigError(f"{where} must be a mapping of keys, got {shown(raw)}")
+    instance = cls()
+    for name, value in raw.items():
+        f = _field_named(instance, str(name), prefix)
+        key = f"{prefix}.{name}" if prefix else str(name)
+        ftype = _resolved_type(instance, f)
+        if dataclasses.is_dataclass(ftype):
+            setattr(instance, f.name, _from_dict(ftype, value or {}, key))
+        else:
+            setattr(instance, f.name, _coerce_value(key, value, ftype, f))
+    return instance
+
+
+def _field_named(instance: Any, name: str, prefix: str) -> dataclasses.Field:
+    fields = {f.name: f for f in dataclasses.fields(instance)}
+    if name in fields:
+        return fields[name]
+    where = f"in section '{prefix}'" if prefix else "at the top level"
+    name = shown(name, 60).strip("'")
+    full = f"{prefix}.{name}" if prefix else name
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"unknown key '{full}' {where}: {hint}valid keys: {', '.join(fields)}")
+
+
+def _resolved_type(instance: Any, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(type(instance))
+    return hints[f.name]
+
+
+def _first_key(instance: Any, f: dataclasses.Field) -> str:
+    return dataclasses.fields(getattr(instance, f.name))[0].name
+
+
+def _type_name(instance: Any, f: dataclasses.Field) -> str:
+    choices = f.metadata.get("choices")
+    if choices:
+        return " | ".join(choices)
+    t = _resolved_type(instance, f)
+    return getattr(t, "__name__", str(t))
+
+
+def _check_choice(key: str, value: Any, f: dataclasses.Field) -> Any:
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {shown(value)}{hint}")
+    return value
+
+
+def _coerce_value(key: str, value: Any, ftype: Any, f: dataclasses.Field) -> Any:
+    """Check a YAML value against the field type; ints are accepted where floats are."""
+    if ftype is bool:
+        ok = isinstance(value, bool)
+    elif ftype is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ftype is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = _as_float(key, value) if ok else value
+    elif ftype is str:
+        ok = isinstance(value, str)
+        if value is None:
+            value, ok = "", True
+    else:  # pragma: no cover - only the types above are used in the dataclasses
+        raise TypeError(f"unsupported config type {ftype} for {key}")
+    if not ok:
+        raise ConfigError(f"{key} must be {_article(ftype)}, got {shown(value)}")
+    _check_finite(key, value)
+    return _check_choice(key, value, f)
+
+
+def _as_float(key: str, value: float) -> float:
+    """An int from YAML as a float; one of 400 digits is beyond any float (OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(f"{key} must be a finite number, got {shown(value)}") from None
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """nan and inf pass every range check (comparisons with nan are false): refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce_text(key: str, text: str, ftype: Any, f: dataclasses.Field) -> Any:
+    """Turn `--set` text into the field's type."""
+    try:
+        if ftype is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if ftype is int:
+            return int(text)
+        if ftype is float:
+            value = float(text)
+            _check_finite(key, value)
+            return value
+    except ValueError:
+        raise ConfigError(f"{key} must be {_article(ftype)}, got {shown(text)}") from None
+    return _check_choice(key, text, f)
+
+
+def _article(ftype: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(ftype, str(ftype))

@@ -1,0 +1,91 @@
+"""The rules that tie keys together, which no single field's bounds can say.
+
+Checked after every key has its type and range (trainer.config.loading.validate), so a
+rule may compare keys freely: one key's limit that depends on another, settings that do
+nothing unless another is set, a key that needs another.
+"""
+
+from __future__ import annotations
+
+from trainer.config.brief import shown
+from trainer.config.schema import BACKBONE_NAMES, BACKBONE_ONLY_KEYS, Config, ModelConfig, OptimizerConfig
+from trainer.errors import ConfigError
+
+
+def check_rules(config: Config) -> None:
+    """Raise ConfigError, naming the keys and the fix, for the first rule `config` breaks."""
+    if config.optimizer.lookahead_every_steps and config.optimizer.ema_momentum:
+        raise ConfigError(
+            "optimizer.lookahead_every_steps and optimizer.ema_momentum both average the weights; set one of them to 0"
+        )
+    _check_weight_decay(config.optimizer)
+    for key in ("initial_lr_fraction", "final_lr_fraction"):
+        if not 0 <= getattr(config.optimizer, key) <= 1:
+            raise ConfigError(
+                f"optimizer.{key} must be between 0 and 1 (a fraction of optimizer.learning_rate), "
+                f"got {getattr(config.optimizer, key)}"
+            )
+    spl, every = config.train.steps_per_loop, config.tensorboard.every_steps
+    if every % spl:
+        raise ConfigError(
+            f"tensorboard.every_steps={every} must be a multiple of train.steps_per_loop={spl} "
+            "(scalars are written between compiled calls)"
+        )
+    if config.tensorboard.profile_steps:
+        profile_range(config.tensorboard.profile_steps)
+    _check_fine_tuning(config)
+    if config.data.source in ("folder", "tfrecord") and not config.data.path:
+        what = "train/<class>/ and test/<class>/, or <class>/" if config.data.source == "folder" else "TFRecord shards"
+        raise ConfigError(f"data.source={config.data.source} needs data.path (a folder with {what})")
+
+
+def profile_range(text: str) -> tuple[int, int]:
+    """Parse "START:END" global steps for the profiler."""
+    start, sep, end = text.partition(":")
+    try:
+        first, last = int(start), int(end)
+    except ValueError:
+        first = last = -1
+    if not sep or first < 0 or last <= first:
+        raise ConfigError(
+            f"tensorboard.profile_steps must look like START:END with 0 <= START < END, got {shown(text)}"
+        )
+    return first, last
+
+
+def _check_weight_decay(optimizer: OptimizerConfig) -> None:
+    """Keras' decoupled decay takes learning_rate * weight_decay of every weight at each
+    step: at 1 or more it zeroes (or flips) all the weights at the peak of the schedule."""
+    limit = 1 / optimizer.learning_rate
+    if optimizer.weight_decay >= limit:
+        raise ConfigError(
+            f"optimizer.weight_decay must be < {limit:g} (1/optimizer.learning_rate: each step removes "
+            f"learning_rate * weight_decay of every weight), got {shown(optimizer.weight_decay)}; "
+            f"the range is [0, {limit:g})"
+        )
+
+
+def _check_fine_tuning(config: Config) -> None:
+    """Backbone-only keys on our own nets, and fine-tuning settings that would do nothing."""
+    model = config.model
+    if model.name not in BACKBONE_NAMES:
+        idle = ModelConfig()  # a backbone-only key at its default is not used
+        used = [key for key in BACKBONE_ONLY_KEYS if getattr(model, key) != getattr(idle, key)]
+        if used:
+            raise ConfigError(
+                f"model.{used[0]} is for Keras Applications backbones, not model.name={model.name}; "
+                f"choose one of {', '.join(BACKBONE_NAMES)}, or leave it out"
+            )
+    if model.unfreeze_at_epoch and not model.freeze_backbone:
+        raise ConfigError("model.unfreeze_at_epoch needs model.freeze_backbone=true (the backbone is never frozen)")
+    if model.unfreeze_at_epoch >= config.train.epochs:
+        raise ConfigError(
+            f"model.unfreeze_at_epoch={model.unfreeze_at_epoch} is not before the last epoch "
+            f"(train.epochs={config.train.epochs}): the backbone would never train; lower it, "
+            "or use 0 to keep it frozen"
+        )
+    if model.backbone_lr_multiplier != 1.0 and config.optimizer.name != "sgd":
+        raise ConfigError(
+            f"model.backbone_lr_multiplier works with optimizer.name=sgd only, got {config.optimizer.name} (it "
+            "multiplies the backbone's gradients, which Adam's normalisation cancels); set it to 1 or use sgd"
+        )
