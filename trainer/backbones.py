@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras import layers
 
 from trainer import storage
+from trainer.config import BACKBONE_NAMES
 from trainer.errors import ConfigError, DataError
 from trainer.files import short
 
@@ -50,7 +51,10 @@ class Backbone:
     preprocessing: str
 
 
-BACKBONES: dict[str, Backbone] = {
+# How each backbone is built. Which names are offered, and in what order, is trainer.config's
+# BACKBONE_NAMES (config is below this module, so it cannot ask here); an offered name
+# without its entry fails here, at import.
+_BUILDS: dict[str, Backbone] = {
     b.name: b
     for b in (
         Backbone("resnet50", "ResNet50", "ResNet", "caffe"),
@@ -62,6 +66,7 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("convnext_tiny", "ConvNeXtTiny", "ConvNeXt", "builtin"),
     )
 }
+BACKBONES: dict[str, Backbone] = {name: _BUILDS[name] for name in BACKBONE_NAMES}
 
 
 def is_backbone(name: str) -> bool:
@@ -280,6 +285,21 @@ class FreezePlan:
     @property
     def final_frozen(self) -> bool:
         return self.unfreeze_step is None
+
+    def description(self, model_config) -> str:
+        """The plan in one line for the run's start (only when the backbone is ever frozen).
+
+        Said because fine-tuning changes what trains and at which rate: a run that looks
+        stuck in its first epochs is often a head training alone, as planned.
+        """
+        if self.final_frozen:
+            return "Fine-tuning: the backbone stays frozen (its BatchNorm in inference mode); only the head trains"
+        rate = model_config.backbone_lr_multiplier
+        at_rate = f" at {rate:g}x the learning rate" if rate != 1.0 else ""
+        return (
+            f"Fine-tuning: the head trains alone for {model_config.unfreeze_at_epoch} epoch(s), then the backbone "
+            f"too{at_rate} (its BatchNorm stays in inference mode)"
+        )
 
 
 def set_backbone_frozen(model: keras.Model, frozen: bool, keep_batchnorm_frozen: bool) -> None:

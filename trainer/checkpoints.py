@@ -37,6 +37,7 @@ import tensorflow as tf
 from trainer import files, storage
 from trainer.checkpoint_files import checkpoint_steps, remove_checkpoint
 from trainer.errors import CheckpointError, CheckpointMismatchError
+from trainer.say import Say
 
 if TYPE_CHECKING:
     from trainer.staging import CheckpointUploads
@@ -70,7 +71,7 @@ class CheckpointStore:
         num_replicas: int = 1,
         save_directory: str | os.PathLike | None = None,
         extra: dict[str, Any] | None = None,
-        warn: files.Warn = print,
+        warn: Say = print,
         uploads: CheckpointUploads | None = None,
     ) -> None:
         """Args:
@@ -132,7 +133,7 @@ class CheckpointStore:
             return record
         return {"step": steps[0], "accuracy": None}
 
-    def restore(self, which: str = "latest", warn: files.Warn | None = None) -> int | None:
+    def restore(self, which: str = "latest", warn: Say | None = None) -> int | None:
         """Restore `latest`, `best` or a step number; returns the restored global step.
 
         `latest` returns None when there is no checkpoint yet; the others raise. An

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
 
 import keras
 
-Echo = Callable[[str], None]
+from trainer.say import Say
+
 # Lines every worker shows: its strategy, and why it stopped.
 EVERY_WORKER = 25
 logging.addLevelName(EVERY_WORKER, "EVERY_WORKER")
@@ -25,11 +25,11 @@ logging.addLevelName(EVERY_WORKER, "EVERY_WORKER")
 class Console:
     """Lines at or above `level` reach `echo`."""
 
-    def __init__(self, echo: Echo = print, level: int = logging.INFO) -> None:
+    def __init__(self, echo: Say = print, level: int = logging.INFO) -> None:
         self.echo, self.level = echo, level
 
     @classmethod
-    def for_worker(cls, echo: Echo, is_chief: bool) -> Console:
+    def for_worker(cls, echo: Say, is_chief: bool) -> Console:
         return cls(echo, logging.INFO if is_chief else EVERY_WORKER)
 
     def info(self, line: str) -> None:
@@ -68,7 +68,7 @@ class Speed:
 class PlainProgress:
     """Progress for logs (CI, pipes, `--workers` prefixes): a whole line every `interval` s."""
 
-    def __init__(self, target: int, echo: Echo, interval: float = 15.0) -> None:
+    def __init__(self, target: int, echo: Say, interval: float = 15.0) -> None:
         self.target, self.echo, self.interval = target, echo, interval
         self.start = self.last = time.perf_counter()
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from trainer import storage
 from trainer.errors import StoreUnreachableError, WorkdirBusyError, WorkdirWriteError
+from trainer.say import Say
 
-Warn = Callable[[str], None]
 # How TensorFlow's errors (which are not OSErrors) say that the disk refused a write.
 _WRITE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
 
@@ -66,7 +66,7 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
-def read_json(path: str | os.PathLike, warn: Warn, what: str) -> Any | None:
+def read_json(path: str | os.PathLike, warn: Say, what: str) -> Any | None:
     """The parsed file, or None if it is missing or damaged (then `warn` says so)."""
     if not storage.isfile(path):
         return None

@@ -24,10 +24,10 @@ from trainer.data.prepare import prepare_for_inference, training_info, unreadabl
 from trainer.data.sources import FileSplit, read_image
 from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
-from trainer.files import Warn
 from trainer.models import build_for_dataset
 from trainer.preemption import signals_interrupt
 from trainer.runtime import setup_runtime
+from trainer.say import Say
 from trainer.workdir import Workdir
 
 
@@ -37,7 +37,7 @@ def _restore_model(wd: Workdir, info: DatasetInfo, config, checkpoint: str) -> t
     return model, step
 
 
-def trained_workdir(wd: Workdir, warn: Warn = print) -> tuple[Config, DatasetInfo]:
+def trained_workdir(wd: Workdir, warn: Say = print) -> tuple[Config, DatasetInfo]:
     """Config and dataset info of a trained workdir; a damaged dataset.json is rebuilt."""
     config = wd.require_config()
     info = wd.read_dataset_info(warn)
@@ -46,7 +46,7 @@ def trained_workdir(wd: Workdir, warn: Warn = print) -> tuple[Config, DatasetInf
     return config, info
 
 
-def rebuild_dataset_info(wd: Workdir, config: Config, warn: Warn) -> DatasetInfo:
+def rebuild_dataset_info(wd: Workdir, config: Config, warn: Say) -> DatasetInfo:
     """dataset.json from the data config.yaml names (what training wrote, recomputed)."""
     info, _ = training_info(*prepare_for_inference(config, warn))
     if wd.is_busy():
@@ -59,7 +59,7 @@ def rebuild_dataset_info(wd: Workdir, config: Config, warn: Warn) -> DatasetInfo
 
 
 def load_trained_model(
-    workdir: str | Path, checkpoint: str = "latest", warn: Warn = print
+    workdir: str | Path, checkpoint: str = "latest", warn: Say = print
 ) -> tuple[keras.Model, DatasetInfo, int]:
     """A checkpoint's model in float32 (logits out), its dataset info and step.
 
@@ -76,7 +76,7 @@ def load_trained_model(
 
 
 def evaluate(
-    workdir: str | Path, overrides: Sequence[str] = (), checkpoint: str = "latest", warn: Warn = print
+    workdir: str | Path, overrides: Sequence[str] = (), checkpoint: str = "latest", warn: Say = print
 ) -> EvalMetrics:
     """Test accuracy of a checkpoint, under the run's own strategy and precision.
 
@@ -146,7 +146,7 @@ def load_images(paths: Sequence[str | Path], image_shape: Sequence[int], crop: s
 
 
 def predict(
-    workdir: str | Path, paths: Sequence[str | Path], checkpoint: str = "latest", warn: Warn = print
+    workdir: str | Path, paths: Sequence[str | Path], checkpoint: str = "latest", warn: Say = print
 ) -> list[Prediction]:
     """Class and softmax probability for each image file."""
     model, info, _ = load_trained_model(workdir, checkpoint, warn)
@@ -174,7 +174,7 @@ def inference_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, probabilities, name=f"{model.name}_inference")
 
 
-def export(workdir: str | Path, checkpoint: str = "latest", warn: Warn = print) -> dict[str, str | int]:
+def export(workdir: str | Path, checkpoint: str = "latest", warn: Say = print) -> dict[str, str | int]:
     """Write WORKDIR/export/model.keras and a SavedModel (`serve` endpoint) beside it.
 
     Everything is written into a temporary folder beside export/, which replaces it only

@@ -31,7 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-Echo = Callable[[str], None]
+from trainer.say import Say
+
 # Exit codes that mean "the worker did what it was asked": done, or stopped to resume later.
 _CLEAN_EXITS = (0, 75)
 
@@ -72,7 +73,7 @@ def tf_config(ports: Sequence[int], index: int) -> str:
 def run_local_workers(
     command: Sequence[str],
     num_workers: int,
-    echo: Echo = print,
+    echo: Say = print,
     grace_seconds: float = 20,
     env: dict[str, str] | None = None,
 ) -> int:
@@ -90,7 +91,7 @@ def run_local_workers(
 
 
 def _run_workers(
-    command: Sequence[str], ports: list[int], echo: Echo, grace_seconds: float, extra_env: dict[str, str]
+    command: Sequence[str], ports: list[int], echo: Say, grace_seconds: float, extra_env: dict[str, str]
 ) -> int:
     lock = threading.Lock()
     workers = []
@@ -128,7 +129,7 @@ def _run_workers(
     return code
 
 
-def _relay(process: subprocess.Popen, prefix: str, echo: Echo, lock: threading.Lock) -> None:
+def _relay(process: subprocess.Popen, prefix: str, echo: Say, lock: threading.Lock) -> None:
     for line in process.stdout:
         with lock:
             echo(prefix + line.rstrip("\n"))
@@ -136,7 +137,7 @@ def _relay(process: subprocess.Popen, prefix: str, echo: Echo, lock: threading.L
 
 def _wait(
     processes: list[subprocess.Popen],
-    echo: Echo,
+    echo: Say,
     lock: threading.Lock,
     grace_seconds: float,
     forwarded: _forward_signals | None = None,
@@ -188,7 +189,7 @@ class _forward_signals:  # noqa: N801 - used like a function
     """Pass the launcher's first SIGTERM/SIGINT/SIGHUP/SIGUSR1 (as SIGTERM) to every worker;
     kill them on the second."""
 
-    def __init__(self, processes: list[subprocess.Popen], echo: Echo = print) -> None:
+    def __init__(self, processes: list[subprocess.Popen], echo: Say = print) -> None:
         self.processes, self.count, self.previous, self.echo = processes, 0, {}, echo
         self.first_signal: signal.Signals | None = None
         if threading.current_thread() is threading.main_thread():
@@ -254,7 +255,7 @@ def _die_with_parent_hook(signum: int) -> Callable[[], None] | None:
     return hook
 
 
-def start_tensorboard(logdir: str, echo: Echo = print) -> subprocess.Popen | None:
+def start_tensorboard(logdir: str, echo: Say = print) -> subprocess.Popen | None:
     """`launch train --tensorboard`: TensorBoard on a free localhost port beside the run."""
     port = free_ports(1)[0]
     command = [

@@ -35,6 +35,7 @@ from typing import Any
 
 from trainer import files, storage
 from trainer.errors import WorkdirBusyError
+from trainer.say import Say
 
 LEASE = ".lease.json"
 Clock = Callable[[], float]
@@ -84,7 +85,7 @@ class LeaseRecord:
         return f"pid {self.pid} on host {self.host}, {renewed}, expiring {expiry} after its last renewal"
 
 
-def read_lease(path: str, warn: files.Warn) -> LeaseRecord | None:
+def read_lease(path: str, warn: Say) -> LeaseRecord | None:
     """The lease at `path`, or None when there is none; a damaged one is warned about and
     counts as none (it is rewritten by the next holder)."""
     raw = files.read_json(path, warn, "treating the workdir as free")
@@ -165,7 +166,7 @@ def _utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
 
 
-def check_free(root: str, warn: files.Warn, clock: Clock = time.time) -> None:
+def check_free(root: str, warn: Say, clock: Clock = time.time) -> None:
     """Refuse, without writing anything, while another trainer's lease is live."""
     record = read_lease(storage.join(root, LEASE), warn)
     if record is not None and record.is_live(clock()):
@@ -175,7 +176,7 @@ def check_free(root: str, warn: files.Warn, clock: Clock = time.time) -> None:
 class Lease:
     """This trainer's claim on a workdir: `with Lease(...).held(): ...`."""
 
-    def __init__(self, root: str, expires_after: float, warn: files.Warn = print, clock: Clock = time.time) -> None:
+    def __init__(self, root: str, expires_after: float, warn: Say = print, clock: Clock = time.time) -> None:
         self.root = root
         self.path = storage.join(root, LEASE)
         self.expires_after = expires_after

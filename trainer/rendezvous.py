@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from trainer import signals
 from trainer.errors import RuntimeSetupError, StoppedWaitingError
+from trainer.say import Say
 
-Announce = Callable[[str], None]
 _HELLO = b"trainer-hello "
 _GO = b"go\n"
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
@@ -77,7 +77,7 @@ class Cluster:
         return self.tasks[0]
 
 
-def meet(cluster: Cluster, deadline_s: float, announce: Announce) -> None:
+def meet(cluster: Cluster, deadline_s: float, announce: Say) -> None:
     """Return once every task of `cluster` got here; else raise at the deadline or a signal."""
     if len(cluster.tasks) <= 1:
         return
@@ -97,7 +97,7 @@ def meet(cluster: Cluster, deadline_s: float, announce: Announce) -> None:
 def wait_until(
     ready: Callable[[], bool],
     deadline_s: float,
-    announce: Announce,
+    announce: Say,
     waiting_for: Callable[[], str],
     hint: Callable[[], str],
 ) -> None:
@@ -306,7 +306,7 @@ class _Arrival:
         return f"start the leader task, and check its address and that this host can reach it{reason}"
 
 
-def wait_for_address(url: str, deadline_s: float, announce: Announce) -> None:
+def wait_for_address(url: str, deadline_s: float, announce: Say) -> None:
     """Wait until something accepts TCP connections at a grpc://host:port URL."""
     host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port[:6]) <= 65535:

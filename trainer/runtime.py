@@ -2,13 +2,14 @@
 
 The rest of the code only sees a `tf.distribute.Strategy`; one replica, eight GPUs,
 several worker processes or a TPU run the same path. The reason for every choice is
-kept, for the console and `launch devices`.
+kept, for the console and `launch devices`. Reaching a TPU over the network is
+trainer.tpu; meeting a cluster's other tasks before TensorFlow does is trainer.rendezvous.
 """
 
 from __future__ import annotations
 
-import glob
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,17 @@ import tensorflow as tf
 from trainer import rendezvous
 from trainer.cluster import adopt_slurm_cluster, checked_tf_config, tf_config_workers
 from trainer.config import RuntimeConfig
-from trainer.errors import RuntimeSetupError, TrainerError
+from trainer.errors import PeerLostError, RuntimeSetupError
+from trainer.say import Say
+from trainer.tpu import connect_tpu, tpu_is_resolvable
+
+# What a collective or the coordination service raises when a peer task is gone.
+_PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+)
 
 
 @dataclass
@@ -75,8 +86,28 @@ class Runtime:
         """float16 gradients underflow without dynamic loss scaling; bfloat16 do not."""
         return self.precision == "mixed_float16"
 
+    def peer_lost(self, err: BaseException) -> PeerLostError | None:
+        """`err` as one line naming the lost peer, if it is a peer's disappearance; else None.
 
-def setup_runtime(config: RuntimeConfig, announce: rendezvous.Announce = print, cluster: bool = True) -> Runtime:
+        TensorFlow reports it from whichever collective was waiting (a broadcast at start-up,
+        an all-reduce in a step or an evaluation) with a long traceback that never says what
+        to do: look at that task's log, then start every task again. One process has no
+        peer to lose: its errors are left as they are.
+        """
+        if self.num_workers <= 1 or not isinstance(err, _PEER_ERRORS):
+            return None
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        me = f"{resolver.task_type} {resolver.task_id}" if resolver is not None else ""
+        named = {f"{job} {task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", err.message or "")}
+        others = sorted(named - {me})
+        who = f"task {', '.join(others)} of the cluster" if others else "another task of the cluster"
+        return PeerLostError(
+            f"{who} stopped answering ({type(err).__name__} in this task, {me or 'a worker'}): check that task's log "
+            "for why; then start every task again with the same command, which resumes from the last checkpoint"
+        )
+
+
+def setup_runtime(config: RuntimeConfig, announce: Say = print, cluster: bool = True) -> Runtime:
     """Create the strategy `config.strategy` asks for and set the global precision policy.
 
     Args:
@@ -145,21 +176,14 @@ def cached_strategy(kind: str, devices: tuple[str, ...] = ()) -> tf.distribute.S
     return _STRATEGIES[key]
 
 
-def tpu_is_resolvable(config: RuntimeConfig) -> bool:
-    """A TPU is named (runtime.tpu, $TPU_NAME) or this is a TPU VM (accelerator devices)."""
-    return bool(config.tpu or os.environ.get("TPU_NAME") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
 def _cpu_devices(count: int) -> list[str]:
     return [f"/cpu:{i}" for i in range(count)]
 
 
-def _build_strategy(
-    config: RuntimeConfig, announce: rendezvous.Announce, cluster: bool
-) -> tuple[tf.distribute.Strategy, str, str]:
+def _build_strategy(config: RuntimeConfig, announce: Say, cluster: bool) -> tuple[tf.distribute.Strategy, str, str]:
     name, cpus = config.strategy, config.cpu_replicas
     if name == "tpu" or (name == "auto" and tpu_is_resolvable(config)):
-        return (*_connect_tpu(config, announce), f"{name}: TPUStrategy")
+        return (*connect_tpu(config, announce), f"{name}: TPUStrategy")
     if cluster:
         from_slurm = name in ("auto", "multi_worker") and adopt_slurm_cluster()
         workers = tf_config_workers()
@@ -187,7 +211,7 @@ def _build_strategy(
 
 
 def _multi_worker(
-    config: RuntimeConfig, workers: int, name: str, announce: rendezvous.Announce
+    config: RuntimeConfig, workers: int, name: str, announce: Say
 ) -> tuple[tf.distribute.Strategy, str, str]:
     if workers < 1:
         raise RuntimeSetupError(
@@ -236,75 +260,6 @@ def _sigterm_kept() -> Iterator[None]:
     finally:
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _connect_tpu(config: RuntimeConfig, announce: rendezvous.Announce) -> tuple[tf.distribute.Strategy, str]:
-    target = config.tpu or os.environ.get("TPU_NAME") or "local"
-    if target.startswith("grpc://"):
-        # TensorFlow's connect to an address where nothing answers has no deadline and
-        # ignores signals (it holds the GIL): reach the address first, in Python.
-        rendezvous.wait_for_address(target, config.connect_timeout_s, announce)
-    try:
-        resolver = _tpu_resolver(target, config.connect_timeout_s, announce)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver), "tpu"
-    except TrainerError:
-        raise  # the metadata server's deadline, or a signal during the wait: already one line
-    except Exception as err:  # noqa: BLE001 - every failure here means "no usable TPU"
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise RuntimeSetupError(
-            f"no TPU could be used: tried TPUClusterResolver(tpu={target!r}) and got: {reason}. On a Cloud TPU VM "
-            "install the [tpu] extra; elsewhere set runtime.tpu to the TPU's name or grpc:// address, or use "
-            "runtime.strategy=auto"
-        ) from None
-
-
-def _tpu_resolver(
-    target: str, deadline_s: float, announce: rendezvous.Announce
-) -> tf.distribute.cluster_resolver.TPUClusterResolver:
-    """TPUClusterResolver(tpu=target), waited for with a deadline, a "Waiting for" line and
-    signals heard.
-
-    Why a thread: for a TPU given by name, TensorFlow asks the GCE metadata server with
-    urlopen and no timeout; a server that accepts the connection and never answers held
-    the command silent forever. The thread is left behind (a daemon) when the wait ends.
-    """
-    outcome: dict = {}
-
-    def resolve() -> None:
-        try:
-            outcome["resolver"] = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
-        except Exception as err:  # noqa: BLE001 - handed to the caller, which words it
-            outcome["error"] = err
-
-    worker = threading.Thread(target=resolve, name="tpu-resolver", daemon=True)
-    worker.start()
-
-    def finished() -> bool:
-        worker.join(timeout=0.25)
-        return not worker.is_alive()
-
-    server = _metadata_server()
-    rendezvous.wait_until(
-        finished,
-        deadline_s,
-        announce,
-        lambda: f"the metadata server ({server}) to say where TPU {target[:80]!r} is",
-        lambda: (
-            "it did not answer; on a Cloud TPU VM check that the metadata server answers, elsewhere set "
-            "runtime.tpu to the TPU's grpc://host:port address"
-        ),
-    )
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["resolver"]
-
-
-def _metadata_server() -> str:
-    """Where TensorFlow's TPU client asks (tensorflow/python/tpu/client/client.py)."""
-    host = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
-    return f"http://{host}"
 
 
 def _worker_position(strategy: tf.distribute.Strategy) -> tuple[int, int]:
@@ -378,7 +333,7 @@ def _resolve_jit(requested: str, kind: str, replicas: int, deterministic: bool =
     return requested == "true"
 
 
-def describe_devices(config: RuntimeConfig | None = None, announce: rendezvous.Announce = print) -> dict:
+def describe_devices(config: RuntimeConfig | None = None, announce: Say = print) -> dict:
     """What TensorFlow sees and what `auto` (or `config`) would choose: `launch devices`."""
     runtime = setup_runtime(config or RuntimeConfig(), announce)
     devices = []

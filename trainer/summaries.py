@@ -12,13 +12,14 @@ the damaged tail, atomically) and a warning says so; a resume never fails on it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
 from trainer import storage
 from trainer.files import short
+from trainer.say import Say
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[bytes], str | None]:
@@ -39,7 +40,7 @@ def _events(records: list[bytes]) -> Iterator[event_pb2.Event]:
         yield event_pb2.Event.FromString(record)
 
 
-def drop_events_after(logdir: str | os.PathLike, step: int, warn: Callable[[str], None] = print) -> int:
+def drop_events_after(logdir: str | os.PathLike, step: int, warn: Say = print) -> int:
     """Rewrite event files under `logdir` without events past `step`; returns how many went."""
     dropped = 0
     for path in _event_files(storage.walk_files(logdir)):

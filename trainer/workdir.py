@@ -28,11 +28,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from trainer import files, storage
-from trainer.config import Config, load_config
+from trainer.config import Config, config_differences, load_config
 from trainer.data.decode import MAX_IMAGE_PIXELS
 from trainer.data.info import DatasetInfo
-from trainer.errors import CheckpointError, WorkdirBusyError, WorkdirNotOursError, WorkdirWriteError
+from trainer.errors import (
+    CheckpointError,
+    TrainerError,
+    WorkdirBusyError,
+    WorkdirNotOursError,
+    WorkdirWriteError,
+)
 from trainer.lease import LEASE, Lease, check_free
+from trainer.say import Say
 
 MARKER = ".trainer-workdir"
 # Names the trainer gives the files it writes, per folder: what --fresh may delete.
@@ -184,7 +191,7 @@ class Workdir:
 
     # --- one trainer at a time -----------------------------------------------------------
 
-    def check_not_busy(self, warn: files.Warn = print) -> None:
+    def check_not_busy(self, warn: Say = print) -> None:
         """Fail early, without creating anything, if a trainer holds the workdir now."""
         if storage.is_url(self.root):
             check_free(self.root, warn)
@@ -214,7 +221,7 @@ class Workdir:
         )
 
     @contextmanager
-    def locked(self, lease_seconds: float, warn: files.Warn = print) -> Iterator[None]:
+    def locked(self, lease_seconds: float, warn: Say = print) -> Iterator[None]:
         """Hold the workdir so that two trainers never write it at once.
 
         Local disk: an OS file lock (flock) on WORKDIR/.lock, which the kernel releases
@@ -284,7 +291,7 @@ class Workdir:
     def write_dataset_info(self, info: DatasetInfo) -> None:
         files.write_json(self.dataset_info_path, asdict(info))
 
-    def read_dataset_info(self, warn: files.Warn) -> DatasetInfo | None:
+    def read_dataset_info(self, warn: Say) -> DatasetInfo | None:
         """dataset.json, or None (with a warning) when it is damaged: callers rebuild it."""
         raw = files.read_json(self.dataset_info_path, warn, "rebuilding it from the dataset")
         if raw is None:
@@ -300,6 +307,23 @@ class Workdir:
         if not storage.isfile(self.config_path):
             raise CheckpointError(f"{self.root} is not a training workdir (no config.yaml); {self._how_to_train}")
         return load_config(self.config_path)
+
+    def config_change(self, config: Config) -> str:
+        """Which keys differ between config.yaml and `config`, in one sentence.
+
+        For a checkpoint this config cannot restore: the keys that changed since the
+        workdir was trained say why, and whether --fresh or another workdir is meant.
+        """
+        try:
+            saved = self.require_config()
+        except TrainerError:
+            return "Its config.yaml is missing or unreadable, so what changed is unknown."
+        changes = config_differences(saved, config)
+        if not changes:
+            return "config.yaml names the same settings (was it trained by another version?)."
+        shown = ", ".join(f"{key} {before} -> {after}" for key, before, after in changes[:4])
+        more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        return f"Changed since config.yaml: {shown}{more}."
 
 
 def _remove_matching(folder: str, file_names: re.Pattern | None, folder_names: re.Pattern | None = None) -> list[str]:

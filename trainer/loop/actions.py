@@ -1,7 +1,7 @@
 """What happens between compiled calls, one small callable per side effect.
 
 Each action is called as `action(step, state)` after every compiled call that reached
-its planned end, in the order of the list `trainer.training._actions` builds; `state.due` (from
+its planned end, in the order of the list `trainer.loop.build` makes; `state.due` (from
 trainer.loop.schedule) says what is due at that step. To add "evaluate every N minutes"
 or "save on SIGUSR1", write an action and put it in that list: the controller does not
 change.
@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from trainer import files, storage
 from trainer.checkpoints import CheckpointStore
 from trainer.console import Console, progress_bar
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.loop.schedule import Due, SaveClock, Schedule
 from trainer.monitoring import Monitor, misclassified_examples
 from trainer.optim import averaged_weights, current_learning_rate, finalize_averaged_weights
+from trainer.say import Say
+from trainer.summaries import scalar_at
 from trainer.sums import NUM_SUMS, StepSums
 
 
@@ -63,6 +66,43 @@ def checkpoint_values(state: LoopState) -> dict[str, np.ndarray]:
 def restored_window_sums(store: CheckpointStore) -> np.ndarray:
     """The window's sums as the store holds them: restored from a checkpoint, or zeros."""
     return np.asarray(store.extra[WINDOW_SUMS].numpy(), np.float32)
+
+
+def restored_best(store: CheckpointStore, eval_logdir: str, warn: Say) -> tuple[int | None, float]:
+    """(step, accuracy) of the kept best checkpoint, for `EvaluateAndKeepBest`; a lost best.json is rebuilt.
+
+    Its accuracy is read back from the eval curve (`eval_logdir`) at that step; if the
+    curve lacks it too, the next evaluation replaces the best checkpoint. Only a worker
+    that saves into the store's own folder (the chief) writes the rebuilt best.json.
+    """
+    record = store.best_record
+    if record is None:
+        return None, -1.0
+    if record["accuracy"] is not None:
+        return record["step"], record["accuracy"]
+    step = record["step"]
+    accuracy = scalar_at(eval_logdir, "accuracy", step)
+    known = "unknown" if accuracy is None else f"{accuracy:.2%}, from TensorBoard's eval curve"
+    where = storage.join(store.best_directory, f"ckpt-{step}")
+    warn(f"Warning: best.json rebuilt for {where} (accuracy {known})")
+    if accuracy is None:
+        return step, -1.0
+    if store.save_directory == store.directory:
+        files.write_json(storage.join(store.best_directory, "best.json"), {"step": step, "accuracy": accuracy})
+    return step, accuracy
+
+
+def resumed_state(store: CheckpointStore, step: int, eval_logdir: str, warn: Say) -> LoopState:
+    """The loop's state at `step` as the store restored it (or fresh): the logging window in
+    flight and the best checkpoint so far, so a resumed run continues both as a straight run."""
+    best_step, best_accuracy = restored_best(store, eval_logdir, warn)
+    return LoopState(
+        step=step,
+        window_sums=restored_window_sums(store),
+        saved_step=step,
+        best_step=best_step,
+        best_accuracy=best_accuracy,
+    )
 
 
 class LogScalars:

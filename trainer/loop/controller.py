@@ -27,6 +27,7 @@ from trainer.loop.actions import LoopState, Progress
 from trainer.loop.schedule import SaveClock, Schedule
 from trainer.loop.step import Votes
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
+from trainer.say import Say
 from trainer.sums import StepSums
 
 Action = Callable[[int, LoopState], None]
@@ -84,7 +85,7 @@ class Controller:
     global_batch: int
     on_nonfinite: Callable[[StepSums, int, int], None]
     save_on_stop: Action
-    announce: Callable[[str], None] = print
+    announce: Say = print
 
     def run(self, state: LoopState) -> Outcome:
         stop = StopRequest(self.votes.stop, announce=self.announce)
@@ -160,7 +161,7 @@ class Controller:
         return "a stop on another worker"
 
 
-def stop_on_nonfinite(policy: str, checkpoints: str, warn: Callable[[str], None]):
+def stop_on_nonfinite(policy: str, checkpoints: str, warn: Say):
     """train.nan_policy as a rule the controller applies after each call."""
 
     def check(sums: StepSums, step: int, saved_step: int) -> None:
