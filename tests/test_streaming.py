@@ -17,10 +17,13 @@ from launch.cli import cli
 from tests.conftest import smoke_config
 from tests.test_fault_tolerance import _checkpoint_tensors
 from trainer.config import DataConfig
-from trainer.data.pipeline import InputSpec, train_dataset_fn
+from trainer.data.convert import convert
+from trainer.data.pipeline import train_dataset_fn
+from trainer.data.plan import InputSpec
 from trainer.data.prepare import prepare_dataset
-from trainer.data.records import convert
-from trainer.data.sources import FileSplit, Split, load_dataset, synthetic_dataset
+from trainer.data.sources import load_dataset
+from trainer.data.sources.synthetic import synthetic_dataset
+from trainer.data.splits import FileSplit, Split
 from trainer.errors import DataError
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.training import train

@@ -33,19 +33,13 @@ from trainer.backbones import FreezePlan, backbone_variable_ids, set_backbone_fr
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, config_differences, profile_range, save_config
 from trainer.console import Console, Echo, summary_table
-from trainer.data import Dataset, FileSplit, Split, load_dataset
+from trainer.data import Dataset, RecordSplit, Split, load_dataset
 from trainer.data.device import DeviceFeed, resolve_placement
+from trainer.data.diagnose import input_error, stream_ended_error
 from trainer.data.info import DatasetInfo
-from trainer.data.pipeline import (
-    InputSpec,
-    batch_indices,
-    check_batch_divides,
-    first_views,
-    input_spec,
-    steps_per_epoch,
-    train_dataset_fn,
-)
-from trainer.data.prepare import prepare_dataset, training_info, unreadable_error
+from trainer.data.pipeline import first_views, train_dataset_fn
+from trainer.data.plan import InputSpec, check_batch_divides, input_spec, steps_per_epoch
+from trainer.data.prepare import prepare_dataset, training_info
 from trainer.errors import CheckpointMismatchError, DivergedError, PeerLostError, TrainerError
 from trainer.evaluation import Evaluator
 from trainer.files import describe_write_error, is_write_failure
@@ -398,32 +392,18 @@ def _run_loop(run: _Run, start_step: int, started: float) -> TrainResult:
 
 
 def _input_error(run: _Run, step: int, err: tf.errors.InvalidArgumentError) -> Exception:
-    """A decode failure in the streamed input, as one line naming the file.
-
-    tf.data reports errors in order, so the culprit is in the batches of the failed call:
-    those files are checked again (two calls' worth, in case of an earlier failure)."""
-    split, test, spec = run.parts.dataset.train, run.parts.dataset.test, run.parts.spec
-    if isinstance(split, Split) and isinstance(test, Split):
-        return err  # not an input error: in-memory batches cannot fail to decode
-    if not isinstance(split, FileSplit) and not isinstance(test, FileSplit):  # TFRecord shards
-        from trainer.data.records import input_error
-
-        calls = min(2 * run.config.train.steps_per_loop, run.parts.total_steps - step)
-        return input_error(split, test, spec, run.parts.per_epoch, step, calls)
-    steps = range(step, min(step + 2 * run.config.train.steps_per_loop, run.parts.total_steps))
-    window = batch_indices(steps, len(split), spec) if isinstance(split, FileSplit) else []
-    return unreadable_error(split, window, fallback=test if isinstance(test, FileSplit) else None)
+    """A decode failure in the streamed input, as one line naming the file or record: the
+    examples of the failed call's batches (two calls' worth, in case of an earlier failure)."""
+    parts = run.parts
+    steps = range(step, min(step + 2 * run.config.train.steps_per_loop, parts.total_steps))
+    return input_error(parts.dataset, parts.spec, steps) or err
 
 
 def _input_ended(run: _Run, err: tf.errors.OutOfRangeError) -> Exception:
     """The input ran out before the schedule did: only TFRecord shards holding fewer records
     than their shards.json says can do that (every other stream is exactly as long)."""
     split = run.parts.dataset.train
-    if not hasattr(split, "shards"):
-        return err
-    from trainer.data.records import stream_ended_error
-
-    return stream_ended_error(split)
+    return stream_ended_error(split) if isinstance(split, RecordSplit) else err
 
 
 def _schedule(config: Config, parts: _Parts) -> Schedule:
