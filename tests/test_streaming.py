@@ -313,6 +313,33 @@ def test_skipped_images_are_counted_and_the_same_after_a_resume(tmp_path):
         np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
 
 
+def test_skip_with_a_memory_cache_decodes_once_and_caches_what_two_passes_would(tmp_path, monkeypatch):
+    """on_bad_image=skip + cache=memory: filling the cache is the skip pass (#25), so each
+    file is decoded once at start, and the cached pixels are those of skip-then-cache."""
+    from trainer.data import prepare
+
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
+    bad = _plant_bad_files(root)
+    two_passes = DataConfig(source="folder", path=root, image_size=24, on_bad_image="skip", cache="none")
+    streamed = prepare_dataset(load_dataset(two_passes, 0), two_passes, quiet)
+    expected_train = prepare.cached(streamed.train, 24, "pad")
+    passes: list[int] = []
+    decode_all = prepare.decode_all
+    monkeypatch.setattr(
+        prepare, "decode_all", lambda split, *args, **kw: passes.append(len(split)) or decode_all(split, *args, **kw)
+    )
+    monkeypatch.setattr(prepare, "readable_indices", lambda *_: pytest.fail("a second decoding pass"))
+    lines: list[str] = []
+    one_pass = DataConfig(source="folder", path=root, image_size=24, on_bad_image="skip", cache="memory")
+    cached = prepare_dataset(load_dataset(one_pass, 0), one_pass, lines.append)
+    assert passes == [len(streamed.train) + len(bad), len(streamed.test)]  # every listed file, once
+    warning = next(line for line in lines if "skipping" in line)
+    assert "skipping 2 unreadable train image(s)" in warning and all(path in warning for path in bad)
+    assert "Checked the 12 test images: all decode" in lines
+    np.testing.assert_array_equal(cached.train.labels, expected_train.labels)
+    np.testing.assert_array_equal(cached.train.images, expected_train.images)
+
+
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
     huge = tmp_path / "photos" / "train" / "ant" / "zz-huge.png"
