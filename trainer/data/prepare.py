@@ -13,7 +13,7 @@ same ones and sees the same batches.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +33,7 @@ from trainer.data.info import STATS_SAMPLE, DatasetInfo, dataset_info
 from trainer.data.pipeline import sample_images
 from trainer.data.plan import InputSpec, input_spec, resolve_crop, sample_indices
 from trainer.data.records import INDEX_FILE, parse_record
+from trainer.data.skips import SkipMemo
 from trainer.data.sources import load_dataset
 from trainer.data.splits import Dataset, Examples, FileSplit, RecordSplit, Split, path_bytes, shown
 from trainer.errors import DataError
@@ -43,21 +44,43 @@ _SIZE_SAMPLE = 16
 _DECODE_BATCH = 256
 
 
-def prepare_dataset(dataset: Dataset, config: DataConfig, say: Say = print) -> Dataset:
-    """Resolve image_size, drop unreadable files (skip policy) and fill the cache, in place."""
+def prepare_dataset(dataset: Dataset, config: DataConfig, say: Say = print, memo: SkipMemo | None = None) -> Dataset:
+    """Resolve image_size, drop unreadable files (skip policy) and fill the cache, in place.
+    `memo`: the workdir's record of unreadable files, so a resumed run does not look again."""
     if isinstance(dataset.train, Split):
         return _prepare_in_memory(dataset, config)
     dataset.image_size = config.image_size or dataset.image_size or own_size(dataset.train)
     crop = resolve_crop(config.crop, dataset.image_size)
-    skip, memory = config.on_bad_image == "skip", use_memory_cache(dataset, config, crop, say)
-    for name, view in (("train", "pad"), ("test", crop)):
-        split = getattr(dataset, name)
-        if skip and not (memory and _skipped_while_cached(split, view)):
-            split = skip_unreadable(split, name, say)
-        if memory:
-            split = cached(split, dataset.image_size, view, say, skip=skip, name=name)
-        setattr(dataset, name, split)
+    steps = _Steps(
+        dataset.image_size, config.on_bad_image == "skip", use_memory_cache(dataset, config, crop, say), say, memo
+    )
+    dataset.train = steps.prepared(dataset.train, "train", "pad")
+    dataset.test = steps.prepared(dataset.test, "test", crop)
     return dataset
+
+
+@dataclass
+class _Steps:
+    """What preparing a split does, decided once for the dataset."""
+
+    size: int
+    skip: bool
+    memory: bool
+    say: Say
+    memo: SkipMemo | None
+
+    def prepared(self, split: Examples, name: str, view: str) -> Examples:
+        """Leave out what does not decode (skip), then fill the memory cache: for files one
+        pass does both; an earlier start's findings (memo) spare the skip pass altogether."""
+        one_pass = self.skip and self.memory and _skipped_while_cached(split, view)
+        known = self.memo.known(name, split) if self.skip and self.memo else None
+        if known is not None:
+            split, one_pass = _without(split, known, name, self.say, self.memo.path), False
+        elif self.skip and not one_pass:
+            split = skip_unreadable(split, name, self.say, self.memo)
+        if self.memory:
+            split = cached(split, self.size, view, self.say, skip=one_pass, name=name, memo=self.memo)
+        return split
 
 
 def _skipped_while_cached(split: Examples, view: str) -> bool:
@@ -67,19 +90,34 @@ def _skipped_while_cached(split: Examples, view: str) -> bool:
     return isinstance(split, FileSplit) and view != "random_resized"
 
 
-def cached(split: Examples, size: int, crop: str, say: Say = print, skip: bool = False, name: str = "train") -> Split:
+def cached(
+    split: Examples,
+    size: int,
+    crop: str,
+    say: Say = print,
+    skip: bool = False,
+    name: str = "train",
+    memo: SkipMemo | None = None,
+) -> Split:
     """A file or record split decoded into memory (train: whole images resized, crop="pad";
     test: its evaluation view, so evaluation is the same cached or streamed). `skip`: files
-    that do not decode are left out (and named), as data.on_bad_image=skip's pass would."""
+    that do not decode are left out (named, and remembered in `memo`), as data.on_bad_image=
+    skip's own pass would."""
     if isinstance(split, Split):
         return split
-    dropping = skip and _skipped_while_cached(split, crop)
-    images, labels, indices = decode_all(split, size, crop, drop_failures=dropping)
-    if dropping:
+    images, labels, indices = decode_all(split, size, crop, drop_failures=skip)
+    if skip:
         _say_skipped(split, indices, name, say)
+        if memo:
+            memo.remember(name, split, _missing(len(split), indices))
     if isinstance(split, RecordSplit):
         _check_records(split, labels, indices, say)
     return Split(images, labels)
+
+
+def _missing(count: int, present: np.ndarray) -> list[int]:
+    """The indices in [0, count) not in `present`."""
+    return np.setdiff1d(np.arange(count), present).tolist()
 
 
 def _check_records(split: RecordSplit, labels: np.ndarray, ordinals: np.ndarray, say: Say) -> None:
@@ -243,25 +281,38 @@ def decode_all(
 # --- data.on_bad_image=skip ----------------------------------------------------------------
 
 
-def skip_unreadable(split: Examples, name: str, say: Say) -> Examples:
+def skip_unreadable(split: Examples, name: str, say: Say, memo: SkipMemo | None = None) -> Examples:
     """data.on_bad_image=skip: leave out what does not decode, and say which."""
-    if isinstance(split, RecordSplit):
-        return _skip_unreadable_records(split, name, say)
     if isinstance(split, Split):
         return split
-    readable = readable_indices(split, range(len(split)))
-    return _say_skipped(split, np.asarray(sorted(readable), np.int64), name, say)
+    if isinstance(split, RecordSplit):
+        bad = unreadable_records(split)
+    else:
+        bad = _missing(len(split), np.asarray(sorted(readable_indices(split, range(len(split)))), np.int64))
+    if memo:
+        memo.remember(name, split, bad)
+    return _without(split, bad, name, say)
 
 
-def _say_skipped(split: FileSplit, readable: np.ndarray, name: str, say: Say) -> FileSplit:
+def _without(split: FileSplit | RecordSplit, bad: list[int], name: str, say: Say, earlier: str = "") -> Examples:
+    """The split without the examples `bad` (found now, or at an `earlier` start: that
+    file's path), which are named on the console."""
+    if isinstance(split, RecordSplit):
+        return _without_records(split, bad, name, say, earlier)
+    return _say_skipped(split, _missing(len(split), np.asarray(bad, np.int64)), name, say, earlier)
+
+
+def _say_skipped(split: FileSplit, readable, name: str, say: Say, earlier: str = "") -> FileSplit:
     """Name the files left out (all but `readable`, sorted indices); the split without them."""
+    readable = np.asarray(readable, np.int64)
+    when = f" (found at an earlier start: {earlier})" if earlier else ""
     if len(readable) == len(split):
-        say(f"Checked the {len(split)} {name} images: all decode")
+        say(f"Checked the {len(split)} {name} images: all decode{when}")
         return split
     kept = set(readable.tolist())
     bad = [i for i in range(len(split)) if i not in kept]
     listed = ", ".join(shown(split.path(i)) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip): {listed}")
+    say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip{when}): {listed}")
     if len(readable) == 0:
         raise DataError(
             f"none of the {len(split)} {name} images can be decoded, so there is nothing to train on "
@@ -270,9 +321,8 @@ def _say_skipped(split: FileSplit, readable: np.ndarray, name: str, say: Say) ->
     return split.subset(readable)
 
 
-def _skip_unreadable_records(split: RecordSplit, name: str, say: Say) -> RecordSplit:
-    """data.on_bad_image=skip for shards: leave out the records that do not decode, and say which."""
-    bad = unreadable_records(split)
+def _without_records(split: RecordSplit, bad: list[int], name: str, say: Say, earlier: str = "") -> RecordSplit:
+    """data.on_bad_image=skip for shards: the records that do not decode left out, and named."""
     if not bad:
         return split
     if len(bad) == sum(split.counts):
@@ -284,5 +334,6 @@ def _skip_unreadable_records(split: RecordSplit, name: str, say: Say) -> RecordS
     places = "; ".join(split.place(ordinal) for ordinal in bad[:3]) + (
         f" and {len(bad) - 3} more" if len(bad) > 3 else ""
     )
-    say(f"Warning: skipping {len(bad)} unreadable {name} record(s) (data.on_bad_image=skip): {places}")
+    when = f"; found at an earlier start: {earlier}" if earlier else ""
+    say(f"Warning: skipping {len(bad)} unreadable {name} record(s) (data.on_bad_image=skip{when}): {places}")
     return replace(split, skipped=tuple(bad))
