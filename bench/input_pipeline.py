@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from trainer.config import DataConfig, load_config  # noqa: E402
-from trainer.data.pipeline import InputSpec, train_dataset_fn  # noqa: E402
+from trainer.data.pipeline import train_dataset_fn  # noqa: E402
+from trainer.data.plan import InputSpec  # noqa: E402
 from trainer.data.prepare import prepare_dataset  # noqa: E402
 from trainer.data.sources import load_dataset  # noqa: E402
 
@@ -242,7 +243,7 @@ def photos(args) -> dict:
 def resume(args) -> dict:
     """5. TFRecord shards of CIFAR-10: seconds to the first batch from step 0 and from 90%
     of an epoch (the raw records before it are read and skipped, not decoded)."""
-    from trainer.data.records import convert
+    from trainer.data.convert import convert
 
     scratch = Path(tempfile.mkdtemp(dir=args.scratch))
     try:
@@ -265,7 +266,7 @@ def resume(args) -> dict:
 def per_step(args) -> dict:
     """The in-memory pipeline alone (no model): random uint8 images, batch 128, pad-crop and
     flip, for 50,000 and 500,000 examples: the per-step cost must not grow with N."""
-    from trainer.data.sources import Split
+    from trainer.data.splits import Split
 
     result: dict = {}
     for count in (50_000, 500_000):

@@ -24,7 +24,9 @@ from _common import data_overrides  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.data.device import DeviceFeed  # noqa: E402
-from trainer.data.pipeline import input_spec, normalization_stats, steps_per_epoch, train_dataset_fn  # noqa: E402
+from trainer.data.info import normalization_stats  # noqa: E402
+from trainer.data.pipeline import train_dataset_fn  # noqa: E402
+from trainer.data.plan import input_spec, steps_per_epoch  # noqa: E402
 from trainer.data.prepare import prepare_dataset  # noqa: E402
 from trainer.loop.step import StepOptions, Votes, make_train_loop  # noqa: E402
 from trainer.models import build_model  # noqa: E402

@@ -318,8 +318,8 @@ def data_show(obj, config_path: str, out: Path, augmented: bool, count: int, ove
 def data_convert(obj, source: str, out: str, shard_size: float, validation_split: float, seed: int) -> None:
     """Write an image folder as TFRecord shards (image/encoded, image/class/label) + labels.txt,
     to train from with data.source=tfrecord, e.g. after copying them to cloud storage."""
-    records = _load("trainer.data.records", obj["verbose"])
-    index = records.convert(source, out, shard_size, validation_split, seed, progress=click.echo)
+    converter = _load("trainer.data.convert", obj["verbose"])
+    index = converter.convert(source, out, shard_size, validation_split, seed, progress=click.echo)
     counts = {name: sum(index[name]["counts"]) for name in ("train", "test")}
     shards = {name: len(index[name]["shards"]) for name in ("train", "test")}
     click.echo(

@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """A few test images from the synthetic set written as PNG files, with their labels."""
-    from trainer.data.sources import synthetic_dataset
+    from trainer.data.sources.synthetic import synthetic_dataset
 
     folder = tmp_path_factory.mktemp("images")
     data = synthetic_dataset(1024, 256, 10, seed=0).test

@@ -7,7 +7,7 @@ from PIL import Image
 from trainer.config import DataConfig
 from trainer.data import load_dataset
 from trainer.data.prepare import prepare_dataset
-from trainer.data.sources import synthetic_dataset
+from trainer.data.sources.synthetic import synthetic_dataset
 from trainer.errors import DataError
 
 

@@ -6,8 +6,9 @@ import tensorflow as tf
 
 from tests.conftest import smoke_config
 from trainer.data.device import DeviceFeed, resolve_placement
-from trainer.data.pipeline import InputSpec, steps_per_epoch, train_dataset_fn
-from trainer.data.sources import Split
+from trainer.data.pipeline import train_dataset_fn
+from trainer.data.plan import InputSpec, steps_per_epoch
+from trainer.data.splits import Split
 from trainer.errors import ConfigError
 from trainer.runtime import cached_strategy
 from trainer.training import train

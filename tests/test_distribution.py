@@ -13,8 +13,9 @@ from launch.cli import cli
 from tests.conftest import EQUIVALENCE_RUN, REPO, launch_tasks, launch_train, smoke_config, tiny_loop
 from trainer.checkpoints import checkpoint_steps
 from trainer.config import RuntimeConfig
-from trainer.data.pipeline import InputSpec, eval_dataset_fn, train_dataset_fn
-from trainer.data.sources import Split
+from trainer.data.pipeline import eval_dataset_fn, train_dataset_fn
+from trainer.data.plan import InputSpec
+from trainer.data.splits import Split
 from trainer.errors import RuntimeSetupError
 from trainer.launcher import run_local_workers
 from trainer.runtime import _resolve_jit, cached_strategy, setup_runtime

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from launch.cli import cli
 from tests.conftest import REPO, smoke_config, tiny_loop
 from trainer.config import OptimizerConfig, load_config
-from trainer.data.pipeline import InputSpec, augment_batch
+from trainer.data.augment import augment_batch
+from trainer.data.plan import InputSpec
 from trainer.errors import ConfigError
 from trainer.evaluation import tta_logits
 from trainer.models import build_model, init_from_data, patch_whitening_kernel

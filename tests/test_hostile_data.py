@@ -19,10 +19,12 @@ from PIL import Image
 
 from tests.test_safety import SMOKE, assert_one_error, run_cli
 from trainer.config import DataConfig
-from trainer.data.pipeline import InputSpec, train_dataset_fn
+from trainer.data.convert import convert, convert_folder
+from trainer.data.pipeline import train_dataset_fn
+from trainer.data.plan import InputSpec
 from trainer.data.prepare import prepare_dataset
-from trainer.data.records import convert, convert_folder
-from trainer.data.sources import load_dataset, read_image_folder
+from trainer.data.sources import load_dataset
+from trainer.data.sources.folder import read_image_folder
 from trainer.errors import DataError
 
 CLASSES = ("ant", "bee")
@@ -216,7 +218,7 @@ def test_an_undecodable_record_is_one_line_naming_its_shard_and_place(tmp_path):
 def test_a_bad_record_met_by_the_training_stream_is_named(tmp_path):
     """The path a failure inside the training loop takes: the failed call's records are
     read again (not decoded) and checked."""
-    from trainer.data.records import input_error
+    from trainer.data.diagnose import input_error
 
     shards = write_shards(tmp_path / "shards", good_records(6) + bad_records()[1:] + good_records(1), good_records())
     data = DataConfig(source="tfrecord", path=str(shards), image_size=16, cache="none")
@@ -226,7 +228,7 @@ def test_a_bad_record_met_by_the_training_stream_is_named(tmp_path):
     with pytest.raises(tf.errors.InvalidArgumentError):
         for _ in train_dataset_fn(dataset.train, spec, 0, 2)(context):
             pass
-    message = str(input_error(dataset.train, dataset.test, spec, 2, 0, 2))
+    message = str(input_error(dataset, spec, range(0, 2)))
     assert f"record 6 of {shards}/train-00000-of-00001.tfrecord (notes.jpg)" in message
     assert "not an image" in message and "\n" not in message
 

@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util.tensor_util import make_ndarray
 
 from tests.conftest import SMALL_FLOAT16_RUN, made_once, smoke_config
-from trainer.data.sources import CIFAR10_CLASSES
+from trainer.data.sources.cifar10 import CIFAR10_CLASSES
 from trainer.flops import forward_flops_per_example, peak_flops
 from trainer.launcher import start_tensorboard
 from trainer.models import build_model

@@ -2,15 +2,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.data.pipeline import (
-    InputSpec,
-    augment_batch,
-    check_batch_divides,
-    eval_dataset_fn,
-    steps_per_epoch,
-    train_dataset_fn,
-)
-from trainer.data.sources import Split
+from trainer.data.augment import augment_batch
+from trainer.data.pipeline import eval_dataset_fn, train_dataset_fn
+from trainer.data.plan import InputSpec, check_batch_divides, steps_per_epoch
+from trainer.data.splits import Split
 from trainer.errors import ConfigError
 from trainer.runtime import cached_strategy
 

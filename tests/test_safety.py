@@ -30,7 +30,8 @@ from tests.conftest import REPO, made_once, smoke_config
 from trainer import files
 from trainer.checkpoints import CheckpointStore, checkpoint_steps
 from trainer.config import load_config
-from trainer.data.sources import read_cifar10_pickles, read_image
+from trainer.data.image_file import read_image
+from trainer.data.sources.cifar10 import read_cifar10_pickles
 from trainer.errors import ConfigError, DataError, WorkdirBusyError, WorkdirNotOursError
 from trainer.launcher import reserved_ports
 from trainer.training import train
@@ -579,7 +580,7 @@ def test_class_folders_with_line_breaks_are_refused(tmp_path):
             (tmp_path / split / name).mkdir(parents=True)
             Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / name / "x.png")
     from trainer.config import DataConfig
-    from trainer.data.sources import read_image_folder
+    from trainer.data.sources.folder import read_image_folder
 
     with pytest.raises(DataError, match=r"class folder 'dog\\nhouse' .* line break"):
         read_image_folder(str(tmp_path), DataConfig(source="folder", path=str(tmp_path)), 0)

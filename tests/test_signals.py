@@ -243,7 +243,7 @@ def test_data_convert_stopped_by_a_signal_removes_what_it_wrote(tmp_path, signum
     cleanup runs, the exit is 128+N with one line, and the same command then succeeds."""
     root, out = image_folder(tmp_path / "images"), tmp_path / "shards"
     args = ("data", "convert", "--from", str(root), "--to", str(out), "--shard-size", "0.001")
-    done = _run_signalled("trainer.data.records", "_read_example", 10, signum, *args)
+    done = _run_signalled("trainer.data.convert", "_read_example", 10, signum, *args)
     _assert_signal_line(done, signum, "stopped converting")
     assert not out.exists(), sorted(p.name for p in out.iterdir())
     again = subprocess.run(

@@ -17,10 +17,14 @@ from launch.cli import cli
 from tests.conftest import smoke_config
 from tests.test_fault_tolerance import _checkpoint_tensors
 from trainer.config import DataConfig
-from trainer.data.pipeline import InputSpec, train_dataset_fn
+from trainer.data.convert import convert
+from trainer.data.pipeline import train_dataset_fn
+from trainer.data.plan import InputSpec
 from trainer.data.prepare import prepare_dataset
-from trainer.data.records import convert
-from trainer.data.sources import FileSplit, Split, load_dataset, synthetic_dataset
+from trainer.data.skips import SkipMemo
+from trainer.data.sources import load_dataset
+from trainer.data.sources.synthetic import synthetic_dataset
+from trainer.data.splits import FileSplit, Split
 from trainer.errors import DataError
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.training import train
@@ -308,6 +312,90 @@ def test_skipped_images_are_counted_and_the_same_after_a_resume(tmp_path):
     actual = _checkpoint_tensors(str(tmp_path / "resumed" / "checkpoints" / f"ckpt-{total}"))
     for key in expected:
         np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def test_skip_with_a_memory_cache_decodes_once_and_caches_what_two_passes_would(tmp_path, monkeypatch):
+    """on_bad_image=skip + cache=memory: filling the cache is the skip pass (#25), so each
+    file is decoded once at start, and the cached pixels are those of skip-then-cache."""
+    from trainer.data import prepare
+
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
+    bad = _plant_bad_files(root)
+    two_passes = DataConfig(source="folder", path=root, image_size=24, on_bad_image="skip", cache="none")
+    streamed = prepare_dataset(load_dataset(two_passes, 0), two_passes, quiet)
+    expected_train = prepare.cached(streamed.train, 24, "pad")
+    passes: list[int] = []
+    decode_all = prepare.decode_all
+    monkeypatch.setattr(
+        prepare, "decode_all", lambda split, *args, **kw: passes.append(len(split)) or decode_all(split, *args, **kw)
+    )
+    monkeypatch.setattr(prepare, "readable_indices", lambda *_: pytest.fail("a second decoding pass"))
+    lines: list[str] = []
+    one_pass = DataConfig(source="folder", path=root, image_size=24, on_bad_image="skip", cache="memory")
+    cached = prepare_dataset(load_dataset(one_pass, 0), one_pass, lines.append)
+    assert passes == [len(streamed.train) + len(bad), len(streamed.test)]  # every listed file, once
+    warning = next(line for line in lines if "skipping" in line)
+    assert "skipping 2 unreadable train image(s)" in warning and all(path in warning for path in bad)
+    assert "Checked the 12 test images: all decode" in lines
+    np.testing.assert_array_equal(cached.train.labels, expected_train.labels)
+    np.testing.assert_array_equal(cached.train.images, expected_train.images)
+
+
+def _skipping(root: str, memo: SkipMemo, cache: str = "none"):
+    lines: list[str] = []
+    memo.say = lines.append
+    config = DataConfig(source="folder", path=root, image_size=24, on_bad_image="skip", cache=cache)
+    prepared = prepare_dataset(load_dataset(config, 0), config, lines.append, memo)
+    memo.save()  # as the trainer does once it holds the workdir
+    return prepared, lines
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_skip_findings_are_kept_in_the_workdir_and_spare_the_next_start_the_pass(tmp_path, monkeypatch, cache):
+    from trainer.data import prepare
+
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
+    bad = _plant_bad_files(root)
+    (tmp_path / "run").mkdir()
+    memo_path = str(tmp_path / "run" / "unreadable.json")
+    first, _ = _skipping(root, SkipMemo(memo_path, quiet), cache)
+    saved = json.loads((tmp_path / "run" / "unreadable.json").read_text())
+    assert len(saved["train"]["unreadable"]) == 2 and saved["test"]["unreadable"] == []
+    monkeypatch.setattr(prepare, "readable_indices", lambda *_: pytest.fail("the images were checked again"))
+    decodes: list[bool] = []
+    decode_all = prepare.decode_all
+    monkeypatch.setattr(
+        prepare, "decode_all", lambda *args, **kw: decodes.append(kw["drop_failures"]) or decode_all(*args, **kw)
+    )
+    again, lines = _skipping(root, SkipMemo(memo_path, quiet), cache)
+    warning = next(line for line in lines if "skipping" in line)
+    assert "skipping 2 unreadable train image(s)" in warning and "found at an earlier start" in warning
+    assert all(path in warning for path in bad)
+    assert len(again.train) == len(first.train) and len(again.test) == len(first.test)
+    np.testing.assert_array_equal(again.train.labels, first.train.labels)
+    assert decodes == ([False, False] if cache == "memory" else [])  # only the kept files, once
+
+
+def test_a_changed_file_or_a_damaged_record_of_skips_means_checking_again(tmp_path):
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
+    _plant_bad_files(root)
+    memo_path = tmp_path / "unreadable.json"
+    _skipping(root, SkipMemo(str(memo_path), quiet))
+    changed = sorted((tmp_path / "photos" / "train" / "ant").iterdir())[0]
+    with open(changed, "ab") as handle:  # a file changed since (a byte after its end: it still decodes)
+        handle.write(b"\0")
+    _, lines = _skipping(root, SkipMemo(str(memo_path), quiet))
+    assert "The train images differ from those" in "\n".join(lines)
+    assert not any("earlier start" in line for line in lines if " train " in line)
+    saved = json.loads(memo_path.read_text())
+    saved["train"]["unreadable"] = [0, 10**9]  # hostile: an index past the listing
+    memo_path.write_text(json.dumps(saved))
+    _, lines = _skipping(root, SkipMemo(str(memo_path), quiet))
+    assert any("damaged 'train' entry" in line for line in lines)
+    memo_path.write_text("{not json")
+    split, lines = _skipping(root, SkipMemo(str(memo_path), quiet))
+    assert any("is damaged" in line for line in lines) and any("skipping 2 unreadable" in line for line in lines)
+    assert json.loads(memo_path.read_text())["train"]["unreadable"]  # rebuilt
 
 
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):

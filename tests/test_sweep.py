@@ -29,8 +29,9 @@ from trainer import storage
 from trainer.backbones import BACKBONES, _application, build_backbone_model, load_weights_file
 from trainer.checkpoints import _parse_step
 from trainer.config import DataConfig
-from trainer.data.records import convert_folder
-from trainer.data.sources import _download_cifar10, read_image_folder
+from trainer.data.convert import convert_folder
+from trainer.data.sources.cifar10 import _download_cifar10
+from trainer.data.sources.folder import read_image_folder
 from trainer.errors import CheckpointError, ConfigError, DataError
 from trainer.files import describe_write_error
 

@@ -12,8 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import files
-from trainer.data import FileSplit, Split
-from trainer.data.pipeline import InputSpec, check_batch_divides, eval_dataset_fn
+from trainer.data.pipeline import eval_dataset_fn
+from trainer.data.plan import InputSpec, check_batch_divides
+from trainer.data.splits import Examples
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Evaluator:
         self,
         strategy: tf.distribute.Strategy,
         model,
-        split: Split | FileSplit,
+        split: Examples,
         global_batch: int,
         class_names,
         jit_compile: bool = False,

@@ -18,10 +18,11 @@ from trainer import files, storage
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, apply_override, validate
 from trainer.data.decode import eval_view
+from trainer.data.diagnose import input_error
+from trainer.data.image_file import read_image
 from trainer.data.info import DatasetInfo
-from trainer.data.pipeline import resolve_crop
-from trainer.data.prepare import prepare_for_inference, training_info, unreadable_error
-from trainer.data.sources import FileSplit, read_image
+from trainer.data.plan import resolve_crop
+from trainer.data.prepare import prepare_for_inference, training_info
 from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.models import build_for_dataset
@@ -98,9 +99,8 @@ def evaluate(
     try:
         return evaluator(step, tta=config.eval.tta)
     except tf.errors.InvalidArgumentError as err:
-        if isinstance(dataset.test, FileSplit):
-            raise unreadable_error(dataset.test, range(len(dataset.test))) from None
-        raise DataError(f"cannot decode a test image: {files.short(err.message)}") from None
+        found = input_error(dataset, spec)  # the test split, checked whole
+        raise found or DataError(f"cannot decode a test image: {files.short(err.message)}") from None
 
 
 def save_metrics(workdir: str | Path, metrics: EvalMetrics) -> tuple[str, bool]:

@@ -31,19 +31,15 @@ from trainer.backbones import FreezePlan, set_backbone_frozen
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, save_config
 from trainer.console import Console
-from trainer.data import Dataset, FileSplit, Split, load_dataset
+from trainer.data import Dataset, RecordSplit, Split, load_dataset
 from trainer.data.device import DeviceFeed, resolve_placement
+from trainer.data.diagnose import input_error, stream_ended_error
 from trainer.data.info import DatasetInfo
-from trainer.data.pipeline import (
-    InputSpec,
-    batch_indices,
-    check_batch_divides,
-    first_views,
-    input_spec,
-    steps_per_epoch,
-    train_dataset_fn,
-)
-from trainer.data.prepare import prepare_dataset, training_info, unreadable_error
+from trainer.data.pipeline import first_views, train_dataset_fn
+from trainer.data.plan import InputSpec, check_batch_divides, input_spec, steps_per_epoch
+from trainer.data.prepare import prepare_dataset, training_info
+from trainer.data.skips import FILE_NAME as UNREADABLE_FILE
+from trainer.data.skips import SkipMemo
 from trainer.errors import CheckpointMismatchError, DivergedError
 from trainer.files import describe_write_error, is_write_failure
 from trainer.loop import actions as act
@@ -61,10 +57,6 @@ from trainer.summaries import drop_events_after
 from trainer.workdir import Workdir
 
 __all__ = ["TrainResult", "train"]
-
-# The name _input_error and _input_ended give the run; it goes with them when trainer.data
-# takes them over.
-_Run = Run
 
 
 def train(
@@ -112,11 +104,12 @@ def train(
     return result
 
 
-def _prepare(config: Config, runtime: Runtime, console: Console, started: float) -> RunParts:
+def _prepare(config: Config, wd: Workdir, runtime: Runtime, console: Console, started: float) -> RunParts:
     """Data, schedule length, model and optimizer: every check that needs no disk write."""
     check_batch_divides(config.data.batch_size, runtime.num_replicas)
     keras.utils.set_random_seed(config.seed)  # weight initialisation
-    dataset, spec, info, sample = _load_data(config, console, started)
+    skips = SkipMemo(wd.path(UNREADABLE_FILE), console.warning) if config.data.on_bad_image == "skip" else None
+    dataset, spec, info, sample = _load_data(config, console, started, skips)
     if runtime.device_kind == "tpu" and config.train.steps_per_loop < 50:
         console.warning(
             f"Warning: train.steps_per_loop={config.train.steps_per_loop} is small for a TPU, where host round "
@@ -143,14 +136,16 @@ def _prepare(config: Config, runtime: Runtime, console: Console, started: float)
             console.info("Whitening layer initialised from the training images' 2x2 patch covariance")
         # Over the whole schedule, as the LR: a run cut short by max_steps resumes identically.
         lookahead = build_lookahead(model, config.optimizer, per_epoch, config.train.epochs * per_epoch)
-    return RunParts(dataset, spec, info, per_epoch, total_steps, model, optimizer, lookahead, freeze)
+    return RunParts(dataset, spec, info, per_epoch, total_steps, model, optimizer, lookahead, freeze, skips)
 
 
-def _load_data(config: Config, console: Console, started: float) -> tuple[Dataset, InputSpec, DatasetInfo, np.ndarray]:
+def _load_data(
+    config: Config, console: Console, started: float, skips: SkipMemo | None
+) -> tuple[Dataset, InputSpec, DatasetInfo, np.ndarray]:
     """The dataset as training reads it, its input spec, dataset.json's content and the
     training sample its statistics (and a whitening layer) come from."""
     dataset = load_dataset(config.data, config.seed, progress=console.info)
-    dataset = prepare_dataset(dataset, config.data, console.info)
+    dataset = prepare_dataset(dataset, config.data, console.info, skips)
     size = dataset.image_shape[0]
     console.info(
         f"Data: {dataset.origin}: {len(dataset.train)} train / {len(dataset.test)} test images, "
@@ -187,7 +182,7 @@ def _train(
     resume_command: str | None,
     started: float,
 ) -> TrainResult:
-    parts = _prepare(config, runtime, console, started)
+    parts = _prepare(config, wd, runtime, console, started)
     # Only the chief writes the workdir; the other workers read its checkpoints.
     holding = wd.locked(config.checkpoint.lease_seconds, console.warning) if runtime.is_chief else None
     with holding or contextlib.nullcontext():
@@ -248,6 +243,8 @@ def _resume_and_run(run: Run, resume_command: str | None, started: float) -> Tra
     if run.runtime.is_chief:  # the run is known to start (or to be complete): record what it is
         save_config(run.config, run.wd.config_path)
         run.wd.write_dataset_info(run.parts.info)
+        if run.parts.skips:
+            run.parts.skips.save()
     if run.store.restored_path:
         announce_resume(run, start_step)
         if run.runtime.is_chief:
@@ -309,33 +306,19 @@ def _run_loop(run: Run, start_step: int, started: float) -> TrainResult:
     return result
 
 
-def _input_error(run: _Run, step: int, err: tf.errors.InvalidArgumentError) -> Exception:
-    """A decode failure in the streamed input, as one line naming the file.
-
-    tf.data reports errors in order, so the culprit is in the batches of the failed call:
-    those files are checked again (two calls' worth, in case of an earlier failure)."""
-    split, test, spec = run.parts.dataset.train, run.parts.dataset.test, run.parts.spec
-    if isinstance(split, Split) and isinstance(test, Split):
-        return err  # not an input error: in-memory batches cannot fail to decode
-    if not isinstance(split, FileSplit) and not isinstance(test, FileSplit):  # TFRecord shards
-        from trainer.data.records import input_error
-
-        calls = min(2 * run.config.train.steps_per_loop, run.parts.total_steps - step)
-        return input_error(split, test, spec, run.parts.per_epoch, step, calls)
-    steps = range(step, min(step + 2 * run.config.train.steps_per_loop, run.parts.total_steps))
-    window = batch_indices(steps, len(split), spec) if isinstance(split, FileSplit) else []
-    return unreadable_error(split, window, fallback=test if isinstance(test, FileSplit) else None)
+def _input_error(run: Run, step: int, err: tf.errors.InvalidArgumentError) -> Exception:
+    """A decode failure in the streamed input, as one line naming the file or record: the
+    examples of the failed call's batches (two calls' worth, in case of an earlier failure)."""
+    parts = run.parts
+    steps = range(step, min(step + 2 * run.config.train.steps_per_loop, parts.total_steps))
+    return input_error(parts.dataset, parts.spec, steps) or err
 
 
-def _input_ended(run: _Run, err: tf.errors.OutOfRangeError) -> Exception:
+def _input_ended(run: Run, err: tf.errors.OutOfRangeError) -> Exception:
     """The input ran out before the schedule did: only TFRecord shards holding fewer records
     than their shards.json says can do that (every other stream is exactly as long)."""
     split = run.parts.dataset.train
-    if not hasattr(split, "shards"):
-        return err
-    from trainer.data.records import stream_ended_error
-
-    return stream_ended_error(split)
+    return stream_ended_error(split) if isinstance(split, RecordSplit) else err
 
 
 def _device_feed(run: Run) -> DeviceFeed | None:

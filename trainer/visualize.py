@@ -7,6 +7,7 @@ import io
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from PIL import Image, ImageDraw
 
 from trainer import storage
 from trainer.config import Config
+from trainer.data.pipeline import first_views
+from trainer.data.prepare import prepare_for_inference
 from trainer.errors import DataError
 from trainer.files import short
 
@@ -91,11 +94,6 @@ def show_samples(config: Config, out: str | Path, count: int = 32, augmented: bo
 
     --out is checked before any data is loaded (a typo costs nothing), and written
     atomically: a failed or killed write leaves no half image under that name."""
-    from dataclasses import replace
-
-    from trainer.data.pipeline import first_views  # deferred: needs TensorFlow
-    from trainer.data.prepare import prepare_for_inference
-
     out = Path(out)
     image_format = _check_out(out)
     dataset, spec = prepare_for_inference(config)

@@ -3,6 +3,7 @@
 WORKDIR/.trainer-workdir   marker: this folder was created by `launch train`
 WORKDIR/config.yaml        resolved config of the last `launch train`
 WORKDIR/dataset.json       class names, image shape, normalisation stats
+WORKDIR/unreadable.json    data.on_bad_image=skip's findings (trainer.data.skips)
 WORKDIR/checkpoints/       tf.train.CheckpointManager files (ckpt-STEP.*)
 WORKDIR/tensorboard/       train/ and eval/ event files
 WORKDIR/metrics.json       last evaluation (train's final eval or `launch evaluate`)
@@ -60,6 +61,7 @@ _FILES = (
     (MARKER,),
     ("config.yaml",),
     ("dataset.json",),
+    ("unreadable.json",),
     ("metrics.json",),
     (".lock",),
     ("checkpoints", "best", "best.json"),

@@ -19,7 +19,9 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from trainer.data.pipeline import InputSpec, apply_augmentation, augmentation_draws, epoch_permutation, steps_per_epoch
+from trainer.data.augment import apply_augmentation, augmentation_draws
+from trainer.data.plan import InputSpec, epoch_permutation, steps_per_epoch
+from trainer.data.splits import Examples, Split
 from trainer.errors import ConfigError
 
 # Kept as float16: exact for pixel values 0-255 (and 0-2048), and every accelerator has
@@ -29,14 +31,14 @@ DEVICE_DTYPE = np.float16
 AUTO_LIMIT_BYTES = 2 * 1024**3
 
 
-def resolve_placement(placement: str, device_kind: str, split, spec: InputSpec) -> str:
+def resolve_placement(placement: str, device_kind: str, split: Examples, spec: InputSpec) -> str:
     """`data.placement` -> "host" or "device" for this run.
 
     auto: device on GPUs (when the set is in memory, fits comfortably and uses the pad
     recipe), host elsewhere: a CPU gains nothing from it, and TPUs want their input from a
     host pipeline.
     """
-    images = getattr(split, "images", None)
+    images = split.images if isinstance(split, Split) else None
     if placement == "device" and (images is None or spec.crop != "pad"):
         raise ConfigError(
             "data.placement=device needs the training images in memory and data.crop=pad; "

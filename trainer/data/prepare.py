@@ -4,66 +4,133 @@
 - the training resolution (`data.image_size`, or the images' own when they share one),
 - which images cannot be decoded (`data.on_bad_image=skip`: found by one parallel pass,
   so every worker and every resumed run leaves out the same files),
-- whether decoded pixels are kept in memory (`data.cache`).
+- whether decoded pixels are kept in memory (`data.cache`); a folder both skipped and
+  cached is decoded once, the failures dropped by the same pass that fills the cache.
 Every decision is a pure function of the data and the config, so a resumed run makes the
 same ones and sees the same batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+import contextlib
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tensorflow as tf
 
 from trainer.config import DataConfig
-from trainer.data.decode import decode_view, eval_view, image_problem, native_stderr_quiet, read_and_decode, tf_reason
+from trainer.data.decode import decode_view, eval_view, header_size, native_stderr_quiet
+from trainer.data.diagnose import (
+    describe_unreadable,
+    first_unreadable,
+    label_problem,
+    readable_indices,
+    undecodable,
+    unreadable_records,
+    window_error,
+)
 from trainer.data.info import STATS_SAMPLE, DatasetInfo, dataset_info
-from trainer.data.pipeline import InputSpec, file_paths, input_spec, resolve_crop, sample_images, sample_indices
-from trainer.data.sources import Dataset, FileSplit, Split, image_sizes, load_dataset, path_bytes, shown
+from trainer.data.pipeline import sample_images
+from trainer.data.plan import InputSpec, input_spec, resolve_crop, sample_indices
+from trainer.data.records import INDEX_FILE, parse_record
+from trainer.data.skips import SkipMemo
+from trainer.data.sources import load_dataset
+from trainer.data.splits import Dataset, Examples, FileSplit, RecordSplit, Split, path_bytes, shown
 from trainer.errors import DataError
+from trainer.say import Say
 
-Say = Callable[[str], None]
 # Headers read to find a dataset's own size when data.image_size is 0.
 _SIZE_SAMPLE = 16
 _DECODE_BATCH = 256
 
 
-def prepare_dataset(dataset: Dataset, config: DataConfig, say: Say = print) -> Dataset:
-    """Resolve image_size, drop unreadable files (skip policy) and fill the cache, in place."""
+def prepare_dataset(dataset: Dataset, config: DataConfig, say: Say = print, memo: SkipMemo | None = None) -> Dataset:
+    """Resolve image_size, drop unreadable files (skip policy) and fill the cache, in place.
+    `memo`: the workdir's record of unreadable files, so a resumed run does not look again."""
     if isinstance(dataset.train, Split):
         return _prepare_in_memory(dataset, config)
-    if not dataset.image_size:
-        dataset.image_size = config.image_size or own_size(dataset.train)
-    if config.image_size:
-        dataset.image_size = config.image_size
-    if config.on_bad_image == "skip":
-        dataset.train = skip_unreadable(dataset.train, "train", say)
-        dataset.test = skip_unreadable(dataset.test, "test", say)
+    dataset.image_size = config.image_size or dataset.image_size or own_size(dataset.train)
     crop = resolve_crop(config.crop, dataset.image_size)
-    if use_memory_cache(dataset, config, crop, say):
-        dataset.train = cached(dataset.train, dataset.image_size, "pad", say)
-        dataset.test = cached(dataset.test, dataset.image_size, crop, say)
+    steps = _Steps(
+        dataset.image_size, config.on_bad_image == "skip", use_memory_cache(dataset, config, crop, say), say, memo
+    )
+    dataset.train = steps.prepared(dataset.train, "train", "pad")
+    dataset.test = steps.prepared(dataset.test, "test", crop)
     return dataset
 
 
-def cached(split, size: int, crop: str, say: Say = print) -> Split:
-    """A file or record split decoded into memory (train: whole images resized, crop="pad";
-    test: their evaluation view, so evaluation is the same cached or streamed)."""
-    if isinstance(split, FileSplit):
-        return Split(decode_all(split, size, crop), split.labels)
-    from trainer.data.records import INDEX_FILE, decode_all_records
+@dataclass
+class _Steps:
+    """What preparing a split does, decided once for the dataset."""
 
-    decoded = Split(*decode_all_records(split, size, crop))
-    if len(decoded) < len(split):  # every record was read: the recount is free
-        folder, first = split.shards[0].rsplit("/", 1)
+    size: int
+    skip: bool
+    memory: bool
+    say: Say
+    memo: SkipMemo | None
+
+    def prepared(self, split: Examples, name: str, view: str) -> Examples:
+        """Leave out what does not decode (skip), then fill the memory cache: for files one
+        pass does both; an earlier start's findings (memo) spare the skip pass altogether."""
+        one_pass = self.skip and self.memory and _skipped_while_cached(split, view)
+        known = self.memo.known(name, split) if self.skip and self.memo else None
+        if known is not None:
+            split, one_pass = _without(split, known, name, self.say, self.memo.path), False
+        elif self.skip and not one_pass:
+            split = skip_unreadable(split, name, self.say, self.memo)
+        if self.memory:
+            split = cached(split, self.size, view, self.say, skip=one_pass, name=name, memo=self.memo)
+        return split
+
+
+def _skipped_while_cached(split: Examples, view: str) -> bool:
+    """Whether filling a memory cache can be the skip pass too: for files whose cached view
+    decodes them whole (a random_resized view of a JPEG decodes only its window, so it
+    could pass a file cut short). Records keep their own pass: it also counts them."""
+    return isinstance(split, FileSplit) and view != "random_resized"
+
+
+def cached(
+    split: Examples,
+    size: int,
+    crop: str,
+    say: Say = print,
+    skip: bool = False,
+    name: str = "train",
+    memo: SkipMemo | None = None,
+) -> Split:
+    """A file or record split decoded into memory (train: whole images resized, crop="pad";
+    test: its evaluation view, so evaluation is the same cached or streamed). `skip`: files
+    that do not decode are left out (named, and remembered in `memo`), as data.on_bad_image=
+    skip's own pass would."""
+    if isinstance(split, Split):
+        return split
+    images, labels, indices = decode_all(split, size, crop, drop_failures=skip)
+    if skip:
+        _say_skipped(split, indices, name, say)
+        if memo:
+            memo.remember(name, split, _missing(len(split), indices))
+    if isinstance(split, RecordSplit):
+        _check_records(split, labels, indices, say)
+    return Split(images, labels)
+
+
+def _missing(count: int, present: np.ndarray) -> list[int]:
+    """The indices in [0, count) not in `present`."""
+    return np.setdiff1d(np.arange(count), present).tolist()
+
+
+def _check_records(split: RecordSplit, labels: np.ndarray, ordinals: np.ndarray, say: Say) -> None:
+    wrong = label_problem(split, labels, ordinals)
+    if wrong:
+        raise wrong
+    if len(labels) < len(split):  # every record was read: the recount is free
+        first = split.shards[0].rsplit("/", 1)[1]
         say(
-            f"Warning: the {first.split('-')[0]} shards in {folder} hold {len(decoded)} usable records, not the "
+            f"Warning: the {first.split('-')[0]} shards in {split.folder} hold {len(labels)} usable records, not the "
             f"{len(split)} their {INDEX_FILE} says (it is out of date; delete it to have them counted): using the "
-            f"{len(decoded)}"
+            f"{len(labels)}"
         )
-    return decoded
 
 
 def prepare_for_inference(config, say: Say = print) -> tuple[Dataset, InputSpec]:
@@ -96,13 +163,33 @@ def _resize_array(images: np.ndarray, size: int, crop: str) -> np.ndarray:
     return np.stack(list(dataset.as_numpy_iterator())) if len(images) else np.zeros((0, size, size, 3), np.uint8)
 
 
+# --- the images' own size ---------------------------------------------------------------------
+
+
+def header_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
+    """(width, height) of image files from their headers (trainer.data.decode.header_size,
+    the reader the pipeline's pixel limit uses); None for a file that is not a readable image
+    (decoding it names it later)."""
+    sizes: list[tuple[int, int] | None] = []
+    with native_stderr_quiet():
+        for path in paths:
+            try:
+                height, width = (int(value) for value in header_size(tf.io.read_file(path_bytes(path))))
+            except tf.errors.OpError:
+                height = width = 0
+            sizes.append((width, height) if height and width else None)
+    return sizes
+
+
 def own_size(split: FileSplit) -> int:
     """The images' shared square size, read from a few headers spread over the split."""
     picks = sample_indices(len(split), _SIZE_SAMPLE)
     listed = [split.path(i) for i in picks]
-    readable = [(path, size) for path, size in zip(listed, image_sizes(listed)) if size is not None]
+    readable = [(path, size) for path, size in zip(listed, header_sizes(listed)) if size is not None]
     if not readable:
-        raise unreadable_error(split, picks)
+        raise first_unreadable(split, picks) or DataError(
+            f"none of the images sampled from {shown(split.folders[0])}'s split has a readable size"
+        )
     paths, sizes = [path for path, _ in readable], [size for _, size in readable]
     if len(set(sizes)) > 1:
         (w1, h1), (w2, h2) = sizes[0], next(size for size in sizes if size != sizes[0])
@@ -118,6 +205,9 @@ def own_size(split: FileSplit) -> int:
             f"resolution, e.g. --set data.image_size={min(width, height)}"
         )
     return width
+
+
+# --- the memory cache ----------------------------------------------------------------------
 
 
 def use_memory_cache(dataset: Dataset, config: DataConfig, crop: str, say: Say) -> bool:
@@ -145,84 +235,105 @@ def use_memory_cache(dataset: Dataset, config: DataConfig, crop: str, say: Say) 
     return True
 
 
-def decode_all(split: FileSplit, size: int, crop: str) -> np.ndarray:
-    """Every file of a split decoded in parallel to uint8 [N, size, size, 3] (train: whole
-    image resized, crop="pad"; test: its evaluation view)."""
-    images = np.empty((len(split), size, size, 3), np.uint8)
-    paths = tf.data.Dataset.from_tensor_slices(file_paths(split))
-    views = paths.map(
-        lambda path: decode_view(tf.io.read_file(path), path, size, crop),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+def _views(split: FileSplit | RecordSplit, size: int, crop: str) -> tf.data.Dataset:
+    """(view, label, index) of every example, in the split's order, decoded in parallel."""
+    if isinstance(split, RecordSplit):
+
+        def view(ordinal, raw):
+            encoded, name, label = parse_record(raw)
+            return decode_view(encoded, name, size, crop), label, ordinal
+
+        items = split.raw_records()
+    else:
+        paths, labels = split.paths(), tf.constant(split.labels, tf.int32)
+
+        def view(index):
+            return decode_view(tf.io.read_file(paths[index]), paths[index], size, crop), labels[index], index
+
+        items = tf.data.Dataset.range(len(split))
+    return items.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def decode_all(
+    split: FileSplit | RecordSplit, size: int, crop: str, drop_failures: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every example decoded in parallel: uint8 [N, size, size, 3] (train: whole image
+    resized, crop="pad"; test: its evaluation view), labels [N] and each one's index (file
+    index or record ordinal). N is what the split holds: fewer than `len(split)` when shards
+    promised more, or when `drop_failures` leaves out what does not decode. Otherwise a
+    failure is one DataError naming the file or record."""
+    images, labels = np.empty((len(split), size, size, 3), np.uint8), np.empty(len(split), np.int32)
+    indices = np.empty(len(split), np.int64)
+    views = _views(split, size, crop)
     start = 0
     try:
-        for batch in views.batch(_DECODE_BATCH).prefetch(2).as_numpy_iterator():
-            images[start : start + len(batch)] = batch
-            start += len(batch)
+        with native_stderr_quiet() if drop_failures else contextlib.nullcontext():
+            batches = (views.ignore_errors() if drop_failures else views).batch(_DECODE_BATCH).prefetch(2)
+            for batch_images, batch_labels, batch_indices in batches.as_numpy_iterator():
+                end = start + len(batch_labels)
+                images[start:end], labels[start:end], indices[start:end] = batch_images, batch_labels, batch_indices
+                start = end
     except tf.errors.OpError:
-        raise unreadable_error(split, range(start, min(start + 4 * _DECODE_BATCH, len(split)))) from None
-    return images
+        raise window_error(split, range(start, min(start + 4 * _DECODE_BATCH, len(split)))) from None
+    return images[:start], labels[:start], indices[:start]
 
 
-def readable_indices(split: FileSplit, indices) -> set[int]:
-    """Which of `indices` decode: one parallel pass that drops the failures."""
-    paths = file_paths(split)
-    checked = (
-        tf.data.Dataset.from_tensor_slices(np.asarray(list(indices), np.int64))
-        .map(lambda i: (i, tf.shape(read_and_decode(paths[i]))[0]), num_parallel_calls=tf.data.AUTOTUNE)
-        .ignore_errors()
-    )
-    with native_stderr_quiet():  # libjpeg's own complaint about each bad file, on stderr
-        return {int(index) for index, _ in checked.as_numpy_iterator()}
+# --- data.on_bad_image=skip ----------------------------------------------------------------
 
 
-def first_unreadable(split: FileSplit, indices) -> str | None:
-    """Why the first file among `indices` that does not decode fails, or None if all decode."""
-    indices = list(indices)
-    readable = readable_indices(split, indices)
-    bad = [i for i in indices if i not in readable]
-    return describe_unreadable(split.path(bad[0])) if bad else None
-
-
-def unreadable_error(split: FileSplit, indices, fallback: FileSplit | None = None) -> DataError:
-    """The DataError naming the first file among `indices` (else in `fallback`, e.g. the test
-    split, checked whole) that does not decode."""
-    reason = first_unreadable(split, indices)
-    if reason is None and fallback is not None:
-        reason = first_unreadable(fallback, range(len(fallback)))
-    if reason is None:
-        return DataError("the input pipeline failed while decoding images (no single file could be blamed)")
-    return DataError(f"{reason}; fix or remove it, or set data.on_bad_image=skip")
-
-
-def describe_unreadable(path: str) -> str:
-    """Why one file does not decode, in one line and in words (not TensorFlow's internals)."""
-    try:
-        raw = tf.io.read_file(path_bytes(path)).numpy()
-    except tf.errors.OpError as err:  # gone since it was listed, or no permission
-        return f"cannot read image {shown(path)}: {tf_reason(err.message)}"
-    return (
-        f"cannot read image {shown(path)}: {image_problem(raw, shown(path)) or 'it decodes now (a passing failure?)'}"
-    )
-
-
-def skip_unreadable(split, name: str, say: Say):
+def skip_unreadable(split: Examples, name: str, say: Say, memo: SkipMemo | None = None) -> Examples:
     """data.on_bad_image=skip: leave out what does not decode, and say which."""
-    if not isinstance(split, FileSplit):
-        from trainer.data.records import skip_unreadable_records
-
-        return skip_unreadable_records(split, name, say)
-    readable = readable_indices(split, range(len(split)))
-    if len(readable) == len(split):
-        say(f"Checked the {len(split)} {name} images: all decode")
+    if isinstance(split, Split):
         return split
-    bad = [i for i in range(len(split)) if i not in readable]
+    if isinstance(split, RecordSplit):
+        bad = unreadable_records(split)
+    else:
+        bad = _missing(len(split), np.asarray(sorted(readable_indices(split, range(len(split)))), np.int64))
+    if memo:
+        memo.remember(name, split, bad)
+    return _without(split, bad, name, say)
+
+
+def _without(split: FileSplit | RecordSplit, bad: list[int], name: str, say: Say, earlier: str = "") -> Examples:
+    """The split without the examples `bad` (found now, or at an `earlier` start: that
+    file's path), which are named on the console."""
+    if isinstance(split, RecordSplit):
+        return _without_records(split, bad, name, say, earlier)
+    return _say_skipped(split, _missing(len(split), np.asarray(bad, np.int64)), name, say, earlier)
+
+
+def _say_skipped(split: FileSplit, readable, name: str, say: Say, earlier: str = "") -> FileSplit:
+    """Name the files left out (all but `readable`, sorted indices); the split without them."""
+    readable = np.asarray(readable, np.int64)
+    when = f" (found at an earlier start: {earlier})" if earlier else ""
+    if len(readable) == len(split):
+        say(f"Checked the {len(split)} {name} images: all decode{when}")
+        return split
+    kept = set(readable.tolist())
+    bad = [i for i in range(len(split)) if i not in kept]
     listed = ", ".join(shown(split.path(i)) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip): {listed}")
+    say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip{when}): {listed}")
     if len(readable) == 0:
         raise DataError(
             f"none of the {len(split)} {name} images can be decoded, so there is nothing to train on "
             f"({describe_unreadable(split.path(0))})"
         )
-    return split.subset(np.asarray(sorted(readable), np.int64))
+    return split.subset(readable)
+
+
+def _without_records(split: RecordSplit, bad: list[int], name: str, say: Say, earlier: str = "") -> RecordSplit:
+    """data.on_bad_image=skip for shards: the records that do not decode left out, and named."""
+    if not bad:
+        return split
+    if len(bad) == sum(split.counts):
+        first = next(split.raw_records().take(1).as_numpy_iterator())
+        raise DataError(
+            f"none of the {len(bad)} {name} records holds a decodable image, so there is nothing to "
+            f"{'train on' if name == 'train' else 'evaluate'} (first: {undecodable(split, *first)})"
+        )
+    places = "; ".join(split.place(ordinal) for ordinal in bad[:3]) + (
+        f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    )
+    when = f"; found at an earlier start: {earlier}" if earlier else ""
+    say(f"Warning: skipping {len(bad)} unreadable {name} record(s) (data.on_bad_image=skip{when}): {places}")
+    return replace(split, skipped=tuple(bad))

@@ -19,7 +19,8 @@ from trainer.config import Config
 from trainer.console import Console
 from trainer.data import Dataset
 from trainer.data.info import DatasetInfo
-from trainer.data.pipeline import InputSpec
+from trainer.data.plan import InputSpec
+from trainer.data.skips import SkipMemo
 from trainer.optim import Lookahead
 from trainer.runtime import Runtime
 from trainer.workdir import Workdir
@@ -38,6 +39,8 @@ class RunParts:
     optimizer: keras.optimizers.Optimizer
     lookahead: Lookahead | None
     freeze: FreezePlan
+    # data.on_bad_image=skip's findings, saved once the workdir is held (None: not skipping).
+    skips: SkipMemo | None = None
 
 
 @dataclass
