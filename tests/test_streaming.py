@@ -194,14 +194,14 @@ def test_a_streamed_source_gives_the_same_batches_on_1_and_2_replicas_and_2_work
             np.testing.assert_array_equal(labels, expected_labels)
 
 
-def _stop_and_resume(tmp_path, config, stop_at: int, name: str):
+def _stop_and_resume(tmp_path, config, stop_at: int, name: str, echo=quiet):
     os.environ["TRAINER_STOP_AT_STEP"] = str(stop_at)
     try:
         stopped = train(config, tmp_path / name, echo=quiet)
     finally:
         del os.environ["TRAINER_STOP_AT_STEP"]
     assert stopped.exit_code == EXIT_PREEMPTED and stopped.step == stop_at
-    return train(config, tmp_path / name, echo=quiet)
+    return train(config, tmp_path / name, echo=echo)
 
 
 @pytest.mark.parametrize("source", ["folder", "tfrecord"])
@@ -305,9 +305,14 @@ def test_skipped_images_are_counted_and_the_same_after_a_resume(tmp_path):
     straight = train(config, tmp_path / "straight", echo=lines.append)
     warning = next(line for line in lines if "skipping" in line)
     assert "skipping 2 unreadable train image(s)" in warning and all(path in warning for path in bad)
-    resumed = _stop_and_resume(tmp_path, config, 4, "resumed")
+    resumed_lines: list[str] = []
+    resumed = _stop_and_resume(tmp_path, config, 4, "resumed", echo=resumed_lines.append)
     total = straight.step
     assert resumed.step == total == 2 * (48 // 16)  # the 2 bad files are out of every epoch
+    # The resumed start did not decode every image again: the first start's findings were kept.
+    assert (tmp_path / "resumed" / "unreadable.json").is_file()
+    again = next(line for line in resumed_lines if "skipping" in line)
+    assert "skipping 2 unreadable train image(s)" in again and "found at an earlier start" in again
     expected = _checkpoint_tensors(str(tmp_path / "straight" / "checkpoints" / f"ckpt-{total}"))
     actual = _checkpoint_tensors(str(tmp_path / "resumed" / "checkpoints" / f"ckpt-{total}"))
     for key in expected:

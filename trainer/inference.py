@@ -23,6 +23,8 @@ from trainer.data.image_file import read_image
 from trainer.data.info import DatasetInfo
 from trainer.data.plan import resolve_crop
 from trainer.data.prepare import prepare_for_inference, training_info
+from trainer.data.skips import FILE_NAME as UNREADABLE_FILE
+from trainer.data.skips import SkipMemo
 from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.models import build_for_dataset
@@ -92,7 +94,7 @@ def evaluate(
     # One process evaluates, whatever cluster the run trained on or the pod it runs in
     # ($TF_CONFIG, a Slurm step): joining that cluster would wait for peers forever.
     runtime = setup_runtime(config.runtime, announce=warn, cluster=False)
-    dataset, spec = prepare_for_inference(config, warn)
+    dataset, spec = prepare_for_inference(config, warn, SkipMemo(wd.path(UNREADABLE_FILE), warn))
     with runtime.strategy.scope():
         model, step = _restore_model(wd, info, config, checkpoint)
     evaluator = Evaluator(runtime.strategy, model, dataset.test, config.data.batch_size, info.class_names, spec=spec)

@@ -133,11 +133,12 @@ def _check_records(split: RecordSplit, labels: np.ndarray, ordinals: np.ndarray,
         )
 
 
-def prepare_for_inference(config, say: Say = print) -> tuple[Dataset, InputSpec]:
+def prepare_for_inference(config, say: Say = print, memo: SkipMemo | None = None) -> tuple[Dataset, InputSpec]:
     """The dataset as a run of `config` trained on it, without decoding the whole of it
-    (cache=none: evaluation views and samples are identical either way)."""
+    (cache=none: evaluation views and samples are identical either way). `memo`: the
+    training run's skip findings, read only (evaluating writes nothing)."""
     data = replace(config.data, cache="none")
-    dataset = prepare_dataset(load_dataset(data, config.seed, progress=say), data, say)
+    dataset = prepare_dataset(load_dataset(data, config.seed, progress=say), data, say, memo)
     return dataset, input_spec(config, dataset.image_shape[0])
 
 
