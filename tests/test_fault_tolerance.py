@@ -149,18 +149,26 @@ def _assert_same_run(straight: Path, resumed: Path, step: int = TOTAL) -> None:
 WORKDIR_BEFORE_25 = REPO / "tests" / "fixtures" / "workdir_793a59c"
 
 
+def _resume_fixture(fixture: Path, config, tmp_path: Path, stopped_at: int, total: int) -> Path:
+    """A copy of an old workdir resumed by today's code, and a straight run of today's code:
+    the same run, bit for bit. Returns the resumed workdir."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fixture, resumed)
+    lines: list[str] = []
+    assert train(config, resumed, echo=lines.append).step == total
+    checkpoint = resumed / "checkpoints" / f"ckpt-{stopped_at}"
+    assert any(f"Resuming from {checkpoint} at step {stopped_at}" in line for line in lines), lines
+    train(config, tmp_path / "straight", echo=quiet)
+    _assert_same_run(tmp_path / "straight", resumed, step=total)
+    return resumed
+
+
 def test_a_checkpoint_written_before_the_store_split_resumes_bit_for_bit(tmp_path):
     config = load_config(WORKDIR_BEFORE_25 / "config.yaml")
     window = tf.train.load_checkpoint(str(WORKDIR_BEFORE_25 / "checkpoints" / "ckpt-8"))
     assert StepSums.of(window.get_tensor("window_sums/.ATTRIBUTES/VARIABLE_VALUE")).steps == 8
-    resumed = tmp_path / "resumed"
-    shutil.copytree(WORKDIR_BEFORE_25, resumed)
-    lines: list[str] = []
-    assert train(config, resumed, echo=lines.append).step == 16
-    assert any(f"Resuming from {resumed / 'checkpoints' / 'ckpt-8'} at step 8" in line for line in lines), lines
-    train(config, tmp_path / "straight", echo=quiet)
+    resumed = _resume_fixture(WORKDIR_BEFORE_25, config, tmp_path, stopped_at=8, total=16)
     assert any("lookahead" in name for name in _checkpoint_tensors(str(resumed / "checkpoints" / "ckpt-16")))
-    _assert_same_run(tmp_path / "straight", resumed, step=16)
 
 
 # A workdir that the code before trainer/data/ was split (commit f62fdb8) stopped at step 12
@@ -186,13 +194,7 @@ def test_a_streamed_tfrecord_checkpoint_written_before_the_data_split_resumes_bi
     _write_fixture_photos(tmp_path / "photos")
     convert(str(tmp_path / "photos"), str(tmp_path / "shards"), shard_size_mb=0.002, progress=quiet)
     config = load_config(WORKDIR_BEFORE_DATA_SPLIT / "config.yaml", [f"data.path={tmp_path / 'shards'}"])
-    resumed = tmp_path / "resumed"
-    shutil.copytree(WORKDIR_BEFORE_DATA_SPLIT, resumed)
-    lines: list[str] = []
-    assert train(config, resumed, echo=lines.append).step == 24
-    assert any(f"Resuming from {resumed / 'checkpoints' / 'ckpt-12'} at step 12" in line for line in lines), lines
-    train(config, tmp_path / "straight", echo=quiet)
-    _assert_same_run(tmp_path / "straight", resumed, step=24)
+    _resume_fixture(WORKDIR_BEFORE_DATA_SPLIT, config, tmp_path, stopped_at=12, total=24)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])

@@ -36,8 +36,11 @@ def _decoding(items: tf.data.Dataset, encoded: Callable[..., tuple[tf.Tensor, tf
         return item[0], label, tf.shape(decode(data, name))[0]
 
     checked = items.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    with native_stderr_quiet():
-        return {int(index): int(label) for index, label, _ in checked.as_numpy_iterator()}
+    found: dict[int, int] = {}
+    with native_stderr_quiet():  # batched: one Python step per 1,024 images, not per image
+        for indices, labels, _ in checked.batch(1024).as_numpy_iterator():
+            found.update(zip(indices.tolist(), labels.tolist()))
+    return found
 
 
 def _file_items(split: FileSplit, indices: Iterable[int]) -> tuple[tf.data.Dataset, Callable]:
