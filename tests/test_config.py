@@ -1,8 +1,16 @@
+import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from click.testing import CliRunner
 
-from trainer.config import Config, apply_override, describe_keys, load_config, save_config
+from launch.cli import cli
+from trainer.config import Config, apply_override, describe_keys, hyperparameter_items, load_config, save_config
+from trainer.config.loading import to_dict
 from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +103,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 
 def test_required_keys_exist():
-    keys = {key for key, _, _ in describe_keys()}
+    keys = {row.key for row in describe_keys()}
     for key in [
         "seed",
         "data.source",
@@ -122,12 +130,181 @@ def test_required_keys_exist():
 
 
 def test_public_api_resolves_and_importing_it_does_not_start_tensorflow():
-    import subprocess
-    import sys
-
     script = (
         "import sys, trainer; assert 'tensorflow' not in sys.modules; "
         "[getattr(trainer, name) for name in trainer.__all__]"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
+
+
+# --- what each key means: `launch config keys` ---------------------------------------------
+
+
+def _config_fields(cls=Config, prefix=""):
+    """(dotted name, field) of every field of every config dataclass, sections included."""
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        yield name, f
+        if dataclasses.is_dataclass(f.default_factory):
+            yield from _config_fields(f.default_factory, f"{name}.")
+
+
+def test_every_key_and_section_has_a_one_line_meaning():
+    fields = dict(_config_fields())
+    assert len(fields) > 60
+    for name, f in fields.items():
+        meaning = f.metadata.get("help", "")
+        assert meaning.strip() and "\n" not in meaning and len(meaning) <= 100, (name, meaning)
+    rows = describe_keys()
+    assert [row.key for row in rows] == list(hyperparameter_items(Config()))
+    assert all(row.meaning == fields[row.key].metadata["help"] for row in rows)
+    assert next(row for row in rows if row.key == "eval.tta").choices == ("none", "flip", "flip_translate")
+    assert next(row for row in rows if row.key == "data.batch_size")[1:3] == ("int", 128)
+
+
+def test_config_keys_prints_aligned_columns_with_the_meaning():
+    result = CliRunner().invoke(cli, ["config", "keys"])
+    assert result.exit_code == 0, result.output
+    header, *lines = result.output.splitlines()
+    rows = describe_keys()
+    assert len(lines) == len(rows)
+    longest = max(rows, key=lambda row: len(row.key))
+    assert len(longest.key) > 28  # the old fixed column: longer keys pushed their row out of line
+    starts = [header.index(title) for title in ("type", "default", "meaning")]
+    assert starts[0] == len(longest.key) + 2
+    for line, row in zip(lines, rows):
+        assert line.startswith(row.key + " "), line
+        for start in starts:  # every column starts at the header's offset, after a gap
+            assert line[start - 2 : start] == "  " and line[start] != " ", (line, start)
+        assert line[starts[0] :].split()[0] == row.kind
+        assert line[starts[2] :].startswith(row.meaning)
+        assert line.endswith(f"[{' | '.join(row.choices)}]") == bool(row.choices)
+    assert next(line for line in lines if line.startswith(longest.key + " "))[starts[0] :].startswith(longest.kind)
+
+
+def test_config_keys_does_not_start_tensorflow():
+    script = (
+        "import sys; from click.testing import CliRunner; from launch.cli import cli; "
+        "result = CliRunner().invoke(cli, ['config', 'keys']); assert result.exit_code == 0, result.output; "
+        "assert 'tensorflow' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+
+
+# --- `base:`: a config read over another -----------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_base_is_read_first_then_overridden_key_by_key_then_by_set(tmp_path, monkeypatch):
+    _write(tmp_path / "common" / "root.yaml", "seed: 5\ntrain:\n  epochs: 7\n  max_steps: 9\n")
+    _write(
+        tmp_path / "common" / "base.yaml",
+        "base: root.yaml\nseed: 3\ndata:\n  batch_size: 64\n  augment: false\noptimizer:\n  name: adam\n",
+    )
+    child = _write(
+        tmp_path / "exp" / "child.yaml",
+        "base: ../common/base.yaml\ndata:\n  batch_size: 32\ntrain:\n  epochs: 2\neval:\n",
+    )
+    monkeypatch.chdir(tmp_path / "common")  # bases are found beside the file that names them, not in the cwd
+    config = load_config(child, ["train.max_steps=4"])
+    assert (config.seed, config.data.batch_size, config.data.augment) == (3, 32, False)
+    assert (config.optimizer.name, config.train.epochs, config.train.max_steps) == ("adam", 2, 4)
+    assert load_config(os.path.relpath(child), ["data.batch_size=16"]).data.batch_size == 16
+
+
+def test_the_merged_config_is_what_config_show_and_the_workdir_hold(tmp_path):
+    _write(tmp_path / "base.yaml", "data:\n  batch_size: 64\n  augment: false\n")
+    child = _write(tmp_path / "child.yaml", "base: base.yaml\ndata:\n  batch_size: 32\n")
+    result = CliRunner().invoke(cli, ["config", "show", "--config", str(child)])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert "base" not in shown and shown["data"]["batch_size"] == 32 and shown["data"]["augment"] is False
+    config = load_config(child)
+    (tmp_path / "run").mkdir()
+    save_config(config, tmp_path / "run" / "config.yaml")  # what `launch train` writes to WORKDIR/config.yaml
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "base" not in yaml.safe_load(saved) and yaml.safe_load(saved) == shown
+    (tmp_path / "base.yaml").unlink()  # the workdir's copy stands alone
+    assert load_config(tmp_path / "run" / "config.yaml") == config
+
+
+def _one_line_error(path, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_bases_that_include_each_other_are_refused_naming_the_chain(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b.yaml\nseed: 1\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    _one_line_error(a, rf"config bases form a cycle: {a} -> {tmp_path / 'b.yaml'} -> {a};")
+    itself = _write(tmp_path / "self.yaml", "base: self.yaml\n")
+    _one_line_error(itself, "cycle: .*self.yaml -> .*self.yaml;")
+    dotted = _write(tmp_path / "dotted.yaml", "base: ./dotted.yaml\n")
+    _one_line_error(dotted, r"cycle: .*dotted.yaml -> .*/\./dotted.yaml \(.*/\./dotted.yaml is .*dotted.yaml\)")
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "real.yaml")
+    real = _write(tmp_path / "real.yaml", "base: link.yaml\n")
+    message = _one_line_error(real, "cycle: .*real.yaml -> .*link.yaml")
+    assert "link.yaml is" in message
+
+
+def test_a_missing_or_malformed_base_is_one_line_naming_the_file_that_asked(tmp_path):
+    child = _write(tmp_path / "exp" / "child.yaml", "base: ../nope.yaml\n")
+    message = _one_line_error(child, "names base '../nope.yaml', which is not found")
+    assert message.startswith(str(child)) and message.endswith(str(tmp_path / "exp" / "../nope.yaml"))
+    for value in ("3", "[a.yaml]", "", "'  '", "{x: 1}"):
+        _write(child, f"base: {value}\n")
+        _one_line_error(child, rf"{child}: base must be a config file's path \(a string\), got ")
+    _write(tmp_path / "exp" / "broken.yaml", "data: [\n")
+    _write(child, "base: broken.yaml\n")
+    _one_line_error(child, r"broken.yaml is not valid YAML")
+    _write(tmp_path / "exp" / "broken.yaml", "data:\n  batchsize: 3\n")
+    _one_line_error(child, r"unknown key 'data.batchsize'")
+
+
+# What configs/cifar10_fast.yaml said before cifar10_airbench94.yaml took it as its base.
+FAST_RECIPE = {
+    "seed": 0,
+    "data": {
+        "source": "cifar10",
+        "batch_size": 512,
+        "augment": True,
+        "crop_padding": 2,
+        "pad_mode": "reflect",
+        "flip": "alternating",
+    },
+    "model": {"name": "airbench", "width": 32},
+    "optimizer": {
+        "name": "sgd",
+        "learning_rate": 0.75,
+        "schedule": "linear",
+        "warmup_epochs": 0.5,
+        "momentum": 0.85,
+        "nesterov": True,
+        "weight_decay": 0.0089,
+        "bias_lr_multiplier": 64.0,
+        "label_smoothing": 0.2,
+        "ema_momentum": 0.0,
+    },
+    "train": {"epochs": 10, "steps_per_loop": 97},
+    "eval": {"tta": "flip_translate"},
+    "runtime": {"precision": "mixed_bfloat16"},
+    "tensorboard": {"images": False},
+}
+
+
+@pytest.mark.parametrize("name, width", [("cifar10_fast", 32), ("cifar10_airbench94", 64)])
+def test_the_recipes_sharing_a_base_resolve_as_before(name, width):
+    expected = to_dict(Config())
+    for section, values in FAST_RECIPE.items():
+        expected[section] = {**expected[section], **values} if isinstance(values, dict) else values
+    expected["model"]["width"] = width
+    assert to_dict(load_config(REPO / "configs" / f"{name}.yaml")) == expected

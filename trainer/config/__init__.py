@@ -1,13 +1,14 @@
 """Experiment configuration: nested dataclasses loaded from YAML, overridden by `--set`.
 
-Every key has one home, `schema`: its dataclass field, with its default, the comment that
-says what it does, and its limits in the field's metadata (`bounded(...)` for numbers,
-`choice(...)` for words), so configs, the CLI and the README agree. A new key is a new
-field there and nothing else; a rule between keys (one key's limit set by another, a key
-that needs another) goes to `rules`. `loading` reads YAML and `--set`, converts and checks
-values by those declarations, and writes the messages; it knows no key by name, so it
-never changes for a new key. Unknown keys and wrong types fail early with the key's name,
-the value received and what would be valid, before any TensorFlow work starts.
+Every key has one home, `schema`: its dataclass field, with its default, and in the field's
+metadata its one-line meaning (`help`, printed by `launch config keys`) and its limits
+(`bounded(...)` for numbers, `choice(...)` for words), so configs, the CLI and the README
+agree. A new key is a new field there and nothing else; a rule between keys (one key's
+limit set by another, a key that needs another) goes to `rules`. `loading` reads YAML (a
+file's `base:` first) and `--set`, converts and checks values by those declarations, and
+writes the messages; it knows no key by name, so it never changes for a new key. Unknown
+keys and wrong types fail early with the key's name, the value received and what would be
+valid, before any TensorFlow work starts.
 
 Callers import from here (`from trainer.config import load_config`), not from the modules.
 """

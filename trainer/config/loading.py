@@ -1,4 +1,4 @@
-"""Reading a config: YAML, `--set` overrides, types, bounds, and what a wrong value says.
+"""Reading a config: YAML, its `base:` files, `--set` overrides, types, bounds, and what a wrong value says.
 
 Nothing here knows a key by name: the keys, their types and their limits come from the
 dataclasses of trainer.config.schema (bounds and choices from each field's metadata), the
@@ -28,15 +28,82 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     """Read a YAML config (or the defaults), apply `key=value` overrides, validate.
 
     Args:
-        path: YAML file; None starts from the dataclass defaults.
+        path: YAML file; None starts from the dataclass defaults. A file that says
+            `base: other.yaml` (relative to its own folder) is read over that file, key by key.
         overrides: strings like `"data.batch_size=256"`, applied in order.
     """
-    raw = {} if path is None else _read_yaml(str(path))
+    raw = {} if path is None else _read_with_bases(str(path), ())
     config = _from_dict(Config, raw, prefix="")
     for override in overrides:
         apply_override(config, override)
     validate(config)
     return config
+
+
+def _read_with_bases(path: str, chain: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The mapping of `path` read over that of its `base:` (recursively), key by key.
+
+    `chain`: (spelling, identity) of the files that included this one, outermost first.
+    """
+    raw = _read_yaml(path)
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be a config file's path (a string), got {shown(base)}")
+    chain = (*chain, (path, _identity(path)))
+    resolved = _beside(path, base)
+    _check_no_cycle(chain, resolved)
+    if not storage.special_kind(resolved) and not storage.isfile(resolved):
+        raise ConfigError(f"{path} names base {shown(base)}, which is not found: {_path_shown(resolved)}")
+    return _merged(_read_with_bases(resolved, chain), raw)
+
+
+def _beside(path: str, name: str) -> str:
+    """`name` as the file `path` names it: relative to the folder of `path` unless absolute."""
+    if storage.is_url(name) or os.path.isabs(name):
+        return name
+    if storage.is_url(path):
+        return storage.join(storage.parent_of(path), name)
+    return os.path.join(os.path.dirname(path), name)
+
+
+def _identity(path: str) -> str:
+    """One spelling per file, so that `./a.yaml` and a symlink to it are the same file."""
+    if storage.is_url(path):
+        return path
+    try:
+        return os.path.realpath(path)
+    except ValueError:  # a NUL byte: no file has that name, and the lookup that follows says so
+        return path
+
+
+def _check_no_cycle(chain: tuple[tuple[str, str], ...], resolved: str) -> None:
+    identity = _identity(resolved)
+    for spelling, seen in chain:
+        if seen == identity:
+            same = "" if spelling == resolved else f" ({_path_shown(resolved)} is {_path_shown(spelling)})"
+            names = " -> ".join(_path_shown(name) for name in [*(name for name, _ in chain), resolved])
+            raise ConfigError(
+                f"config bases form a cycle: {names}{same}; a base cannot include a file that includes it"
+            )
+
+
+def _path_shown(path: str) -> str:
+    """A path as it is, unless it is long or holds a control character (a base is any YAML string)."""
+    return path if path.isprintable() and len(path) <= 300 else shown(path, 300)
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the keys of `override` set over it; a section (a mapping in both) key by key."""
+    merged = dict(base)
+    for name, value in override.items():
+        below = merged.get(name)
+        if isinstance(below, dict) and (isinstance(value, dict) or value is None):
+            merged[name] = _merged(below, value or {})
+        else:
+            merged[name] = value
+    return merged
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -95,7 +162,7 @@ def check_bounds(config: Any) -> None:
 
     Values are echoed through `shown`: `--set seed=<4,000 nines>` is one short line too.
     """
-    leaves = [(key, value, f.metadata["bounds"]) for key, value, f in _leaves(config) if "bounds" in f.metadata]
+    leaves = [(key, value, f.metadata["bounds"]) for key, value, f, _ in _leaves(config) if "bounds" in f.metadata]
     for key, value, bounds in leaves:
         minimum = bounds.minimum
         if minimum is not None and (value < minimum or (not bounds.inclusive and value == minimum)):
@@ -115,15 +182,15 @@ def _lowest(bounds: Bounds) -> float:
     return 0 if bounds.minimum is None else bounds.minimum
 
 
-def _leaves(instance: Any, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
-    """(dotted key, value, field) of every leaf key, sections entered, in declaration order."""
+def _leaves(instance: Any, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field, Any]]:
+    """(dotted key, value, field, its section) of every leaf key, sections entered, in declaration order."""
     for f in dataclasses.fields(instance):
         key = f"{prefix}.{f.name}" if prefix else f.name
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
             yield from _leaves(value, key)
         else:
-            yield key, value, f
+            yield key, value, f, instance
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -158,17 +225,22 @@ def hyperparameter_items(config: Config) -> dict[str, Any]:
     return flat
 
 
-def describe_keys() -> list[tuple[str, str, Any]]:
-    """(key, type name, default) for every leaf key: used by `launch config keys`."""
-    rows = []
-    for section in dataclasses.fields(Config):
-        value = getattr(Config(), section.name)
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                rows.append((f"{section.name}.{f.name}", _type_name(value, f), getattr(value, f.name)))
-        else:
-            rows.append((section.name, _type_name(Config(), section), value))
-    return rows
+class KeyInfo(typing.NamedTuple):
+    """One leaf key as `launch config keys` lists it."""
+
+    key: str  # dotted: section.key
+    kind: str  # the type's name: int, float, bool, str
+    default: Any
+    meaning: str  # one line, from the field's metadata (trainer.config.schema)
+    choices: tuple[str, ...]  # the valid words of a `choice` key, else ()
+
+
+def describe_keys() -> list[KeyInfo]:
+    """Every leaf key with its type, default, meaning and choices, in declaration order."""
+    return [
+        KeyInfo(key, _type_name(owner, f), value, f.metadata["help"], tuple(f.metadata.get("choices", ())))
+        for key, value, f, owner in _leaves(Config())
+    ]
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -212,9 +284,6 @@ def _first_key(instance: Any, f: dataclasses.Field) -> str:
 
 
 def _type_name(instance: Any, f: dataclasses.Field) -> str:
-    choices = f.metadata.get("choices")
-    if choices:
-        return " | ".join(choices)
     t = _resolved_type(instance, f)
     return getattr(t, "__name__", str(t))
 
