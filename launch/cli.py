@@ -1,12 +1,14 @@
 """`launch`: the command line. Each command parses, builds a config, calls one library function.
 
-TensorFlow is imported only inside commands that need it (so `--help` is instant), with
-its start-up notices hidden unless `--verbose`. User mistakes (`TrainerError`) become one
-line on stderr and exit code 2.
+TensorFlow is imported only inside commands that need it (so `--help` and `--version` are
+instant), with its start-up notices hidden unless `--verbose`. User mistakes (`TrainerError`)
+and usage errors (an unknown option or command, a missing argument, a bad value) become
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from launch.version import version_line
 from trainer.errors import ConfigError, DataError, RuntimeSetupError, TrainerError
 from trainer.storage import is_url, workdir_spelling
 
@@ -27,12 +30,56 @@ _INSTALL_HINT = (
 )
 
 
-class _Group(click.Group):
-    """Turns user mistakes into one clean line instead of a traceback."""
+class _UsageLine(click.ClickException):
+    """A usage error as one `Error: ...` line (click prints it on stderr), exit code 2."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def _usage_in_one_line():
+    """Click's usage errors without its Usage:/Try lines: its message, then the help hint."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # `launch` or `launch data` alone: the help, as click shows it
+    except click.UsageError as err:
+        command = err.ctx.command_path if err.ctx else "launch"
+        message = " ".join(err.format_message().split())
+        stop = "" if message.endswith((".", "?", "!", ")")) else "."
+        raise _UsageLine(f"{message}{stop} Try '{command} --help'.") from None
+
+
+class _NamesItsCommand:
+    """A parse error names the command it happened in (click leaves some, e.g. an option
+    missing its value, to the parent's context, whose --help would be the wrong hint)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as err:
+            err.ctx = err.ctx or ctx
+            raise
+
+
+class _Command(_NamesItsCommand, click.Command):
+    pass
+
+
+class _Group(_NamesItsCommand, click.Group):
+    """Turns user mistakes into one clean line instead of a traceback or a usage block."""
+
+    command_class = _Command
+    group_class = type  # `data`, `config`: groups of this class too
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        with _usage_in_one_line():  # the root's own options (`launch --bad`)
+            return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _usage_in_one_line():  # a command's options and arguments, a command's name
+                return super().invoke(ctx)
         except TrainerError as err:
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
@@ -113,8 +160,22 @@ _workdir_required = click.option(
 )
 
 
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Show TensorFlow's own start-up logs.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show the version (and TensorFlow's and Keras') and exit.",
+)
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
     """Train, evaluate, predict with and export Keras CNNs under tf.distribute."""
@@ -152,6 +213,12 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option(
     "--tensorboard", "with_tensorboard", is_flag=True, help="Start TensorBoard beside the run and print its URL."
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Make every check a run makes before writing (config, data, model, devices, workdir), print the plan "
+    "(steps, data, model, resume or fresh) and exit; writes nothing.",
+)
 @click.pass_obj
 def train(
     obj,
@@ -162,6 +229,7 @@ def train(
     workers: int,
     profile_steps: str | None,
     with_tensorboard: bool,
+    dry_run: bool,
 ) -> None:
     """Train a model; resumes from WORKDIR's latest checkpoint if there is one.
 
@@ -176,6 +244,9 @@ def train(
     config = _config(config_path, overrides)
     # One spelling before anything starts (TensorBoard, --workers): file:// -> its path.
     workdir = workdir_spelling(workdir or os.path.join("runs", Path(config_path).stem))
+    if dry_run:
+        _dry_run(obj["verbose"], config, workdir, fresh, workers, with_tensorboard)
+        return
     server = None
     if with_tensorboard:
         from trainer.launcher import start_tensorboard
@@ -188,6 +259,19 @@ def train(
         if server is not None:
             server.terminate()
     sys.exit(code)
+
+
+def _dry_run(verbose: bool, config, workdir: str, fresh: bool, workers: int, with_tensorboard: bool) -> None:
+    """`train --dry-run`: the plan of this one process; nothing written, nothing started."""
+    if workers > 1:
+        raise ConfigError(
+            "--dry-run checks one process: leave out --workers (each of its workers would make the same checks)"
+        )
+    if with_tensorboard:
+        raise ConfigError("--dry-run starts nothing: leave out --tensorboard")
+    planning = _load("trainer.dry_run", verbose)
+    for line in planning.plan_run(config, workdir, fresh=fresh, echo=click.echo).lines():
+        click.echo(line)
 
 
 def _run_training(verbose: bool, config_path: str, config, workdir: str, overrides, fresh: bool, workers: int) -> int:
@@ -379,11 +463,15 @@ def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
 
 @config_group.command("keys")
 def config_keys() -> None:
-    """List every config key with its type and default."""
+    """List every config key with its type, default and meaning (and its choices)."""
     from trainer.config import describe_keys
 
-    for key, kind, default in describe_keys():
-        click.echo(f"{key:<28} {kind:<40} {default!r}")
+    rows = [(row.key, row.kind, repr(row.default), row.meaning, row.choices) for row in describe_keys()]
+    head = ("key", "type", "default")
+    widths = [max(len(head[column]), *(len(row[column]) for row in rows)) for column in range(3)]
+    for key, kind, default, meaning, choices in [(*head, "meaning", ()), *rows]:
+        line = "  ".join(text.ljust(width) for text, width in zip((key, kind, default), widths))
+        click.echo(f"{line}  {meaning}" + (f" [{' | '.join(choices)}]" if choices else ""))
 
 
 def main() -> None:

@@ -82,13 +82,8 @@ def train(
     console = Console.for_worker(echo, runtime.is_chief)
     try:
         if runtime.is_chief:
-            wd.check_trainable(fresh)
+            check_workdir(wd, fresh, console)
             wd.check_not_busy(warn=console.warning)
-            if wd.in_memory:
-                console.warning(
-                    f"Warning: {wd.root} is in TensorFlow's in-memory ram:// filesystem: its checkpoints, logs and "
-                    "metrics vanish when this process exits; use a folder or a gs:// URL to keep them"
-                )
         console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
         result = _train(config, wd, runtime, fresh, console, resume_command, started)
     except (OSError, tf.errors.OpError) as err:
@@ -104,8 +99,20 @@ def train(
     return result
 
 
-def _prepare(config: Config, wd: Workdir, runtime: Runtime, console: Console, started: float) -> RunParts:
-    """Data, schedule length, model and optimizer: every check that needs no disk write."""
+def check_workdir(wd: Workdir, fresh: bool, console: Console) -> None:
+    """The chief's first look at the workdir, read only (also the dry run's): a folder of
+    ours, in a layout it can write, and a warning for one that vanishes with the process."""
+    wd.check_trainable(fresh)
+    if wd.in_memory:
+        console.warning(
+            f"Warning: {wd.root} is in TensorFlow's in-memory ram:// filesystem: its checkpoints, logs and "
+            "metrics vanish when this process exits; use a folder or a gs:// URL to keep them"
+        )
+
+
+def prepare_parts(config: Config, wd: Workdir, runtime: Runtime, console: Console, started: float) -> RunParts:
+    """Data, schedule length, model and optimizer: every check that needs no disk write
+    (also the dry run's, trainer.dry_run)."""
     check_batch_divides(config.data.batch_size, runtime.num_replicas)
     keras.utils.set_random_seed(config.seed)  # weight initialisation
     skips = SkipMemo(wd.path(UNREADABLE_FILE), console.warning) if config.data.on_bad_image == "skip" else None
@@ -182,23 +189,24 @@ def _train(
     resume_command: str | None,
     started: float,
 ) -> TrainResult:
-    parts = _prepare(config, wd, runtime, console, started)
+    parts = prepare_parts(config, wd, runtime, console, started)
     # Only the chief writes the workdir; the other workers read its checkpoints.
     holding = wd.locked(config.checkpoint.lease_seconds, console.warning) if runtime.is_chief else None
     with holding or contextlib.nullcontext():
         # Made once the workdir is held: for a remote workdir the store starts its uploader
         # (a thread and a local staging folder) here, so a workdir that cannot be taken
         # leaves nothing running; its last uploads finish before the workdir is let go.
-        store = _checkpoint_store(config, wd, runtime, parts, console)
+        store = checkpoint_store(config, wd, runtime, parts, console)
         try:
             return _claim_and_run(Run(config, wd, runtime, parts, store, console), fresh, resume_command, started)
         finally:
             store.close()
 
 
-def _checkpoint_store(
-    config: Config, wd: Workdir, runtime: Runtime, parts: RunParts, console: Console
+def checkpoint_store(
+    config: Config, wd: Workdir, runtime: Runtime, parts: RunParts, console: Console, *, read_only: bool = False
 ) -> CheckpointStore:
+    """The run's store; `read_only` (the dry run): no uploader, so nothing is started or staged."""
     return CheckpointStore(
         wd.checkpoints,
         model=parts.model,
@@ -212,7 +220,7 @@ def _checkpoint_store(
         warn=console.warning,
         # A remote workdir: saves land on local disk and are uploaded behind training.
         uploads=CheckpointUploads(wd.checkpoints, config.checkpoint.keep)
-        if runtime.is_chief and storage.is_url(wd.root)
+        if runtime.is_chief and storage.is_url(wd.root) and not read_only
         else None,
     )
 
@@ -239,7 +247,7 @@ def _claim_workdir(wd: Workdir, fresh: bool, console: Console) -> None:
 
 
 def _resume_and_run(run: Run, resume_command: str | None, started: float) -> TrainResult:
-    start_step = _restore_latest(run)
+    start_step = restore_latest(run)
     if run.runtime.is_chief:  # the run is known to start (or to be complete): record what it is
         save_config(run.config, run.wd.config_path)
         run.wd.write_dataset_info(run.parts.info)
@@ -259,7 +267,7 @@ def _resume_and_run(run: Run, resume_command: str | None, started: float) -> Tra
     return result
 
 
-def _restore_latest(run: Run) -> int:
+def restore_latest(run: Run) -> int:
     """The step to start from; a checkpoint of another model is refused, not skipped."""
     try:
         return run.store.restore("latest", warn=run.console.warning) or 0
