@@ -403,6 +403,113 @@ def test_a_changed_file_or_a_damaged_record_of_skips_means_checking_again(tmp_pa
     assert json.loads(memo_path.read_text())["train"]["unreadable"]  # rebuilt
 
 
+@pytest.mark.parametrize("edit", ["unsorted", "every", "version_true"])
+def test_an_entry_of_skips_the_trainer_never_writes_is_damage(tmp_path, edit):
+    """Review of #25: indices out of order (a TFRecord split searches them as a sorted list,
+    so its bad records stayed in while the console said they were skipped), every example
+    unreadable (a start that found that wrote nothing: it ended), a version of `true`."""
+    from tests.test_hostile_data import bad_records, good_records, write_shards
+
+    shards = write_shards(tmp_path / "shards", good_records(4) + bad_records() + good_records(4), good_records())
+    memo_path = tmp_path / "unreadable.json"
+    config = DataConfig(source="tfrecord", path=str(shards), image_size=16, on_bad_image="skip", cache="none")
+    memo = SkipMemo(str(memo_path), quiet)
+    prepare_dataset(load_dataset(config, 0), config, quiet, memo)
+    memo.save()
+    saved = json.loads(memo_path.read_text())
+    assert saved["train"]["unreadable"] == [4, 5]
+    if edit == "unsorted":
+        saved["train"]["unreadable"] = [5, 4]
+    elif edit == "every":
+        saved["train"]["unreadable"] = list(range(10))
+    else:
+        saved["version"] = True
+    memo_path.write_text(json.dumps(saved))
+    lines: list[str] = []
+    dataset = prepare_dataset(load_dataset(config, 0), config, lines.append, SkipMemo(str(memo_path), lines.append))
+    assert any("damaged 'train' entry" in line or "not one this version wrote" in line for line in lines), lines
+    assert dataset.train.skipped == (4, 5)  # checked again
+    ordinals = [int(ordinal) for ordinal, _ in dataset.train.raw_records().as_numpy_iterator()]
+    assert ordinals == [0, 1, 2, 3, 6, 7, 8, 9]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("index", [True, False])
+def test_a_shard_that_cannot_be_opened_is_one_line_not_a_hang(tmp_path, index):
+    """Review of #25: a listed shard that is a broken link (or gone since it was listed)
+    made the skip pass spin forever (tf.data's ignore_errors retries the failed reader);
+    without a shards.json, counting it was a traceback."""
+    from tests.test_hostile_data import bad_records, good_records, write_shards
+
+    shards = write_shards(tmp_path / "shards", good_records(4) + bad_records(), good_records())
+    os.rename(shards / "train-00000-of-00001.tfrecord", shards / "train-00000-of-00002.tfrecord")
+    os.symlink(tmp_path / "nowhere.tfrecord", shards / "train-00001-of-00002.tfrecord")
+    if index:  # a third-party shards.json: counts, no sizes, so nothing opens the shard before the pass
+        listed = {"shards": ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"], "counts": [6, 3]}
+        test = {"shards": ["test-00000-of-00001.tfrecord"], "counts": [8]}
+        (shards / "shards.json").write_text(json.dumps({"train": listed, "test": test, "image_size": 16}))
+    config = DataConfig(source="tfrecord", path=str(shards), image_size=16, on_bad_image="skip", cache="none")
+    with pytest.raises(DataError) as err:
+        prepare_dataset(load_dataset(config, 0), config, quiet, SkipMemo(str(tmp_path / "unreadable.json"), quiet))
+    message = str(err.value)
+    assert "train-00001-of-00002.tfrecord" in message and "\n" not in message
+    assert ("is gone since it was listed" if index else "cannot read TFRecord shard") in message
+
+
+def test_a_streamed_file_deleted_mid_run_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Review of #25: tf.data reports a file gone since the start as NotFoundError, which
+    the loop let through as a traceback."""
+    from trainer import training
+
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=8)
+    gone = f"{root}/train/cat/{sorted(os.listdir(f'{root}/train/cat'))[0]}"
+    start_monitor = training._start_monitor
+
+    def start_then_delete(*args, **kwargs):  # the data is prepared and sampled: the loop is next
+        start_monitor(*args, **kwargs)
+        os.remove(gone)
+
+    monkeypatch.setattr(training, "_start_monitor", start_then_delete)
+    config = _config(root, "train.epochs=1", "data.cache=none", "data.batch_size=8")  # every file, in epoch 1
+    with pytest.raises(DataError) as err:
+        train(config, tmp_path / "run", echo=quiet)
+    assert f"cannot read image {gone}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_file_gone_bad_behind_kept_findings_is_named_with_advice_that_fits_skip(tmp_path):
+    """Under skip a resumed start trusts unreadable.json (same names, sizes and mtimes). A
+    file damaged in place behind its back (same size, mtime restored, as `cp -p` or bit rot
+    can) fails mid-run: the line names it and says what helps now; "set skip" would not."""
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=16)
+    _plant_bad_files(root)
+    config = _config(root, "train.epochs=2", "data.cache=none", "data.on_bad_image=skip")
+    os.environ["TRAINER_STOP_AT_STEP"] = "2"
+    try:
+        train(config, tmp_path / "run", echo=quiet)
+    finally:
+        del os.environ["TRAINER_STOP_AT_STEP"]
+    victim = tmp_path / "photos" / "train" / "ant" / sorted(os.listdir(tmp_path / "photos" / "train" / "ant"))[0]
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * stat.st_size)  # same size, not an image any more
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError) as err:
+        train(config, tmp_path / "run", echo=quiet)
+    message = str(err.value)
+    assert f"cannot read image {victim}" in message and "\n" not in message
+    assert "delete that unreadable.json" in message and "set data.on_bad_image=skip" not in message
+
+
+def test_fresh_deletes_the_kept_findings_so_every_image_is_checked_again(tmp_path):
+    from trainer.workdir import Workdir
+
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=8)
+    _plant_bad_files(root)
+    train(_config(root, "train.max_steps=1", "data.on_bad_image=skip"), tmp_path / "run", echo=quiet)
+    findings = tmp_path / "run" / "unreadable.json"
+    assert findings.is_file()
+    assert str(findings) in Workdir(tmp_path / "run").clear_training_state() and not findings.exists()
+
+
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
     huge = tmp_path / "photos" / "train" / "ant" / "zz-huge.png"

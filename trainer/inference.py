@@ -18,7 +18,7 @@ from trainer import files, storage
 from trainer.checkpoints import CheckpointStore
 from trainer.config import Config, apply_override, validate
 from trainer.data.decode import eval_view
-from trainer.data.diagnose import input_error
+from trainer.data.diagnose import input_culprit, input_error
 from trainer.data.image_file import read_image
 from trainer.data.info import DatasetInfo
 from trainer.data.plan import resolve_crop
@@ -103,6 +103,9 @@ def evaluate(
     except tf.errors.InvalidArgumentError as err:
         found = input_error(dataset, spec)  # the test split, checked whole
         raise found or DataError(f"cannot decode a test image: {files.short(err.message)}") from None
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as err:
+        # A test file deleted, moved or locked since it was listed, named; else the error as it was.
+        raise input_culprit(dataset, spec) or err from None
 
 
 def save_metrics(workdir: str | Path, metrics: EvalMetrics) -> tuple[str, bool]:

@@ -33,7 +33,7 @@ from trainer.config import Config, save_config
 from trainer.console import Console
 from trainer.data import Dataset, RecordSplit, Split, load_dataset
 from trainer.data.device import DeviceFeed, resolve_placement
-from trainer.data.diagnose import input_error, stream_ended_error
+from trainer.data.diagnose import input_culprit, input_error, stream_ended_error
 from trainer.data.info import DatasetInfo
 from trainer.data.pipeline import first_views, train_dataset_fn
 from trainer.data.plan import InputSpec, check_batch_divides, input_spec, steps_per_epoch
@@ -293,6 +293,10 @@ def _run_loop(run: Run, start_step: int, started: float) -> TrainResult:
         outcome = controller.run(state)
     except tf.errors.InvalidArgumentError as err:
         raise _input_error(run, state.step, err) from None
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as err:
+        # A streamed file or shard deleted, moved or locked since the start, named; else
+        # (a checkpoint's file, say) the error as it was.
+        raise _input_error(run, state.step, err, culprit_only=True) from None
     except tf.errors.OutOfRangeError as err:
         raise _input_ended(run, err) from None
     finally:
@@ -314,12 +318,13 @@ def _run_loop(run: Run, start_step: int, started: float) -> TrainResult:
     return result
 
 
-def _input_error(run: Run, step: int, err: tf.errors.InvalidArgumentError) -> Exception:
+def _input_error(run: Run, step: int, err: tf.errors.OpError, culprit_only: bool = False) -> Exception:
     """A decode failure in the streamed input, as one line naming the file or record: the
-    examples of the failed call's batches (two calls' worth, in case of an earlier failure)."""
+    examples of the failed call's batches (two calls' worth, in case of an earlier failure).
+    `culprit_only`: `err` itself unless a file or record is found failing."""
     parts = run.parts
     steps = range(step, min(step + 2 * run.config.train.steps_per_loop, parts.total_steps))
-    return input_error(parts.dataset, parts.spec, steps) or err
+    return (input_culprit if culprit_only else input_error)(parts.dataset, parts.spec, steps) or err
 
 
 def _input_ended(run: Run, err: tf.errors.OutOfRangeError) -> Exception:

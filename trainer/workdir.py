@@ -269,7 +269,8 @@ class Workdir:
         for folder in (tensorboard, storage.join(tensorboard, "train"), storage.join(tensorboard, "eval")):
             removed += _remove_matching(folder, _EVENT_FILES)
         removed += _remove_matching(storage.join(tensorboard, "plugins", "profile"), None, _PROFILE_RUNS)
-        for path in (self.metrics_path, self.path("metrics-evaluate.json")):
+        # unreadable.json too: starting over means checking every image again.
+        for path in (self.metrics_path, self.path("metrics-evaluate.json"), self.path("unreadable.json")):
             if storage.isfile(path):
                 storage.remove(path)
                 removed.append(path)

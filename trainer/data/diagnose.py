@@ -9,11 +9,13 @@ map that decodes and drops what fails.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
 
+from trainer import storage
 from trainer.data.decode import decode, image_problem, native_stderr_quiet, tf_reason
 from trainer.data.plan import InputSpec, batch_indices, epoch_records, steps_per_epoch
 from trainer.data.records import IMAGE_KEY, INDEX_FILE, LABEL_KEY, label_error, parse_record
@@ -22,6 +24,13 @@ from trainer.errors import DataError
 
 _FILE_FIX = "fix or remove it, or set data.on_bad_image=skip"
 _RECORD_FIX = "rewrite the shard without it, or set data.on_bad_image=skip"
+# A split data.on_bad_image=skip checked (split.checked): a file that fails now decoded
+# then (or unreadable.json in the workdir said so); setting skip again would not help.
+_SINCE_CHECKED = (
+    "it decoded when the images were checked at the start (or unreadable.json in the workdir said so); "
+    "fix or remove it and run again, or delete that unreadable.json to have every image checked again"
+)
+
 
 # --- one pass: which examples decode ---------------------------------------------------------
 
@@ -58,8 +67,24 @@ def readable_indices(split: FileSplit, indices: Iterable[int]) -> set[int]:
     return set(_decoding(*_file_items(split, indices)))
 
 
+def _gone_shard(split: RecordSplit) -> DataError | None:
+    """A local shard that cannot be opened any more (deleted or moved since it was listed,
+    a broken link): checked before a pass over records, whose ignore_errors would retry
+    opening it forever (tf.data drops the error and asks the same reader again)."""
+    for shard in split.shards:
+        if not storage.is_url(shard) and not os.path.isfile(path_bytes(shard)):
+            return DataError(
+                f"TFRecord shard {shard} is gone since it was listed (deleted, moved or a broken link); "
+                "copy it back and run again"
+            )
+    return None
+
+
 def unreadable_records(split: RecordSplit) -> list[int]:
     """Ordinals of the records whose image does not decode (one parallel pass)."""
+    gone = _gone_shard(split)
+    if gone:
+        raise gone
     readable = _decoding(split.raw_records(), _record_item)
     return [ordinal for ordinal in range(sum(split.counts)) if ordinal not in readable]
 
@@ -83,7 +108,8 @@ def first_unreadable(split: FileSplit, indices: Iterable[int]) -> DataError | No
     indices = list(indices)
     readable = readable_indices(split, indices)
     bad = [i for i in indices if i not in readable]
-    return DataError(f"{describe_unreadable(split.path(bad[0]))}; {_FILE_FIX}") if bad else None
+    fix = _SINCE_CHECKED if split.checked else _FILE_FIX
+    return DataError(f"{describe_unreadable(split.path(bad[0]))}; {fix}") if bad else None
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -117,6 +143,9 @@ def find_bad_record(split: RecordSplit, records: tf.data.Dataset) -> DataError |
 
     Two passes over these records only (the error path): one decodes in parallel and
     keeps what decodes, one finds the first that did not."""
+    gone = _gone_shard(split)
+    if gone:
+        return gone
     good = _decoding(records, _record_item)
     wrong = label_problem(split, np.fromiter(good.values(), np.int64), np.fromiter(good.keys(), np.int64))
     if wrong:
@@ -126,7 +155,8 @@ def find_bad_record(split: RecordSplit, records: tf.data.Dataset) -> DataError |
         for ordinal, raw in records.as_numpy_iterator():
             last = int(ordinal)
             if last not in good:
-                return DataError(f"{undecodable(split, last, raw)}; {_RECORD_FIX}")
+                fix = _SINCE_CHECKED if split.checked else _RECORD_FIX
+                return DataError(f"{undecodable(split, last, raw)}; {fix}")
     except tf.errors.OpError as err:  # the shard itself: cut short, or not TFRecord
         place = split.place(last + 1)
         return DataError(f"{place} cannot be read ({tf_reason(err.message)}); copy or write the shard again")
@@ -180,7 +210,8 @@ def _training_window(split: Examples, spec: InputSpec, steps: range) -> DataErro
     per_epoch = steps_per_epoch(len(split), spec.global_batch)
     epoch, in_epoch = divmod(steps.start, per_epoch)
     records = epoch_records(split, spec.seed, tf.constant(epoch, tf.int64), per_epoch * spec.global_batch)
-    return find_bad_record(split, records.skip(in_epoch * spec.global_batch).take(len(steps) * spec.global_batch))
+    window = records.skip(in_epoch * spec.global_batch).take(len(steps) * spec.global_batch)
+    return find_bad_record(split, window)
 
 
 def input_error(dataset: Dataset, spec: InputSpec, steps: range = range(0)) -> DataError | None:
@@ -192,5 +223,10 @@ def input_error(dataset: Dataset, spec: InputSpec, steps: range = range(0)) -> D
     train, test = dataset.train, dataset.test
     if isinstance(train, Split) and isinstance(test, Split):
         return None
-    found = _training_window(train, spec, steps) or _whole_split(test)
-    return found or _blameless(train if not isinstance(train, Split) else test)
+    return input_culprit(dataset, spec, steps) or _blameless(train if not isinstance(train, Split) else test)
+
+
+def input_culprit(dataset: Dataset, spec: InputSpec, steps: range = range(0)) -> DataError | None:
+    """The file or record `input_error` would name, or None when none of them fails now:
+    for errors that need not come from the input (a file not found may be a checkpoint's)."""
+    return _training_window(dataset.train, spec, steps) or _whole_split(dataset.test)

@@ -113,8 +113,8 @@ def first_views(examples: Examples, spec: InputSpec, count: int, training: bool)
     slices = _first_slices(examples, count)
     try:
         batch = next(iter(ExampleLoader(examples, spec).batches(slices, training)))
-    except tf.errors.InvalidArgumentError:
-        raise window_error(examples, range(count)) from None
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError):
+        raise window_error(examples, range(count)) from None  # a bad file, or one gone since it was listed
     return batch[0].numpy(), batch[1].numpy()
 
 

@@ -309,23 +309,24 @@ def _say_skipped(split: FileSplit, readable, name: str, say: Say, earlier: str =
     when = f" (found at an earlier start: {earlier})" if earlier else ""
     if len(readable) == len(split):
         say(f"Checked the {len(split)} {name} images: all decode{when}")
-        return split
+        return replace(split, checked=True)
     kept = set(readable.tolist())
     bad = [i for i in range(len(split)) if i not in kept]
     listed = ", ".join(shown(split.path(i)) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip{when}): {listed}")
     if len(readable) == 0:
         raise DataError(
-            f"none of the {len(split)} {name} images can be decoded, so there is nothing to train on "
+            f"none of the {len(split)} {name} images can be decoded, so there is nothing to "
+            f"{'train on' if name == 'train' else 'evaluate'} "
             f"({describe_unreadable(split.path(0))})"
         )
-    return split.subset(readable)
+    return replace(split.subset(readable), checked=True)
 
 
 def _without_records(split: RecordSplit, bad: list[int], name: str, say: Say, earlier: str = "") -> RecordSplit:
     """data.on_bad_image=skip for shards: the records that do not decode left out, and named."""
     if not bad:
-        return split
+        return replace(split, checked=True)
     if len(bad) == sum(split.counts):
         first = next(split.raw_records().take(1).as_numpy_iterator())
         raise DataError(
@@ -337,4 +338,4 @@ def _without_records(split: RecordSplit, bad: list[int], name: str, say: Say, ea
     )
     when = f"; found at an earlier start: {earlier}" if earlier else ""
     say(f"Warning: skipping {len(bad)} unreadable {name} record(s) (data.on_bad_image=skip{when}): {places}")
-    return replace(split, skipped=tuple(bad))
+    return replace(split, skipped=tuple(bad), checked=True)

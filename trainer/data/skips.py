@@ -6,7 +6,8 @@ and shards, sizes and modification times) and the indices (files) or ordinals (r
 that did not decode. It is used only when the fingerprint matches; anything else (another
 listing, a file changed, a damaged or foreign file) is said and the images are checked
 again. Keeping the first run's findings also keeps its batches: the same examples are left
-out after every resume, even if a bad file was since repaired.
+out after every resume, even one that failed only by chance (a read error of a file that
+has not changed since); a file repaired since is changed, so the images are checked again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ def fingerprint(split: Examples) -> str | None:
     object store: a request per file), so nothing is remembered for it."""
     digest = hashlib.sha256()
     if isinstance(split, RecordSplit):
-        for shard, count, size in zip(split.shards, split.counts, _sizes(split.shards)):
+        try:
+            sizes = _sizes(split.shards)
+        except OSError:
+            return None  # gone since it was listed: reading it names it
+        for shard, count, size in zip(split.shards, split.counts, sizes):
             digest.update(f"{shard}\0{count}\0{size}\n".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
     if not isinstance(split, FileSplit) or any(storage.is_url(folder) for folder in split.folders):
@@ -57,20 +62,26 @@ class SkipMemo:
     say: Say
     _entries: dict | None = field(default=None, init=False)
     _changed: bool = field(default=False, init=False)
+    # The fingerprint `known` took of each split, for `remember` (split, fingerprint).
+    _taken: dict = field(default_factory=dict, init=False)
 
     def known(self, name: str, split: Examples) -> list[int] | None:
-        """The unreadable indices found for this very listing at an earlier start, or None."""
-        entry = self._read().get(name)
-        if entry is None:
-            return None
+        """The unreadable indices found for this very listing at an earlier start, or None.
+        The listing's fingerprint is taken here, before any pass decodes it, and is the one
+        `remember` keeps: a file changed during that pass makes the next start check again."""
         found = fingerprint(split)
-        if found is None or entry["fingerprint"] != found or entry["listed"] != _listed(split):
+        entry = self._read().get(name)
+        if entry is not None and (entry["fingerprint"], entry["listed"]) == (found, _listed(split)):
+            return entry["unreadable"]  # found is a fingerprint: the entry's is a string
+        if entry is not None:
             self.say(f"The {name} images differ from those {self.path} describes: checking them again")
-            return None
-        return entry["unreadable"]
+        self._taken[name] = (split, found)
+        return None
 
     def remember(self, name: str, split: Examples, unreadable: list[int]) -> None:
-        found = fingerprint(split)
+        taken, found = self._taken.pop(name, (None, None))
+        if taken is not split:
+            found = fingerprint(split)
         if found is None:
             return
         entries = dict(self._read())
@@ -101,7 +112,7 @@ def _listed(split: Examples) -> int:
 def _valid_entries(raw: object, path: str, say: Say) -> dict:
     """The entries of a parsed unreadable.json whose every value has its type and range;
     a file with anything else is said and left out (checked again, then rewritten)."""
-    if not isinstance(raw, dict) or raw.get("version") != _VERSION:
+    if not isinstance(raw, dict) or not files.integer_in(raw.get("version"), _VERSION, _VERSION):
         say(f"Warning: {path} is not one this version wrote; checking the images again")
         return {}
     entries = {}
@@ -117,11 +128,16 @@ def _valid_entries(raw: object, path: str, say: Say) -> dict:
 
 
 def _valid_entry(entry: object) -> bool:
+    """As `remember` writes one: indices in the listing, strictly increasing (a TFRecord
+    split's skipped ordinals are searched as a sorted list), and not every example (a start
+    that found none decodable ended there, and wrote nothing)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("fingerprint"), str):
         return False
     listed, unreadable = entry.get("listed"), entry.get("unreadable")
     if not files.integer_in(listed, 0, 2**40) or not isinstance(unreadable, list):
         return False
-    return all(files.integer_in(index, 0, listed - 1) for index in unreadable) and len(set(unreadable)) == len(
-        unreadable
+    if unreadable and len(unreadable) >= listed:
+        return False
+    return all(files.integer_in(index, 0, listed - 1) for index in unreadable) and all(
+        earlier < later for earlier, later in zip(unreadable, unreadable[1:])
     )

@@ -65,6 +65,9 @@ class FileSplit:
     folders: list[str]
     names: list[str]
     labels: np.ndarray
+    # Every file decoded when data.on_bad_image=skip checked them (a file that fails later
+    # went bad since: the advice differs).
+    checked: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,10 +89,10 @@ class FileSplit:
     def limited(self, limit: int) -> FileSplit:
         if not limit or limit >= len(self):
             return self
-        return FileSplit(self.folders, self.names[:limit], self.labels[:limit])
+        return replace(self, names=self.names[:limit], labels=self.labels[:limit])
 
     def subset(self, keep: np.ndarray) -> FileSplit:
-        return FileSplit(self.folders, [self.names[i] for i in keep], self.labels[keep])
+        return replace(self, names=[self.names[i] for i in keep], labels=self.labels[keep])
 
     def paths(self) -> tf.Tensor:
         """The full paths as one string tensor: folder of the label + "/" + name, as the
@@ -111,6 +114,8 @@ class RecordSplit:
     num_classes: int = 0
     # Each shard's (smallest, largest) label, when a counting pass read them.
     label_ranges: list[tuple[int, int]] | None = None
+    # Every record kept decoded when data.on_bad_image=skip checked them.
+    checked: bool = False
 
     def __len__(self) -> int:
         return sum(self.counts) - len(self.skipped)

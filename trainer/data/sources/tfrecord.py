@@ -192,6 +192,8 @@ def _count_shard(path: str) -> tuple[int, int, int]:
         raise DataError(
             f"TFRecord shard {path} is damaged ({tf_reason(err.message)}); copy or write it again"
         ) from None
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as err:  # a broken link, no permission
+        raise DataError(f"cannot read TFRecord shard {path} ({tf_reason(err.message)}); copy it again") from None
     except tf.errors.OpError as err:  # no network mid-count: one line, as at the first read
         unreachable = storage.unreachable(err, path)
         if unreachable is None:
