@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from launch.cli import cli
 from trainer.config import Config, apply_override, describe_keys, hyperparameter_items, load_config, save_config
 from trainer.config.loading import to_dict
+from trainer.data.plan import check_batch_divides
 from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,3 +309,20 @@ def test_the_recipes_sharing_a_base_resolve_as_before(name, width):
         expected[section] = {**expected[section], **values} if isinstance(values, dict) else values
     expected["model"]["width"] = width
     assert to_dict(load_config(REPO / "configs" / f"{name}.yaml")) == expected
+
+
+def test_accumulation_must_cut_the_batch_evenly_and_min_delta_needs_a_patience():
+    with pytest.raises(
+        ConfigError, match=r"data.batch_size=64 must be divisible by optimizer.gradient_accumulation_steps=3"
+    ):
+        load_config(None, ["data.batch_size=64", "optimizer.gradient_accumulation_steps=3"])
+    # Per replica too, once their number is known: 24 = 2 replicas x 12, not x 8 micro-batches.
+    with pytest.raises(ConfigError, match=r"divisible by the 2 replicas x 8 micro-batches .*; use a multiple of 16"):
+        check_batch_divides(24, 2, 8)
+    check_batch_divides(32, 2, 8)
+    with pytest.raises(
+        ConfigError, match="train.early_stopping_min_delta does nothing without train.early_stopping_patience"
+    ):
+        load_config(None, ["train.early_stopping_min_delta=0.01"])
+    config = load_config(None, ["train.early_stopping_patience=3", "train.early_stopping_min_delta=0.01"])
+    assert (config.train.early_stopping_patience, config.optimizer.gradient_accumulation_steps) == (3, 1)

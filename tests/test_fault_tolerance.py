@@ -425,3 +425,36 @@ def test_sigkill_at_random_moments_never_loses_the_workdir(tmp_path, kills):
     assert final.returncode == 0, output
     assert "Resuming from" in output and checkpoint_steps(workdir / "checkpoints")[0] == KILL_TOTAL
     print(f"SIGKILL: {survived} of {tried} kills survived")  # for the bench note (pytest -s)
+
+
+def test_early_stopping_counts_on_across_a_stop_and_resume_bit_for_bit(tmp_path, monkeypatch):
+    """A run stopped after its second evaluation resumes with its count (in the checkpoint):
+    it stops early at the same step as a straight run, with the same weights and scalars."""
+    # 4 steps per epoch, 20 in all. min_delta=1: after the first evaluation nothing is a gain,
+    # so the count is 1 at step 8 and 2 at step 12, where the run stops.
+    config = smoke_config(
+        "data.synthetic_train_size=256",
+        "data.synthetic_test_size=64",
+        "model.width=8",
+        "train.epochs=5",
+        "train.steps_per_loop=2",
+        "checkpoint.every_steps=0",
+        "runtime.deterministic=true",
+        "train.early_stopping_patience=2",
+        "train.early_stopping_min_delta=1",
+    )
+    straight = train(config, tmp_path / "straight", echo=quiet)
+    assert (straight.stopped_by, straight.step) == ("early_stopping", 12)
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setenv("TRAINER_STOP_AT_STEP", "9")  # inside a call, after the second evaluation
+    assert train(config, interrupted, echo=quiet).stopped_by == "TRAINER_STOP_AT_STEP"
+    monkeypatch.delenv("TRAINER_STOP_AT_STEP")
+    lines: list[str] = []
+    resumed = train(config, interrupted, echo=lines.append)
+    # Without the count from the checkpoint it would be 1 at step 12, and the run would go on.
+    assert (resumed.stopped_by, resumed.step, resumed.exit_code) == ("early_stopping", 12, 0)
+    assert any(
+        line.startswith("Early stopping at step 12 of 20: no accuracy gain of >= 100.00% in the last 2 evaluations")
+        for line in lines
+    ), lines
+    _assert_same_run(tmp_path / "straight", interrupted, step=12)

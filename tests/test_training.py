@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -6,7 +7,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util.tensor_util import make_ndarray
 
 from tests.conftest import SMALL_FLOAT16_RUN, smoke_config
+from trainer.checkpoints import checkpoint_steps
 from trainer.errors import ConfigError
+from trainer.models import build_model, model_summary
 from trainer.training import train
 
 
@@ -132,3 +135,73 @@ def test_mixed_float16_uses_loss_scaling(tmp_path):
     result = train(config, tmp_path, echo=lambda _: None)
     assert np.isfinite(result.final_eval.loss)
     assert _scalars(tmp_path / "tensorboard" / "train", "loss")[-1][1] < 10
+
+
+# --- #28 item 2: early stopping, the model line ---------------------------------------------
+
+# 4 steps per epoch, an evaluation at each epoch's end, 16 steps. A learning rate of 0 is
+# refused (it must be > 0); at 1e-12 the weights move by ~1e-13, so every evaluation scores
+# the same and none is a gain.
+NO_PROGRESS = (
+    "data.synthetic_train_size=256",
+    "data.synthetic_test_size=64",
+    "model.width=4",
+    "train.epochs=4",
+    "train.steps_per_loop=4",
+    "checkpoint.every_steps=0",
+    "optimizer.learning_rate=1e-12",
+)
+_EARLY_LINE = (
+    r"Early stopping at step 8 of 16: no accuracy gain in the last evaluation "
+    r"\(best (\d+\.\d\d)% at step 4\); checkpoint saved"
+)
+
+
+def test_early_stopping_ends_a_run_without_gains_saved_and_a_resume_has_nothing_to_do(tmp_path):
+    lines: list[str] = []
+    result = train(smoke_config(*NO_PROGRESS, "train.early_stopping_patience=1"), tmp_path, echo=lines.append)
+    # The second evaluation (step 8) gained nothing over the first: the run ends there, as planned.
+    assert (result.stopped_by, result.step, result.exit_code) == ("early_stopping", 8, 0)
+    said = [line for line in lines if line.startswith("Early stopping")]
+    assert len(said) == 1 and re.fullmatch(_EARLY_LINE, said[0]), lines
+    assert f"{result.final_eval.accuracy:.2%}" == re.fullmatch(_EARLY_LINE, said[0])[1] + "%"
+    assert checkpoint_steps(tmp_path / "checkpoints")[0] == 8
+    assert not any(line.startswith(("Stopped by", "Epoch 3/4")) for line in lines)
+    assert any(line.startswith("Done.") for line in lines)  # the closing table of a finished run
+    lines = []
+    again = train(smoke_config(*NO_PROGRESS, "train.early_stopping_patience=1"), tmp_path, echo=lines.append)
+    assert (again.stopped_by, again.step, again.exit_code) == ("early_stopping", 8, 0)
+    assert any(
+        line.startswith("Already stopped early at step 8: no accuracy gain in the last evaluation (best ")
+        and line.endswith(
+            "; nothing to do (raise train.early_stopping_patience or set it to 0 to train on, or use --fresh)"
+        )
+        for line in lines
+    ), lines
+    assert checkpoint_steps(tmp_path / "checkpoints")[0] == 8
+    # A larger patience trains on from the checkpoint's count (1): 2 at step 12, 3 at the end.
+    lines = []
+    more = train(smoke_config(*NO_PROGRESS, "train.early_stopping_patience=3"), tmp_path, echo=lines.append)
+    assert (more.stopped_by, more.step) == (None, 16) and not any("Early stopping" in line for line in lines)
+
+
+def test_without_a_patience_the_same_run_goes_to_the_end_and_names_its_model(tmp_path):
+    lines: list[str] = []
+    result = train(smoke_config(*NO_PROGRESS), tmp_path, echo=lines.append)
+    assert (result.stopped_by, result.step, result.exit_code) == (None, 16, 0)
+    assert not any("Early stopping" in line for line in lines)
+    model = build_model("paper_cnn", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
+    count = model.count_params()
+    size = count * 4 / 1e6  # float32
+    assert f"Model: paper_cnn, {count:,} parameters ({count:,} trainable), {size:.1f} MB float32" in lines
+
+
+def test_the_model_line_counts_trainable_and_frozen_weights():
+    model = build_model("resnet_small", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)  # BatchNorm's statistics
+    assert frozen > 0
+    total = trainable + frozen
+    assert model_summary(model, "resnet_small") == (
+        f"resnet_small, {total:,} parameters ({trainable:,} trainable), {total * 4 / 1e6:.1f} MB float32"
+    )

@@ -71,6 +71,7 @@ class CheckpointStore:
         num_replicas: int = 1,
         save_directory: str | os.PathLike | None = None,
         extra: dict[str, Any] | None = None,
+        optional: frozenset[str] = frozenset(),
         warn: Say = print,
         uploads: CheckpointUploads | None = None,
     ) -> None:
@@ -81,6 +82,9 @@ class CheckpointStore:
             sums, the lookahead's slow weights. `save(values=...)` assigns new values to
             these variables by the same names. A name is what a checkpoint stores, so
             renaming one breaks the restore of older checkpoints.
+        optional: names of `extra` variables that checkpoints written before they were
+            added lack: such a checkpoint restores without them, and they keep the value
+            they were made with.
         uploads: save into its local staging folder, and upload from there to `directory`
             behind training (remote workdirs; trainer.staging).
         """
@@ -104,6 +108,7 @@ class CheckpointStore:
         if clashes:
             raise ValueError(f"extra checkpoint state may not reuse the store's own names: {clashes}")
         objects.update(self.extra)
+        self._objects, self._optional = objects, {name: self.extra[name].numpy() for name in optional}
         self._for_training = optimizer is not None
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
@@ -194,7 +199,7 @@ class CheckpointStore:
 
     def _restore_path(self, path: str) -> None:
         try:
-            status = self.checkpoint.restore(path)
+            status = self._checkpoint_for(path).restore(path)
             if self._for_training:
                 status.assert_existing_objects_matched()
             else:
@@ -207,9 +212,28 @@ class CheckpointStore:
         self.restored_replicas = int(self.replicas.numpy())
         self.replicas.assign(self._num_replicas)
 
+    def _checkpoint_for(self, path: str) -> tf.train.Checkpoint:
+        """What restores `path`: without the optional variables it lacks, which are reset
+        to their first value (an unreadable newer checkpoint may have half-restored them)."""
+        if not self._optional:
+            return self.checkpoint
+        try:  # the reader itself: tf.train.list_variables takes a ram:// prefix for a folder
+            names = tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
+        except tf.errors.OpError:
+            return self.checkpoint  # unreadable: the restore below says so, as for any checkpoint
+        held = {name.split("/")[0] for name in names}
+        lacking = [name for name in self._optional if name not in held]
+        if not lacking:
+            return self.checkpoint
+        for name in lacking:
+            self.extra[name].assign(self._optional[name])
+        return tf.train.Checkpoint(**{name: value for name, value in self._objects.items() if name not in lacking})
+
     def save(self, step: int, epoch: int, values: Mapping[str, Any] | None = None) -> str:
         """Write a checkpoint of `step`; `values`: new values of `extra` variables, by name."""
         self._set_position(step, epoch, values)
+        if self.uploads is not None:
+            self.uploads.make_room()  # this save deletes the oldest staged checkpoint: uploaded by now
         saved = self.manager.save(checkpoint_number=step)
         if self.uploads is None:
             return saved

@@ -260,3 +260,14 @@ def describe_models(image_size: int = 224, num_classes: int = 10) -> Iterator[Mo
         origin = f"keras.applications.{BACKBONES[name].application}" if is_backbone(name) else "ours"
         yield ModelDescription(name, origin, model.count_params(), forward_flops_per_example(model))
         keras.backend.clear_session(free_memory=False)
+
+
+def model_summary(model: keras.Model, name: str) -> str:
+    """`paper_cnn, 612,122 parameters (612,122 trainable), 2.4 MB float32`: the model as a
+    run's start line and the dry run's plan name it (its trainable part as it is now)."""
+    weights = list(model.weights)
+    total = model.count_params()
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    size = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in weights) / 1e6
+    dtypes = "/".join(sorted({str(w.dtype) for w in weights})) or "no weights"
+    return f"{name}, {total:,} parameters ({trainable:,} trainable), {size:.1f} MB {dtypes}"

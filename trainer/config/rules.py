@@ -34,6 +34,7 @@ def check_rules(config: Config) -> None:
     if config.tensorboard.profile_steps:
         profile_range(config.tensorboard.profile_steps)
     _check_fine_tuning(config)
+    _check_accumulation_and_early_stopping(config)
     if config.data.source in ("folder", "tfrecord") and not config.data.path:
         what = "train/<class>/ and test/<class>/, or <class>/" if config.data.source == "folder" else "TFRecord shards"
         raise ConfigError(f"data.source={config.data.source} needs data.path (a folder with {what})")
@@ -62,6 +63,21 @@ def _check_weight_decay(optimizer: OptimizerConfig) -> None:
             f"optimizer.weight_decay must be < {limit:g} (1/optimizer.learning_rate: each step removes "
             f"learning_rate * weight_decay of every weight), got {shown(optimizer.weight_decay)}; "
             f"the range is [0, {limit:g})"
+        )
+
+
+def _check_accumulation_and_early_stopping(config: Config) -> None:
+    steps, batch = config.optimizer.gradient_accumulation_steps, config.data.batch_size
+    if batch % steps:
+        raise ConfigError(
+            f"data.batch_size={batch} must be divisible by optimizer.gradient_accumulation_steps={steps} (each "
+            f"update sums {steps} micro-batches of equal size); use a batch size that is a multiple of {steps}"
+        )
+    train = config.train
+    if train.early_stopping_min_delta and not train.early_stopping_patience:
+        raise ConfigError(
+            "train.early_stopping_min_delta does nothing without train.early_stopping_patience (0 = no early "
+            "stopping); set a patience, or leave the min_delta out"
         )
 
 

@@ -262,6 +262,14 @@ class OptimizerConfig:
     lookahead_decay: float = bounded(
         0.95, above=0, below=1, help="Lookahead: the slow copy's decay (closer to 1: it follows more slowly)."
     )
+    # data.batch_size stays the batch of one update (so steps, epochs and the LR schedule
+    # count updates); each replica's share goes through the model as N micro-batches.
+    gradient_accumulation_steps: int = bounded(
+        1,
+        minimum=1,
+        maximum=1024,
+        help="Sum the gradients of N micro-batches per update (1 = off); steps and the LR count updates.",
+    )
 
 
 @dataclass
@@ -297,6 +305,13 @@ class TrainConfig:
     # skip_step: as loss scaling does for overflowing gradients.
     nan_policy: str = choice(
         "stop", "stop", "skip_step", help="A non-finite loss: stop (keeping the last good checkpoint) or skip it."
+    )
+    early_stopping_patience: int = bounded(
+        0, minimum=0, maximum=100_000, help="Stop after N evaluations in a row without a test accuracy gain (0 = off)."
+    )
+    # A fraction, as accuracies are: 0.005 is half a percentage point.
+    early_stopping_min_delta: float = bounded(
+        0.0, minimum=0, maximum=1, help="The smallest rise over the best accuracy so far that counts as a gain."
     )
 
 

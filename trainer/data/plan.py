@@ -77,11 +77,18 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return steps
 
 
-def check_batch_divides(global_batch: int, num_replicas: int) -> None:
+def check_batch_divides(global_batch: int, num_replicas: int, micro_batches: int = 1) -> None:
+    """Each replica's share of the batch is whole, and cuts into `micro_batches` equal ones."""
     if global_batch % num_replicas:
         raise ConfigError(
             f"data.batch_size={global_batch} must be divisible by the {num_replicas} replicas; "
             f"use a multiple of {num_replicas}"
+        )
+    parts = num_replicas * micro_batches
+    if global_batch % parts:
+        raise ConfigError(
+            f"data.batch_size={global_batch} must be divisible by the {num_replicas} replicas x {micro_batches} "
+            f"micro-batches (optimizer.gradient_accumulation_steps); use a multiple of {parts}"
         )
 
 

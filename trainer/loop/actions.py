@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from trainer import files, storage
 from trainer.checkpoints import CheckpointStore
+from trainer.config import TrainConfig
 from trainer.console import Console, progress_bar
 from trainer.evaluation import EvalMetrics, Evaluator
 from trainer.loop.schedule import Due, SaveClock, Schedule
@@ -25,6 +26,25 @@ from trainer.optim import averaged_weights, current_learning_rate, finalize_aver
 from trainer.say import Say
 from trainer.summaries import scalar_at
 from trainer.sums import NUM_SUMS, StepSums
+
+
+@dataclass
+class Plateau:
+    """Early stopping's count: the best evaluation accuracy so far, its step, and how many
+    evaluations since brought no gain (-1.0 and -1: no evaluation yet)."""
+
+    best_accuracy: float = -1.0
+    best_step: int = -1
+    without_gain: int = 0
+
+    def values(self) -> np.ndarray:
+        """As the checkpoint holds it: float64, which keeps the accuracy and the counts exact."""
+        return np.array([self.best_accuracy, self.best_step, self.without_gain], np.float64)
+
+    @classmethod
+    def of(cls, values) -> Plateau:
+        accuracy, step, count = (float(value) for value in np.asarray(values))
+        return cls(accuracy, int(step), int(count))
 
 
 @dataclass
@@ -44,23 +64,35 @@ class LoopState:
     best_accuracy: float = -1.0
     epoch_sums: np.ndarray = field(default_factory=StepSums.zeros)
     images_per_second: float = 0.0
+    plateau: Plateau = field(default_factory=Plateau)
+    stopped_by: str | None = None  # EARLY_STOPPING once the early stopping rule ended the run
 
 
 # The loop's part of every checkpoint, by its object name there. Checkpoints have always
 # held the window's sums under this name (the store made the variable before #25): never
 # rename it, or older checkpoints no longer restore.
 WINDOW_SUMS = "window_sums"
+# Early stopping's Plateau, since #28. Checkpoints written before lack it: the store
+# restores them without it (CheckpointStore(optional=...)), and the count starts afresh.
+PLATEAU = "early_stopping"
+ADDED_LATER = frozenset({PLATEAU})
+# TrainResult.stopped_by of a run the early stopping rule ended: it finished as planned.
+EARLY_STOPPING = "early_stopping"
 
 
 def checkpointed_state() -> dict[str, tf.Variable]:
     """The variables the loop needs back on resume, for CheckpointStore(extra=...): the
     StepSums of the logging window in flight, so a resumed run logs the window's means as
-    a straight run does. `checkpoint_values(state)` gives what each save writes to them."""
-    return {WINDOW_SUMS: tf.Variable(tf.zeros([NUM_SUMS]), trainable=False, name=WINDOW_SUMS)}
+    a straight run does, and early stopping's count, so it counts on. `checkpoint_values(state)`
+    gives what each save writes to them."""
+    return {
+        WINDOW_SUMS: tf.Variable(tf.zeros([NUM_SUMS]), trainable=False, name=WINDOW_SUMS),
+        PLATEAU: tf.Variable(Plateau().values(), trainable=False, name=PLATEAU),
+    }
 
 
 def checkpoint_values(state: LoopState) -> dict[str, np.ndarray]:
-    return {WINDOW_SUMS: state.window_sums}
+    return {WINDOW_SUMS: state.window_sums, PLATEAU: state.plateau.values()}
 
 
 def restored_window_sums(store: CheckpointStore) -> np.ndarray:
@@ -102,6 +134,28 @@ def resumed_state(store: CheckpointStore, step: int, eval_logdir: str, warn: Say
         saved_step=step,
         best_step=best_step,
         best_accuracy=best_accuracy,
+        plateau=Plateau.of(store.extra[PLATEAU].numpy()),
+    )
+
+
+def stopped_early(store: CheckpointStore, train: TrainConfig) -> str | None:
+    """What a resumed run says when the checkpoint it restored had already stopped early
+    (its count reached train.early_stopping_patience), or None."""
+    plateau = Plateau.of(store.extra[PLATEAU].numpy())
+    if not train.early_stopping_patience or plateau.without_gain < train.early_stopping_patience:
+        return None
+    return (
+        f"Already stopped early at step {int(store.step.numpy())}: {_no_gain(plateau, train.early_stopping_min_delta)}"
+        "; nothing to do (raise train.early_stopping_patience or set it to 0 to train on, or use --fresh)"
+    )
+
+
+def _no_gain(plateau: Plateau, min_delta: float) -> str:
+    gain = f" of >= {min_delta:.2%}" if min_delta else ""
+    evaluations = "evaluation" if plateau.without_gain == 1 else f"{plateau.without_gain} evaluations"
+    return (
+        f"no accuracy gain{gain} in the last {evaluations} "
+        f"(best {plateau.best_accuracy:.2%} at step {plateau.best_step})"
     )
 
 
@@ -247,6 +301,44 @@ class EvalContext:
     keep_best: bool
     tta: str
     images_for_misclassified: tuple[np.ndarray, np.ndarray] | None
+
+
+class EarlyStopping:
+    """train.early_stopping_patience: `patience` evaluations in a row without a gain end the run.
+
+    A gain is an accuracy above the best so far by at least `min_delta` (and by something:
+    an equal accuracy is no gain). Runs after the evaluation and before SaveCheckpoint, so
+    the checkpoint of that step holds the count and a resumed run counts on; it stops
+    through the workers' stop vote (trainer.loop.step.Votes), which every worker agrees on
+    before the next step, as on a signal. Not at the run's last step: the run ends there
+    anyway. `announce`, after the save, says why the run ended.
+    """
+
+    def __init__(self, train: TrainConfig, total_steps: int, stop_vote: tf.Variable, store: CheckpointStore, say: Say):
+        self.patience, self.min_delta = train.early_stopping_patience, train.early_stopping_min_delta
+        self.total_steps, self.stop_vote, self.store, self.say = total_steps, stop_vote, store, say
+
+    def __call__(self, step: int, state: LoopState) -> None:
+        if not state.due.evaluate or state.last_eval is None:
+            return
+        single_view = state.single_view_accuracy  # the final evaluation's, when eval.tta replaced it
+        accuracy = state.last_eval.accuracy if single_view is None else single_view
+        best = state.plateau.best_accuracy
+        if accuracy > best and accuracy - best >= self.min_delta:
+            state.plateau = Plateau(accuracy, step, 0)
+        else:
+            state.plateau.without_gain += 1
+        if state.plateau.without_gain >= self.patience and step < self.total_steps:
+            state.stopped_by, state.save = EARLY_STOPPING, True
+            self.stop_vote.assign(True)
+
+    def announce(self, step: int, state: LoopState) -> None:
+        if state.stopped_by == EARLY_STOPPING and state.saved_step == step:
+            self.store.wait_for_uploads()  # "saved" only once it is in the workdir
+            self.say(
+                f"Early stopping at step {step} of {self.total_steps}: "
+                f"{_no_gain(state.plateau, self.min_delta)}; checkpoint saved"
+            )
 
 
 class SaveCheckpoint:

@@ -54,7 +54,7 @@ def build_controller(
         ),
         batches_for=lambda step: device_feed.plan(step) if device_feed else iterator,
         schedule=schedule,
-        actions=_actions(run, monitor, schedule, clock, progress, profiler),
+        actions=_actions(run, monitor, schedule, clock, progress, profiler, votes),
         progress=progress,
         profiler=profiler,
         votes=votes,
@@ -103,11 +103,18 @@ def _step_options(run: Run, device_feed: DeviceFeed | None) -> StepOptions:
         lookahead=run.parts.lookahead,
         device_feed=device_feed,
         agree_on_save=bool(config.checkpoint.every_minutes),
+        accumulation_steps=config.optimizer.gradient_accumulation_steps,
     )
 
 
 def _actions(
-    run: Run, monitor: Monitor, schedule: Schedule, clock: SaveClock, progress: act.Progress, profiler: act.Profiler
+    run: Run,
+    monitor: Monitor,
+    schedule: Schedule,
+    clock: SaveClock,
+    progress: act.Progress,
+    profiler: act.Profiler,
+    votes: Votes,
 ) -> list:
     """The side effects between calls, in the order they run."""
     config, runtime, parts = run.config, run.runtime, run.parts
@@ -144,12 +151,16 @@ def _actions(
     histograms = (
         [act.Histograms(monitor, parts.model, test_images[:64].astype(np.float32))] if wants_test_images else []
     )
+    early = act.EarlyStopping(config.train, parts.total_steps, votes.stop, run.store, run.console.info)
+    early_stopping = config.train.early_stopping_patience > 0
     return [
         act.LogScalars(monitor, parts.optimizer, schedule, config.data.batch_size, flops_per_step, peak),
         *histograms,
         progress,
         act.FinalizeAveragedWeights(parts.model, parts.optimizer),
         act.EvaluateAndKeepBest(evaluation),
+        *([early] if early_stopping else []),  # before the save: the checkpoint holds its count
         act.SaveCheckpoint(run.store, parts.per_epoch, clock),
+        *([early.announce] if early_stopping else []),
         profiler,
     ]

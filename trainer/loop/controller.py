@@ -23,7 +23,7 @@ import tensorflow as tf
 from trainer.console import Speed
 from trainer.errors import DivergedError
 from trainer.evaluation import EvalMetrics
-from trainer.loop.actions import LoopState, Progress
+from trainer.loop.actions import EARLY_STOPPING, LoopState, Progress
 from trainer.loop.schedule import SaveClock, Schedule
 from trainer.loop.step import Votes
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
@@ -46,11 +46,18 @@ class TrainResult:
     images_per_second: float
     final_eval: EvalMetrics | None
     workdir: str
-    stopped_by: str | None = None  # "SIGTERM"/"SIGINT"/... when interrupted before the end
+    # "SIGTERM"/"SIGINT"/... when interrupted before the end; "early_stopping" (EARLY_STOPPING)
+    # when train.early_stopping_patience ended it, as planned.
+    stopped_by: str | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped before the end, to be resumed (not by early stopping, which is a finish)."""
+        return self.stopped_by not in (None, EARLY_STOPPING)
 
     @property
     def exit_code(self) -> int:
-        return EXIT_PREEMPTED if self.stopped_by else 0
+        return EXIT_PREEMPTED if self.interrupted else 0
 
 
 @dataclass
@@ -102,12 +109,12 @@ class Controller:
                 self.save_on_stop(state.step, state)  # a second signal here still exits at once
         stopped_by = None
         if stopped and state.step < self.schedule.total_steps:  # a late signal changes nothing
-            stopped_by = stop.signal_name or self._why_stopped()
+            stopped_by = state.stopped_by or stop.signal_name or self._why_stopped()
         return Outcome(state, speed.mean, stopped_by)
 
     def _one_call(self, worker: ThreadPoolExecutor, state: LoopState, speed: Speed, stop_at) -> bool:
         """One compiled call and the actions due after it; returns whether the workers stopped."""
-        if not self.progress.in_epoch:
+        if not self.progress.in_epoch and not state.stopped_by:  # no epoch starts once an action stopped
             self.progress.start_epoch(state.step, state)
         call_end = self.schedule.call_end(state.step)
         tick = time.perf_counter()

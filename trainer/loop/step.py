@@ -39,6 +39,8 @@ class StepOptions:
     lookahead: run after every step with the global step.
     device_feed: data.placement=device: batches are made on the replicas.
     agree_on_save: reduce the chief's time-based save vote at the end of each call.
+    accumulation_steps: optimizer.gradient_accumulation_steps: each replica's batch is cut
+        into this many micro-batches, whose gradients are summed and applied once.
     """
 
     global_batch: int
@@ -52,6 +54,7 @@ class StepOptions:
     lookahead: Lookahead | None = None
     device_feed: DeviceFeed | None = None
     agree_on_save: bool = False
+    accumulation_steps: int = 1
 
 
 class Votes(NamedTuple):
@@ -136,11 +139,11 @@ def _after_step(optimizer, options: StepOptions, global_step: tf.Tensor) -> None
 
 def _train_step_fn(model, optimizer, options: StepOptions):
     """One replica's step: forward, backward, update; returns its StepSums as a vector."""
-    compute = _forward_backward_fn(model, optimizer, options)
+    compute = _batch_gradients_fn(model, optimizer, options)
     reduction = _OneReduction(optimizer)
 
     def train_step(images, labels):
-        gradients, losses, logits = compute(images, labels)
+        gradients, loss_sum, correct, losses_finite = compute(images, labels)
         context = tf.distribute.get_replica_context()
         summed, norm = reduction.sum_gradients(context, gradients, _loss_scale(optimizer))
         updates = summed
@@ -150,7 +153,7 @@ def _train_step_fn(model, optimizer, options: StepOptions):
         optimizer.apply_gradients(zip(updates, model.trainable_variables))
         local_bad = tf.stack(
             [
-                tf.cast(~tf.reduce_all(tf.math.is_finite(losses)), tf.float32),
+                tf.cast(~losses_finite, tf.float32),
                 tf.cast(~tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients]), tf.float32),
             ]
         )
@@ -159,11 +162,10 @@ def _train_step_fn(model, optimizer, options: StepOptions):
         bad_loss = bad[0]
         # Overflowing float16 gradients are routine under loss scaling: not a divergence.
         flagged = bad_loss | (bad[1] & options.check_gradients)
-        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
         once = 1.0 / context.num_replicas_in_sync  # summed over replicas: counts the step once
         sums = StepSums(
-            loss=tf.where(bad_loss, 0.0, tf.reduce_sum(losses)),
-            correct=tf.where(bad_loss, 0.0, tf.reduce_sum(tf.cast(correct, tf.float32))),
+            loss=tf.where(bad_loss, 0.0, loss_sum),
+            correct=tf.where(bad_loss, 0.0, correct),
             examples=tf.where(bad_loss, 0.0, tf.cast(tf.size(labels), tf.float32)),
             nonfinite=tf.cast(flagged, tf.float32) * once,
             gradient_norm=tf.where(bad[1], 0.0, norm),
@@ -174,7 +176,61 @@ def _train_step_fn(model, optimizer, options: StepOptions):
     return train_step
 
 
+def _batch_gradients_fn(model, optimizer, options: StepOptions):
+    """(gradients, loss sum, correct count, every loss finite) of one replica's batch.
+
+    With `accumulation_steps` k > 1 the batch goes through the model as k micro-batches,
+    one after the other, and their gradients are summed: each micro-batch's loss is
+    divided by the global batch, so the sum is the gradient of the whole batch's mean
+    loss, applied in one update (steps and the LR schedule count updates). Micro-batch i
+    holds rows i, i+k, i+2k... of this replica's slice: as each slice is a multiple of k
+    long, across the replicas it is the global batch's rows i, i+k, ... whatever their
+    number, so synchronized BatchNorm normalises over the same examples on 1 replica as
+    on 2. Keras' own `gradient_accumulation_steps` is not used: under MirroredStrategy its
+    update (a merge_call inside a cond) fails in this step, and its LR schedule counts
+    micro-batches.
+    """
+    compute = _forward_backward_fn(model, optimizer, options)
+
+    def one(images, labels):
+        gradients, losses, logits = compute(images, labels)
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
+        finite = tf.reduce_all(tf.math.is_finite(losses))
+        return [tf.convert_to_tensor(g) for g in gradients], tf.reduce_sum(losses), _count(correct), finite
+
+    k = options.accumulation_steps
+    if k == 1:
+        return one
+
+    def accumulated(images, labels):
+        images, labels = _micro_batches(images, k), _micro_batches(labels, k)
+        gradients, loss_sum, correct, finite = one(images[0], labels[0])
+        # Unrolled, in order: a tf.while_loop cannot hold synchronized BatchNorm's
+        # cross-replica reduction (a merge_call) under MirroredStrategy.
+        for i in range(1, k):
+            more, loss, right, ok = one(images[i], labels[i])
+            gradients = [a + b for a, b in zip(gradients, more)]
+            loss_sum, correct, finite = loss_sum + loss, correct + right, finite & ok
+        return gradients, loss_sum, correct, finite
+
+    return accumulated
+
+
+def _micro_batches(values: tf.Tensor, k: int) -> tf.Tensor:
+    """[n, ...] -> [k, n/k, ...], micro-batch i holding rows i, i+k, i+2k, ..."""
+    rest = [size if size is not None else tf.shape(values)[axis] for axis, size in enumerate(values.shape) if axis]
+    grouped = tf.reshape(values, [-1, k, *rest])
+    return tf.transpose(grouped, [1, 0, *range(2, grouped.shape.rank)])
+
+
+def _count(flags: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.cast(flags, tf.float32))
+
+
 def _forward_backward_fn(model, optimizer, options: StepOptions):
+    # Regularisation is the whole batch's once: each of k micro-batches carries 1/k of it.
+    share = 1.0 / options.accumulation_steps
+
     def forward_backward(images, labels):
         with tf.GradientTape() as tape:
             logits = model(tf.cast(images, tf.float32), training=True)
@@ -182,7 +238,8 @@ def _forward_backward_fn(model, optimizer, options: StepOptions):
             # Divide by the GLOBAL batch: the optimizer sums gradients over replicas.
             loss = tf.nn.compute_average_loss(losses, global_batch_size=options.global_batch)
             if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                regularisation = tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                loss += regularisation if share == 1.0 else regularisation * share
             scaled_loss = optimizer.scale_loss(loss)  # identity unless LossScaleOptimizer
         return tape.gradient(scaled_loss, model.trainable_variables), losses, logits
 
