@@ -194,10 +194,16 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     "--workdir",
     type=click.Path(file_okay=False),  # a str: pathlib would turn gs://b into gs:/b
     help="Where checkpoints, logs and config.yaml go: a folder or a gs:// (any tf.io.gfile) URL "
-    "[default: runs/<config name>].",
+    "[default: runs/<config name>, or runs/<config name>-2, -3, ... when it holds a run of another config].",
 )
 @_set_option
 @click.option("--fresh", is_flag=True, help="Delete this workdir's checkpoints and logs and start over.")
+@click.option(
+    "--from",
+    "start_from",
+    metavar="WORKDIR[:latest|best|STEP]",
+    help="Start a new run from the model weights of another run's checkpoint (not its optimizer, step or epoch).",
+)
 @click.option(
     "--workers",
     default=1,
@@ -226,12 +232,16 @@ def train(
     workdir: str | None,
     overrides: tuple[str, ...],
     fresh: bool,
+    start_from: str | None,
     workers: int,
     profile_steps: str | None,
     with_tensorboard: bool,
     dry_run: bool,
 ) -> None:
     """Train a model; resumes from WORKDIR's latest checkpoint if there is one.
+
+    Without --workdir, a config's run is runs/<config name>, or the first of runs/<config name>-2, -3, ... that is
+    free or holds this config's run: runs of other settings never resume each other.
 
     SIGTERM, SIGHUP, SIGUSR1 (Slurm) or Ctrl-C stops after the current step with a checkpoint (exit code 75);
     a second signal exits at once. A NaN/Inf loss stops the run (exit code 3).
@@ -243,9 +253,11 @@ def train(
         overrides = (*overrides, f"tensorboard.profile_steps={profile_steps}")
     config = _config(config_path, overrides)
     # One spelling before anything starts (TensorBoard, --workers): file:// -> its path.
-    workdir = workdir_spelling(workdir or os.path.join("runs", Path(config_path).stem))
+    if workdir is None:
+        workdir = _default_workdir(obj["verbose"], config, config_path, new_run=start_from is not None)
+    workdir = workdir_spelling(workdir)
     if dry_run:
-        _dry_run(obj["verbose"], config, workdir, fresh, workers, with_tensorboard)
+        _dry_run(obj["verbose"], config, workdir, fresh, workers, with_tensorboard, start_from)
         return
     server = None
     if with_tensorboard:
@@ -254,14 +266,28 @@ def train(
 
         server = start_tensorboard(join(workdir, "tensorboard"), echo=click.echo)
     try:
-        code = _run_training(obj["verbose"], config_path, config, workdir, overrides, fresh, workers)
+        code = _run_training(obj["verbose"], config_path, config, workdir, overrides, fresh, workers, start_from)
     finally:
         if server is not None:
             server.terminate()
     sys.exit(code)
 
 
-def _dry_run(verbose: bool, config, workdir: str, fresh: bool, workers: int, with_tensorboard: bool) -> None:
+def _default_workdir(verbose: bool, config, config_path: str, new_run: bool) -> str:
+    """runs/<config name>, or the -N folder of this config's run (trainer.runs), said in one line.
+
+    Resolved here, once, before anything starts: TensorBoard, the `--workers` and the command
+    to resume all name the folder chosen."""
+    runs = _load("trainer.runs", verbose)
+    choice = runs.default_workdir(config, os.path.join("runs", Path(config_path).stem), new_run=new_run)
+    if choice.note:
+        click.echo(choice.note)
+    return choice.workdir
+
+
+def _dry_run(
+    verbose: bool, config, workdir: str, fresh: bool, workers: int, with_tensorboard: bool, start_from: str | None
+) -> None:
     """`train --dry-run`: the plan of this one process; nothing written, nothing started."""
     if workers > 1:
         raise ConfigError(
@@ -270,12 +296,17 @@ def _dry_run(verbose: bool, config, workdir: str, fresh: bool, workers: int, wit
     if with_tensorboard:
         raise ConfigError("--dry-run starts nothing: leave out --tensorboard")
     planning = _load("trainer.dry_run", verbose)
-    for line in planning.plan_run(config, workdir, fresh=fresh, echo=click.echo).lines():
+    for line in planning.plan_run(config, workdir, fresh=fresh, echo=click.echo, start_from=start_from).lines():
         click.echo(line)
 
 
-def _run_training(verbose: bool, config_path: str, config, workdir: str, overrides, fresh: bool, workers: int) -> int:
-    """One process, or `workers` local processes re-running this command as a cluster."""
+def _run_training(
+    verbose: bool, config_path: str, config, workdir: str, overrides, fresh: bool, workers: int, start_from: str | None
+) -> int:
+    """One process, or `workers` local processes re-running this command as a cluster.
+
+    The command to resume names the workdir and leaves --from out: a stopped run resumes
+    from its own checkpoint."""
     resume = shlex.join(
         ["launch", "train", "--config", config_path, "--workdir", str(workdir)]
         + [word for override in overrides for word in ("--set", override)]
@@ -286,12 +317,15 @@ def _run_training(verbose: bool, config_path: str, config, workdir: str, overrid
 
         command = [sys.executable, "-m", "launch", *(["-v"] if verbose else []), "train"]
         command += ["--config", config_path, "--workdir", str(workdir), *(["--fresh"] if fresh else [])]
+        command += ["--from", start_from] if start_from is not None else []
         for override in (*overrides, "runtime.strategy=multi_worker"):
             command += ["--set", override]
         return run_local_workers(command, workers, echo=click.echo, env={_RESUME_VARIABLE: resume})
     training = _load("trainer.training", verbose)
     resume = os.environ.get(_RESUME_VARIABLE) or resume  # a worker of `--workers N` says what to rerun
-    return training.train(config, workdir, fresh=fresh, echo=click.echo, resume_command=resume).exit_code
+    return training.train(
+        config, workdir, fresh=fresh, echo=click.echo, resume_command=resume, start_from=start_from
+    ).exit_code
 
 
 # The command a `--workers N` launcher was started with, passed to its workers so that

@@ -180,7 +180,7 @@ def test_dry_run_of_a_new_workdir_prints_the_plan_and_creates_nothing(tmp_path):
     assert re.fullmatch(r"Strategy: auto: OneDeviceStrategy on /cpu:0 .*; XLA off; 1 replica\(s\)", lines[1])
     assert lines[2] == "Steps:    16 per epoch (global batch 64) x 3 epoch(s) = 48 steps"
     assert lines[3] == "Data:     synthetic (seed 0): 1024 train / 256 test images, 10 classes, at 32x32"
-    assert re.fullmatch(r"Model:    paper_cnn, \d{3},\d{3} parameters", lines[4])
+    assert re.fullmatch(r"Model:    paper_cnn, (\d{3},\d{3}) parameters \(\1 trainable\), \d+\.\d MB float32", lines[4])
     assert lines[5] == f"Workdir:  {tmp_path / 'run'}: new: it would be created, and training would start at step 0"
     assert lines[6].startswith("Files:    config.yaml, dataset.json, metrics.json, checkpoints/ and tensorboard/")
 

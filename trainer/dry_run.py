@@ -23,10 +23,12 @@ from trainer.config import Config
 from trainer.console import Console
 from trainer.errors import WorkdirBusyError
 from trainer.loop.run import Run, RunParts
+from trainer.models import model_summary
 from trainer.runtime import Runtime, setup_runtime
 from trainer.say import Say
 from trainer.storage import exists
 from trainer.training import check_workdir, checkpoint_store, prepare_parts, restore_latest
+from trainer.warm_start import WarmStart
 from trainer.workdir import Workdir
 
 __all__ = ["RunPlan", "plan_run"]
@@ -49,12 +51,14 @@ class RunPlan:
     image_size: int
     model_name: str
     parameters: int
+    model_summary: str  # trainer.models.model_summary: the same words as a run's "Model:" line
     workdir: str
     workdir_exists: bool
     checkpoint_step: int | None  # the newest checkpoint listed now (None: none)
     start_step: int  # where training would start: 0, or the checkpoint's step
     fresh: bool
     busy: str | None = None  # why a real run would be refused now (another trainer holds it)
+    started_from: str | None = None  # --from: whose weights, at which step
 
     def lines(self) -> list[str]:
         """The plan as the CLI prints it."""
@@ -65,8 +69,9 @@ class RunPlan:
             f"Steps:    {self._steps()}",
             f"Data:     {self.data_origin}: {self.train_size} train / {self.test_size} test images, "
             f"{self.classes} classes, at {size}x{size}",
-            f"Model:    {self.model_name}, {self.parameters:,} parameters",
+            f"Model:    {self.model_summary}",
             f"Workdir:  {self.workdir}: {self._start()}",
+            *([f"Weights:  {self.started_from} (a new run: step 0, its own optimizer)"] if self.started_from else []),
             f"Files:    config.yaml, dataset.json, metrics.json, checkpoints/ and tensorboard/ in {self.workdir}",
             *([f"Busy:     {self.busy}"] if self.busy else []),
         ]
@@ -96,8 +101,10 @@ class RunPlan:
         return f"would resume from its checkpoint at step {self.start_step} and train to step {self.total_steps}"
 
 
-def plan_run(config: Config, workdir: str | os.PathLike, *, fresh: bool = False, echo: Say = print) -> RunPlan:
-    """Check what `train(config, workdir, fresh=fresh)` would check, write nothing, return the plan.
+def plan_run(
+    config: Config, workdir: str | os.PathLike, *, fresh: bool = False, echo: Say = print, start_from: str | None = None
+) -> RunPlan:
+    """Check what `train(config, workdir, fresh=fresh, start_from=...)` would check, write nothing, return the plan.
 
     Raises what `train` would raise before its first write (a bad config value, unusable
     data, a folder that is not a workdir, a checkpoint of another model); a busy workdir
@@ -106,11 +113,12 @@ def plan_run(config: Config, workdir: str | os.PathLike, *, fresh: bool = False,
     """
     started = time.perf_counter()
     wd = Workdir(workdir)
+    warm = WarmStart.parse(start_from) if start_from is not None else None
     console = Console(echo, logging.WARNING)
     runtime = setup_runtime(config.runtime, announce=echo, cluster=False)
-    check_workdir(wd, fresh, console)
+    check_workdir(wd, fresh, console, warm)
     busy = _busy(wd, console)
-    parts = prepare_parts(config, wd, runtime, console, started)
+    parts = prepare_parts(config, wd, runtime, console, started, warm)
     steps = checkpoint_steps(wd.checkpoints)
     newest = steps[0] if steps else None
     start = 0
@@ -131,12 +139,14 @@ def plan_run(config: Config, workdir: str | os.PathLike, *, fresh: bool = False,
         image_size=parts.dataset.image_shape[0],
         model_name=config.model.name,
         parameters=parts.model.count_params(),
+        model_summary=model_summary(parts.model, config.model.name),
         workdir=wd.root,
         workdir_exists=exists(wd.root),
         checkpoint_step=newest,
         start_step=start,
         fresh=fresh,
         busy=busy,
+        started_from=f"the weights of {warm.source.root} at step {warm.step}" if warm else None,
     )
 
 

@@ -15,13 +15,16 @@ from trainer.loop.controller import TrainResult
 from trainer.loop.run import Run
 
 
-def announce_resume(run: Run, step: int) -> None:
-    """Where the run resumes, and that the global batch (so the data stream) survives a new replica count."""
+def announce_resume(run: Run, step: int, changed: str | None = None) -> None:
+    """Where the run resumes, which settings changed since (`changed`: trainer.runs.record_config's
+    line), and that the global batch (so the data stream) survives a new replica count."""
     per_epoch, replicas = run.parts.per_epoch, run.runtime.num_replicas
     run.console.info(
         f"Resuming from {run.store.restored_path} at step {step} (epoch {step // per_epoch + 1}, "
         f"step {step % per_epoch}/{per_epoch} of it); use --fresh to start over"
     )
+    if changed:
+        run.console.info(changed)
     if run.store.restored_replicas and run.store.restored_replicas != replicas:
         run.console.info(
             f"The checkpoint was written with {run.store.restored_replicas} replica(s), this run has {replicas}; "
@@ -30,9 +33,11 @@ def announce_resume(run: Run, step: int) -> None:
 
 
 def nothing_to_do(run: Run, step: int) -> str:
-    """A workdir already trained as far as the config asks: how to ask for more."""
+    """A workdir already trained as far as the config asks: how to ask for more (naming the
+    workdir: without --workdir, a config with more epochs is another run, in another folder)."""
     return (
-        f"Already trained to step {step} of {run.parts.total_steps}; nothing to do (raise train.epochs or use --fresh)"
+        f"Already trained to step {step} of {run.parts.total_steps}; nothing to do (to train on, raise "
+        f"train.epochs with --workdir {run.wd.root}; to start over, use --fresh)"
     )
 
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 from trainer import storage
 from trainer.backbones import FreezePlan, set_backbone_frozen
 from trainer.checkpoints import CheckpointStore
-from trainer.config import Config, save_config
+from trainer.config import Config
 from trainer.console import Console
 from trainer.data import Dataset, RecordSplit, Split, load_dataset
 from trainer.data.device import DeviceFeed, resolve_placement
@@ -46,14 +46,16 @@ from trainer.loop import actions as act
 from trainer.loop.build import build_controller
 from trainer.loop.controller import TrainResult
 from trainer.loop.run import Run, RunParts
-from trainer.models import build_for_dataset, init_from_data, load_initial_weights
+from trainer.models import build_for_dataset, init_from_data, load_initial_weights, model_summary
 from trainer.monitoring import Monitor
 from trainer.optim import build_lookahead, build_optimizer
 from trainer.run_report import announce_resume, nothing_to_do, stopped, summary
+from trainer.runs import record_config
 from trainer.runtime import Runtime, environment, setup_runtime
 from trainer.say import Say
 from trainer.staging import CheckpointUploads
 from trainer.summaries import drop_events_after
+from trainer.warm_start import WarmStart
 from trainer.workdir import Workdir
 
 __all__ = ["TrainResult", "train"]
@@ -66,6 +68,7 @@ def train(
     fresh: bool = False,
     echo: Say = print,
     resume_command: str | None = None,
+    start_from: str | None = None,
 ) -> TrainResult:
     """Train `config` in `workdir`, resuming from its latest checkpoint unless `fresh`.
 
@@ -75,17 +78,20 @@ def train(
 
     Args:
         resume_command: shown when the run is interrupted, so the user can resume.
+        start_from: `WORKDIR[:latest|best|STEP]`: a new run from that checkpoint's model
+            weights (trainer.warm_start); a workdir holding checkpoints is refused unless `fresh`.
     """
     started = time.perf_counter()
     wd = Workdir(workdir)
+    warm = WarmStart.parse(start_from) if start_from is not None else None
     runtime = setup_runtime(config.runtime, announce=echo)
     console = Console.for_worker(echo, runtime.is_chief)
     try:
         if runtime.is_chief:
-            check_workdir(wd, fresh, console)
+            check_workdir(wd, fresh, console, warm)
             wd.check_not_busy(warn=console.warning)
         console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
-        result = _train(config, wd, runtime, fresh, console, resume_command, started)
+        result = _train(config, wd, runtime, fresh, console, resume_command, started, warm)
     except (OSError, tf.errors.OpError) as err:
         lost = runtime.peer_lost(err)
         if lost is not None:
@@ -99,10 +105,13 @@ def train(
     return result
 
 
-def check_workdir(wd: Workdir, fresh: bool, console: Console) -> None:
+def check_workdir(wd: Workdir, fresh: bool, console: Console, warm: WarmStart | None = None) -> None:
     """The chief's first look at the workdir, read only (also the dry run's): a folder of
-    ours, in a layout it can write, and a warning for one that vanishes with the process."""
+    ours, in a layout it can write, not one a `--from` run would resume, and a warning for
+    one that vanishes with the process."""
     wd.check_trainable(fresh)
+    if warm is not None:
+        warm.check(wd, fresh)
     if wd.in_memory:
         console.warning(
             f"Warning: {wd.root} is in TensorFlow's in-memory ram:// filesystem: its checkpoints, logs and "
@@ -110,10 +119,12 @@ def check_workdir(wd: Workdir, fresh: bool, console: Console) -> None:
         )
 
 
-def prepare_parts(config: Config, wd: Workdir, runtime: Runtime, console: Console, started: float) -> RunParts:
+def prepare_parts(
+    config: Config, wd: Workdir, runtime: Runtime, console: Console, started: float, warm: WarmStart | None = None
+) -> RunParts:
     """Data, schedule length, model and optimizer: every check that needs no disk write
-    (also the dry run's, trainer.dry_run)."""
-    check_batch_divides(config.data.batch_size, runtime.num_replicas)
+    (also the dry run's, trainer.dry_run); `warm`: the model's weights from another run."""
+    check_batch_divides(config.data.batch_size, runtime.num_replicas, config.optimizer.gradient_accumulation_steps)
     keras.utils.set_random_seed(config.seed)  # weight initialisation
     skips = SkipMemo(wd.path(UNREADABLE_FILE), console.warning) if config.data.on_bad_image == "skip" else None
     dataset, spec, info, sample = _load_data(config, console, started, skips)
@@ -129,6 +140,7 @@ def prepare_parts(config: Config, wd: Workdir, runtime: Runtime, console: Consol
     freeze = FreezePlan.of(config.model, per_epoch)
     with runtime.strategy.scope():
         model = _starting_model(config, info, freeze, console)
+        console.info(f"Model: {model_summary(model, config.model.name)}")
         optimizer = build_optimizer(
             config.optimizer,
             per_epoch,
@@ -139,7 +151,9 @@ def prepare_parts(config: Config, wd: Workdir, runtime: Runtime, console: Consol
         # Slots for every variable that will ever train: the frozen phase updates a subset
         # of them, and checkpoints hold the same variables on both sides of the unfreeze.
         optimizer.build(model.trainable_variables)
-        if init_from_data(model, sample, info.mean, info.std):
+        if warm is not None:  # before the lookahead takes its copy of the weights
+            console.info(warm.load_into(model, config, info, wd))
+        elif init_from_data(model, sample, info.mean, info.std):
             console.info("Whitening layer initialised from the training images' 2x2 patch covariance")
         # Over the whole schedule, as the LR: a run cut short by max_steps resumes identically.
         lookahead = build_lookahead(model, config.optimizer, per_epoch, config.train.epochs * per_epoch)
@@ -188,8 +202,9 @@ def _train(
     console: Console,
     resume_command: str | None,
     started: float,
+    warm: WarmStart | None,
 ) -> TrainResult:
-    parts = prepare_parts(config, wd, runtime, console, started)
+    parts = prepare_parts(config, wd, runtime, console, started, warm)
     # Only the chief writes the workdir; the other workers read its checkpoints.
     holding = wd.locked(config.checkpoint.lease_seconds, console.warning) if runtime.is_chief else None
     with holding or contextlib.nullcontext():
@@ -198,7 +213,8 @@ def _train(
         # leaves nothing running; its last uploads finish before the workdir is let go.
         store = checkpoint_store(config, wd, runtime, parts, console)
         try:
-            return _claim_and_run(Run(config, wd, runtime, parts, store, console), fresh, resume_command, started)
+            run = Run(config, wd, runtime, parts, store, console)
+            return _claim_and_run(run, fresh, resume_command, started, warm)
         finally:
             store.close()
 
@@ -217,6 +233,7 @@ def checkpoint_store(
         save_directory=None if runtime.is_chief else storage.join(wd.worker_temp(runtime.worker_index), "checkpoints"),
         # What the loop needs back on resume, and the lookahead's slow weights, by checkpoint name.
         extra={**act.checkpointed_state(), **({"lookahead": parts.lookahead.state} if parts.lookahead else {})},
+        optional=act.ADDED_LATER,
         warn=console.warning,
         # A remote workdir: saves land on local disk and are uploaded behind training.
         uploads=CheckpointUploads(wd.checkpoints, config.checkpoint.keep)
@@ -225,12 +242,14 @@ def checkpoint_store(
     )
 
 
-def _claim_and_run(run: Run, fresh: bool, resume_command: str | None, started: float) -> TrainResult:
+def _claim_and_run(
+    run: Run, fresh: bool, resume_command: str | None, started: float, warm: WarmStart | None
+) -> TrainResult:
     if run.runtime.is_chief:
         _claim_workdir(run.wd, fresh, run.console)
     run.runtime.barrier("start")  # nobody restores before the chief has cleared
     try:
-        result = _resume_and_run(run, resume_command, started)
+        result = _resume_and_run(run, resume_command, started, warm)
     except DivergedError:
         run.runtime.barrier("end")  # every worker diverged at the same (agreed) step
         raise
@@ -246,25 +265,37 @@ def _claim_workdir(wd: Workdir, fresh: bool, console: Console) -> None:
     wd.claim()
 
 
-def _resume_and_run(run: Run, resume_command: str | None, started: float) -> TrainResult:
+def _resume_and_run(run: Run, resume_command: str | None, started: float, warm: WarmStart | None) -> TrainResult:
     start_step = restore_latest(run)
-    if run.runtime.is_chief:  # the run is known to start (or to be complete): record what it is
-        save_config(run.config, run.wd.config_path)
-        run.wd.write_dataset_info(run.parts.info)
-        if run.parts.skips:
-            run.parts.skips.save()
+    changed = _record_run(run, start_step, warm) if run.runtime.is_chief else None
     if run.store.restored_path:
-        announce_resume(run, start_step)
+        announce_resume(run, start_step, changed)
         if run.runtime.is_chief:
             drop_events_after(run.wd.tensorboard, start_step, warn=run.console.warning)
     if start_step >= run.parts.total_steps:
         run.console.info(nothing_to_do(run, start_step))
         return TrainResult(start_step, run.parts.total_steps, 0.0, 0.0, None, run.wd.root)
+    early = act.stopped_early(run.store, run.config.train)  # its count reached the patience: nothing to do
+    if early is not None:
+        run.console.info(early)
+        return TrainResult(start_step, run.parts.total_steps, 0.0, 0.0, None, run.wd.root, act.EARLY_STOPPING)
     result = _run_loop(run, start_step, started)
     run.store.wait_for_uploads()  # a stopped run says "saved" only once it is in the workdir
-    if result.stopped_by:
+    if result.interrupted:
         run.console.every_worker(stopped(run, result, resume_command))
     return result
+
+
+def _record_run(run: Run, start_step: int, warm: WarmStart | None) -> str | None:
+    """The run is known to start (or to be complete): record what it is. Returns the line
+    a resume with changed settings says (trainer.runs.record_config)."""
+    changed = record_config(run.wd, run.config, start_step if run.store.restored_path else None)
+    run.wd.write_dataset_info(run.parts.info)
+    if run.parts.skips:
+        run.parts.skips.save()
+    if warm is not None:
+        warm.record(run.wd)
+    return changed
 
 
 def restore_latest(run: Run) -> int:
@@ -313,7 +344,7 @@ def _run_loop(run: Run, start_step: int, started: float) -> TrainResult:
         run.wd.root,
         outcome.stopped_by,
     )
-    if not result.stopped_by:
+    if not result.interrupted:
         run.console.info(summary(run, result, state))
     return result
 

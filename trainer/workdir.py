@@ -2,6 +2,8 @@
 
 WORKDIR/.trainer-workdir   marker: this folder was created by `launch train`
 WORKDIR/config.yaml        resolved config of the last `launch train`
+WORKDIR/config-STEP.yaml   the config the run had up to STEP, kept when a resume changed settings
+WORKDIR/started_from.json  `--from`: the run and checkpoint whose weights this run started from
 WORKDIR/dataset.json       class names, image shape, normalisation stats
 WORKDIR/unreadable.json    data.on_bad_image=skip's findings (trainer.data.skips)
 WORKDIR/checkpoints/       tf.train.CheckpointManager files (ckpt-STEP.*)
@@ -46,6 +48,7 @@ MARKER = ".trainer-workdir"
 # Names the trainer gives the files it writes, per folder: what --fresh may delete.
 _CHECKPOINT_FILES = re.compile(r"^(ckpt-\d+(\.index|\.data-\d+-of-\d+)|checkpoint|best\.json|\..+\.tmp)$")
 _CHECKPOINT_TEMP_FOLDERS = re.compile(r"^ckpt-\d+_temp.*$")
+_KEPT_CONFIGS = re.compile(r"^config-\d+\.yaml$")
 _EVENT_FILES = re.compile(r"^(events\.out\.tfevents\..+|\..+\.tmp)$")
 _PROFILE_RUNS = re.compile(r"^\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}$")
 _DATASET_INFO_KEYS = {"class_names", "image_shape", "mean", "std", "origin"}
@@ -60,6 +63,7 @@ _FOLDERS = (
 _FILES = (
     (MARKER,),
     ("config.yaml",),
+    ("started_from.json",),
     ("dataset.json",),
     ("unreadable.json",),
     ("metrics.json",),
@@ -87,6 +91,14 @@ class Workdir:
     @property
     def config_path(self) -> str:
         return self.path("config.yaml")
+
+    def kept_config_path(self, step: int) -> str:
+        """The config the run had up to `step`, kept when a resume changed settings."""
+        return self.path(f"config-{step}.yaml")
+
+    @property
+    def started_from_path(self) -> str:
+        return self.path("started_from.json")
 
     @property
     def dataset_info_path(self) -> str:
@@ -257,7 +269,7 @@ class Workdir:
     # --- --fresh -------------------------------------------------------------------------
 
     def clear_training_state(self) -> list[str]:
-        """`--fresh`: delete the checkpoints, event files and metrics the trainer wrote.
+        """`--fresh`: delete the checkpoints, event files, metrics and run history the trainer wrote.
 
         Only files named the way the trainer names them go; folders go only once empty,
         so anything a user put inside (notes, another tool's logs) stays. Returns what went.
@@ -269,8 +281,11 @@ class Workdir:
         for folder in (tensorboard, storage.join(tensorboard, "train"), storage.join(tensorboard, "eval")):
             removed += _remove_matching(folder, _EVENT_FILES)
         removed += _remove_matching(storage.join(tensorboard, "plugins", "profile"), None, _PROFILE_RUNS)
-        # unreadable.json too: starting over means checking every image again.
-        for path in (self.metrics_path, self.path("metrics-evaluate.json"), self.path("unreadable.json")):
+        # unreadable.json too: starting over means checking every image again; a run started
+        # over has no earlier configs, nor the --from weights of the one it replaces.
+        removed += _remove_matching(self.root, _KEPT_CONFIGS)
+        side_files = ("metrics-evaluate.json", "unreadable.json")
+        for path in (self.metrics_path, *map(self.path, side_files), self.started_from_path):
             if storage.isfile(path):
                 storage.remove(path)
                 removed.append(path)
