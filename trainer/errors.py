@@ -101,3 +101,23 @@ class StoreUnreachableError(TrainerError, OSError):
         self.url = url
         # What OSError handlers quote (`err.strerror`): the reason in words, not None.
         self.strerror = reason or message
+
+
+class StoreDeniedError(TrainerError, PermissionError):
+    """A remote store (gs://, s3://, ...) answered and refused: HTTP 401 or 403, wrong or
+    missing credentials, or no access to the bucket.
+
+    Also a PermissionError (strerror "Permission denied"), so code that handles a local
+    permission error handles this one alike (a write failure says "fix its permissions");
+    the CLI shows it as one line, its message, instead of a traceback.
+    """
+
+    def __init__(self, message: str, url: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+        self.reason = reason
+        self.strerror = "Permission denied"
+        self.filename = url
+
+    def __str__(self) -> str:
+        return str(self.args[0])

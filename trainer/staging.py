@@ -16,6 +16,11 @@ each checkpoint to the workdir in an order that a kill cannot break:
 `wait()` blocks until every queued upload is done (the run's end, a stop for preemption:
 the trainer does not exit before its last checkpoint is in the workdir) and raises an
 upload's error there, so a failed upload is never silent.
+
+A save first waits (`make_room()`) while `keep` checkpoints still wait for their upload:
+the staging folder keeps `keep`, and each save deletes the oldest there, which must be in
+the workdir by then. A store slower than the saves therefore slows the saves, and the
+workdir is never more than keep-1 checkpoints behind.
 """
 
 from __future__ import annotations
@@ -38,13 +43,29 @@ class CheckpointUploads:
         self.local = tempfile.mkdtemp(prefix="trainer-checkpoints-")
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._pending = 0  # submitted, not yet uploaded (or given up)
+        self._uploaded = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self._thread.start()
 
     def submit(self, step: int) -> None:
         """Queue the checkpoint of `step` (already saved in `local`) for upload."""
         self._raise_if_failed()
+        with self._uploaded:
+            self._pending += 1
         self._queue.put(step)
+
+    def make_room(self) -> None:
+        """Block until fewer than `keep` checkpoints wait for upload (then raise an upload's
+        error, if one failed): call it before each save into `local`.
+
+        Why: the staging folder's CheckpointManager keeps `keep` checkpoints, so its next
+        save deletes the oldest one there; a store slower than the saves (retries, a slow
+        link) had not uploaded it yet, and the run ended in "No such file or directory".
+        So the workdir is never more than keep-1 checkpoints behind."""
+        with self._uploaded:
+            self._uploaded.wait_for(lambda: self._pending < self.keep or not self._thread.is_alive())
+        self._raise_if_failed()
 
     def wait(self) -> None:
         """Block until every queued checkpoint is uploaded; raise the first upload error."""
@@ -75,6 +96,9 @@ class CheckpointUploads:
             except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
                 self._error = err
             finally:
+                with self._uploaded:
+                    self._pending -= 1
+                    self._uploaded.notify_all()
                 self._queue.task_done()
         self._queue.task_done()
 

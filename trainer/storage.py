@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
-from trainer.errors import ConfigError, StoreUnreachableError
+from trainer.errors import ConfigError, StoreDeniedError, StoreUnreachableError
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -142,6 +142,30 @@ def _transport_reason(message: str) -> str:
     return reason[:200] + (f", after {tries.group(1)} tries" if tries else "")
 
 
+_HTTP_STATUS = re.compile(r"HTTP response code (\d+)")
+_STORE_MESSAGE = re.compile(r'"message":\s*"([^"]{1,200})')
+
+
+def denied(err, path: str) -> PermissionError:
+    """A refusal (HTTP 401/403) as a PermissionError: from a store, a StoreDeniedError,
+    one line naming the URL, the store's words and what to check.
+
+    Why: a store that answers "no" is not a bug, and its traceback (exit 1) told the user
+    nothing; nor is it damage or a missing file."""
+    if not is_url(path) or path.startswith("file://"):
+        return PermissionError(errno.EACCES, "Permission denied", path)
+    message = err.message or ""
+    status, said = _HTTP_STATUS.search(message), _STORE_MESSAGE.search(message)
+    parts = [f"HTTP {status.group(1)}" if status else "", said.group(1) if said else ""]
+    reason = ": ".join(part for part in parts if part) or type(err).__name__
+    return StoreDeniedError(
+        f"the store refused access to {path} ({reason}); check the credentials this machine uses "
+        "(GOOGLE_APPLICATION_CREDENTIALS, or the VM's service account) and their access to the bucket",
+        url=path,
+        reason=reason,
+    )
+
+
 def _unknown_scheme(path: str) -> ConfigError:
     scheme = path.split("://", 1)[0]
     return ConfigError(
@@ -162,8 +186,8 @@ def _as_os_errors(path: str) -> Iterator[None]:
         raise _unknown_scheme(path) from err
     except tf.errors.NotFoundError as err:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", path) from err
-    except tf.errors.PermissionDeniedError as err:
-        raise PermissionError(errno.EACCES, "Permission denied", path) from err
+    except (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError) as err:
+        raise denied(err, path) from err
     except tf.errors.ResourceExhaustedError as err:
         raise OSError(errno.ENOSPC, "No space left on device", path) from err
     except tf.errors.OpError as err:
