@@ -253,6 +253,8 @@ def train(
         overrides = (*overrides, f"tensorboard.profile_steps={profile_steps}")
     config = _config(config_path, overrides)
     # One spelling before anything starts (TensorBoard, --workers): file:// -> its path.
+    # The default folder (or, in a worker of `--workers N`, its launcher's choice): checked again once held.
+    chosen = workdir is None or os.environ.get(_CHOSEN_VARIABLE) == "1"
     if workdir is None:
         workdir = _default_workdir(obj["verbose"], config, config_path, new_run=start_from is not None)
     workdir = workdir_spelling(workdir)
@@ -266,7 +268,9 @@ def train(
 
         server = start_tensorboard(join(workdir, "tensorboard"), echo=click.echo)
     try:
-        code = _run_training(obj["verbose"], config_path, config, workdir, overrides, fresh, workers, start_from)
+        code = _run_training(
+            obj["verbose"], config_path, config, workdir, overrides, fresh, workers, start_from, chosen
+        )
     finally:
         if server is not None:
             server.terminate()
@@ -301,7 +305,15 @@ def _dry_run(
 
 
 def _run_training(
-    verbose: bool, config_path: str, config, workdir: str, overrides, fresh: bool, workers: int, start_from: str | None
+    verbose: bool,
+    config_path: str,
+    config,
+    workdir: str,
+    overrides,
+    fresh: bool,
+    workers: int,
+    start_from: str | None,
+    chosen: bool = False,
 ) -> int:
     """One process, or `workers` local processes re-running this command as a cluster.
 
@@ -320,17 +332,27 @@ def _run_training(
         command += ["--from", start_from] if start_from is not None else []
         for override in (*overrides, "runtime.strategy=multi_worker"):
             command += ["--set", override]
-        return run_local_workers(command, workers, echo=click.echo, env={_RESUME_VARIABLE: resume})
+        env = {_RESUME_VARIABLE: resume, **({_CHOSEN_VARIABLE: "1"} if chosen else {})}
+        return run_local_workers(command, workers, echo=click.echo, env=env)
     training = _load("trainer.training", verbose)
     resume = os.environ.get(_RESUME_VARIABLE) or resume  # a worker of `--workers N` says what to rerun
     return training.train(
-        config, workdir, fresh=fresh, echo=click.echo, resume_command=resume, start_from=start_from
+        config,
+        workdir,
+        fresh=fresh,
+        echo=click.echo,
+        resume_command=resume,
+        start_from=start_from,
+        chosen_workdir=chosen,
     ).exit_code
 
 
 # The command a `--workers N` launcher was started with, passed to its workers so that
 # their "resume with:" line names it (and not their own `--set runtime.strategy=...`).
 _RESUME_VARIABLE = "TRAINER_RESUME_COMMAND"
+# Set for the workers of a `--workers N` launcher that chose the workdir itself (no
+# --workdir): their chief checks the choice again once it holds the workdir (trainer.runs).
+_CHOSEN_VARIABLE = "TRAINER_CHOSEN_WORKDIR"
 
 
 @cli.command()

@@ -228,3 +228,16 @@ def test_dry_run_plans_one_process_and_starts_nothing(tmp_path):
         assert result.exit_code == 2 and result.output.startswith(f"Error: {message}")
         assert result.output.count("\n") == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_a_workdir_that_is_a_broken_link_is_refused_by_the_dry_run_as_by_the_run(tmp_path):
+    """It was planned as 'new: it would be created'; the run then failed at its first write
+    (File exists), once its data was read. A link loop is the same."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for name in ("dangling", "loop"):
+        for extra in ((), ("--dry-run",)):
+            result = _run("train", "--config", SMOKE, "--workdir", tmp_path / name, *extra)
+            assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+            assert result.output.startswith(f"Error: --workdir {tmp_path / name} is a symbolic link to ")
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "loop"]

@@ -271,6 +271,39 @@ def test_a_missing_or_malformed_base_is_one_line_naming_the_file_that_asked(tmp_
     _one_line_error(child, r"unknown key 'data.batchsize'")
 
 
+def test_a_long_chain_of_bases_and_a_huge_base_are_one_line_not_minutes(tmp_path):
+    """~970 distinct bases ran into Python's recursion limit ("nests lists ... thousands of
+    levels deep", naming a file that nests nothing); a 2 MB base took ~25 s to parse."""
+    for i in range(40):
+        _write(tmp_path / f"c{i}.yaml", f"base: c{i + 1}.yaml\n")
+    _write(tmp_path / "c40.yaml", "seed: 1\n")
+    _one_line_error(tmp_path / "c0.yaml", r"c0.yaml: its chain of bases is over 32 files long \(at .*c31.yaml\)")
+    assert load_config(tmp_path / "c10.yaml").seed == 1  # 30 bases: fine
+    _write(tmp_path / "big.yaml", "x: [" + "1," * 600_000 + "]\n")
+    child = _write(tmp_path / "child.yaml", "base: big.yaml\n")
+    _one_line_error(child, r"big.yaml is 1,200,006 bytes, not a config")
+
+
+def test_a_workdirs_config_yaml_naming_a_base_is_refused_not_followed(tmp_path):
+    """A saved config is merged (no base:); one that names a base was edited, and followed it
+    would read any file (quoting a line of it in the error: a credentials file's key) or
+    fetch a gs:// object with the user's credentials, from a shared workdir."""
+    from trainer.workdir import Workdir
+
+    _write(tmp_path / "secret" / "credentials", "[default]\naws_access_key_id = AKIAFAKE\n")
+    run = tmp_path / "run"
+    save_config(Config(), _write(run / "config.yaml", ""))
+    assert Workdir(run).require_config() == Config()
+    (run / "config.yaml").write_text("base: ../secret/credentials\n")
+    with pytest.raises(
+        ConfigError, match=r"config.yaml names a base \('../secret/credentials'\), which a saved"
+    ) as err:
+        Workdir(run).require_config()
+    assert "AKIA" not in str(err.value)
+    save_config(Config(), run / "config.yaml")
+    assert load_config(_write(tmp_path / "mine.yaml", "base: run/config.yaml\n")) == Config()  # a user's file may
+
+
 # What configs/cifar10_fast.yaml said before cifar10_airbench94.yaml took it as its base.
 FAST_RECIPE = {
     "seed": 0,

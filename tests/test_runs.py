@@ -16,8 +16,10 @@ from tests.conftest import REPO, made_once, smoke_config
 from tests.test_safety import assert_one_error
 from trainer.checkpoint_files import checkpoint_steps
 from trainer.config import load_config, save_config
-from trainer.runs import WorkdirChoice, default_workdir, training_differences
+from trainer.errors import WorkdirBusyError
+from trainer.runs import WorkdirChoice, check_still_free, default_workdir, training_differences
 from trainer.training import train
+from trainer.workdir import Workdir
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -40,6 +42,10 @@ def test_what_is_trained_leaves_out_where_it_runs_how_it_is_kept_and_where_it_st
         "runtime.cpu_replicas=2", "checkpoint.every_steps=1", "tensorboard.profile_steps=2:3", "train.max_steps=4"
     )
     assert training_differences(plain, elsewhere) == []
+    # Where early stopping stops is where it stops too: "raise train.early_stopping_patience
+    # to train on" resumes the run that stopped, not a new one in runs/NAME-2.
+    patient = smoke_config("train.early_stopping_patience=2", "train.early_stopping_min_delta=0.01")
+    assert training_differences(smoke_config("train.early_stopping_patience=1"), patient) == []
     assert training_differences(plain, smoke_config("optimizer.learning_rate=0.01", "train.epochs=5")) == [
         ("optimizer.learning_rate", "0.02", "0.01"),
         ("train.epochs", "3", "5"),
@@ -73,6 +79,43 @@ def test_the_default_folder_is_the_first_free_one_or_the_one_holding_this_config
     # A run started from other weights is that run's alone.
     (tmp_path / "smoke" / "started_from.json").write_text("{}")
     assert default_workdir(smoke_config("data.batch_size=32"), base).workdir == f"{base}-3"
+
+
+def test_the_default_folder_passes_over_what_no_run_could_use(tmp_path):
+    """A file, a broken link, a link loop and a folder of someone else's files are not free:
+    choosing them would end in an error (or a dry run saying 'new') instead of the next folder."""
+    base = str(tmp_path / "smoke")
+    _holding(tmp_path / "smoke", "data.batch_size=32")
+    (tmp_path / "smoke-2").write_text("a file")
+    (tmp_path / "smoke-3").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "smoke-4").symlink_to(tmp_path / "smoke-4")
+    (tmp_path / "smoke-5").mkdir()
+    (tmp_path / "smoke-5" / "notes.txt").write_text("mine")
+    (tmp_path / "smoke-6").mkdir()  # empty: free
+    choice = default_workdir(smoke_config(), base)
+    assert choice.workdir == f"{base}-6"
+    assert f"{base}-2, {base}-3, {base}-4 and 1 more are taken too" in choice.note
+
+
+def test_a_chosen_folder_another_launch_trained_in_meanwhile_is_refused_once_held(tmp_path):
+    """Two launches at once may both choose the same free folder; the one that holds it
+    second finds the other's run there and stops, writing nothing, instead of resuming it."""
+    base = str(tmp_path / "smoke")
+    first, second = smoke_config("train.max_steps=2", "data.batch_size=32"), smoke_config("train.max_steps=2")
+    assert default_workdir(first, base).workdir == default_workdir(second, base).workdir == base
+    train(first, base, echo=lambda _: None, chosen_workdir=True)
+
+    def written():  # the lock file aside: holding the workdir writes the holder's pid there
+        paths = (tmp_path / "smoke").rglob("*")
+        return sorted((path.name, path.stat().st_mtime_ns) for path in paths if path.name != ".lock")
+
+    before = written()
+    with pytest.raises(WorkdirBusyError, match="another launch took it since: it now holds a run of another config"):
+        train(second, base, echo=lambda _: None, chosen_workdir=True)
+    with pytest.raises(WorkdirBusyError, match="another launch took it since: it now holds a run "):
+        check_still_free(Workdir(base), first, new_run=True)  # a --from run never resumes one
+    assert written() == before
+    check_still_free(Workdir(base), first)  # its own run: resumed
 
 
 # --- through launch train ----------------------------------------------------------------------
@@ -165,6 +208,19 @@ def test_from_starts_a_new_run_with_the_other_runs_weights_and_its_own_optimizer
     assert not (tmp_path / "planned").exists()
 
 
+def test_from_the_best_checkpoint_takes_its_weights(tmp_path, source):
+    """The best checkpoint is written by Checkpoint.write (no save counter): it restores too."""
+    best = json.loads((source / "checkpoints" / "best" / "best.json").read_text())["step"]
+    plan = _run("train", "--config", SMOKE, "--workdir", tmp_path / "planned", "--from", f"{source}:best", "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    assert f"Weights:  the weights of {source} at step {best} (a new run" in plan.output
+    assert not (tmp_path / "planned").exists()
+    narrow = _run(
+        "train", "--config", SMOKE, "--workdir", tmp_path / "n", "--from", f"{source}:best", "--set", "model.width=8"
+    )
+    assert_one_error(narrow, f"--from {source}: its checkpoint at step {best}", "(model.width 16 -> 8)")
+
+
 def test_from_a_run_of_another_width_is_one_line_naming_both_workdirs(tmp_path, source):
     target = tmp_path / "narrow"
     result = _run("train", "--config", SMOKE, "--workdir", target, "--from", source, "--set", "model.width=8")
@@ -182,4 +238,7 @@ def test_from_into_a_workdir_holding_a_run_is_refused(tmp_path, source):
     assert_one_error(_run("train", "--config", SMOKE, "--workdir", source, "--from", source), "is the workdir this run")
     missing = _run("train", "--config", SMOKE, "--workdir", tmp_path / "new", "--from", f"{source}:3")
     assert_one_error(missing, f"--from {source}:3: no such checkpoint", "(steps available: 4)")
+    # A step no checkpoint can have: one short line, not the 5,000 digits echoed as a folder's name, thrice.
+    huge = _run("train", "--config", SMOKE, "--workdir", tmp_path / "new", "--from", f"{source}:{'9' * 5000}")
+    assert len(assert_one_error(huge, "a step of 5,000 digits is no checkpoint's")) < 300
     assert not (tmp_path / "new").exists()

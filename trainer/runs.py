@@ -7,11 +7,18 @@ What "another config" means: `training_differences`, every key that changes what
 trained. Left out: the sections `runtime` (where it runs: a run resumes on other devices
 or another replica count on the same data stream, and `--workers N` sets its own
 strategy), `checkpoint` and `tensorboard` (how it is kept and watched: `--profile-steps`
-is one of them), and `train.max_steps` (where it stops: a run cut by it and extended is
-the run trained straight). Everything else counts, cadences included: a key left in is at
-worst a new folder, never a resume of another experiment. A folder holding a run started
-from another run's weights (`--from`) is that run's alone; a `--from` run always starts
-in a free folder.
+is one of them), and `train.max_steps` and early stopping's two keys (where it stops: a
+run cut by them and extended is the run trained straight; "raise
+train.early_stopping_patience to train on" must resume the run it names). Everything
+else counts, cadences included: a key left in is at worst a new folder, never a resume of
+another experiment. A folder holding a run started from another run's weights (`--from`)
+is that run's alone; a `--from` run always starts in a free folder. A folder a run could
+not use (a file, a broken link, a folder of files `launch train` did not create) is
+passed over too.
+
+The choice is made before the run starts, so two launches at once may both choose the
+same free folder: the run checks it again once it holds the workdir's lock
+(`check_still_free`), before writing anything.
 
 A resume whose settings changed (any key, the ones left out above included) says which,
 and keeps the config the run had up to the step it resumes from as `config-STEP.yaml`
@@ -21,20 +28,21 @@ beside the new `config.yaml` (`record_config`).
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from trainer import files, storage
 from trainer.checkpoint_files import checkpoint_steps
 from trainer.config import Config, config_differences, load_config, save_config
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, WorkdirBusyError, WorkdirNotOursError
 from trainer.workdir import Workdir
 
-__all__ = ["WorkdirChoice", "default_workdir", "record_config", "training_differences"]
+__all__ = ["WorkdirChoice", "check_still_free", "default_workdir", "record_config", "training_differences"]
 
 # Sections and keys that do not change what is trained (see the module's docstring).
 IGNORED_SECTIONS = ("runtime", "checkpoint", "tensorboard")
-IGNORED_KEYS = ("train.max_steps",)
+IGNORED_KEYS = ("train.max_steps", "train.early_stopping_patience", "train.early_stopping_min_delta")
 _SHOWN_CHANGES = 3
 
 
@@ -78,7 +86,7 @@ def _candidates(base: str) -> Iterator[str]:
 def _other_run_in(wd: Workdir, config: Config, new_run: bool) -> str | None:
     """None: `config` trains in `wd` (free, or its own run there, resumed); else what `wd` holds."""
     if not storage.exists(wd.root) or not (storage.isfile(wd.config_path) or checkpoint_steps(wd.checkpoints)):
-        return None  # free (a folder that is not ours is refused later, by the run's own checks)
+        return _unusable(wd)  # None: free
     if new_run:
         return "holds a run (--from starts a new one)"
     if storage.isfile(wd.started_from_path):
@@ -89,6 +97,37 @@ def _other_run_in(wd: Workdir, config: Config, new_run: bool) -> str | None:
         return "holds a run whose config.yaml cannot be read"
     changes = training_differences(saved, config)
     return f"holds a run of another config ({listed(changes, _SHOWN_CHANGES)})" if changes else None
+
+
+def _unusable(wd: Workdir) -> str | None:
+    """What makes `wd` a folder no run can take (the run's own checks would refuse it), or None."""
+    if not storage.is_url(wd.root) and os.path.lexists(wd.root) and not os.path.exists(wd.root):
+        return "is a broken link"  # a dangling symlink, or a loop: nothing can be created there
+    if storage.exists(wd.root) and not storage.isdir(wd.root):
+        return "is a file"
+    if not storage.isdir(wd.root) or wd.is_ours():
+        return None  # new, or ours: whose run it holds is told by its config
+    try:
+        wd.check_trainable(fresh=False)
+    except WorkdirNotOursError:
+        return "holds files launch train did not create"
+    return None
+
+
+def check_still_free(wd: Workdir, config: Config, *, new_run: bool = False) -> None:
+    """Once the workdir is held: the folder `default_workdir` chose is still this config's.
+
+    Another launch may have chosen it at the same moment and trained there first; this
+    one would then resume (or, with `--from`, overwrite the start of) another config's run.
+    """
+    if not (storage.isfile(wd.config_path) or checkpoint_steps(wd.checkpoints)):
+        return  # no run there yet (what else it holds was looked at when it was chosen)
+    held = _other_run_in(wd, config, new_run)
+    if held is not None:
+        raise WorkdirBusyError(
+            f"{wd.root} was free when this run chose it, but another launch took it since: it now {held}; "
+            "nothing was written; run the same command again to train in the next free folder"
+        )
 
 
 def _note(skipped: list[tuple[str, str]], chosen: str) -> str:
@@ -127,7 +166,7 @@ def _keep_earlier_config(wd: Workdir, config: Config, step: int) -> str | None:
         return None
     text = storage.read_text(wd.config_path)
     try:
-        changes = listed(config_differences(load_config(wd.config_path), config), 8)
+        changes = listed(config_differences(load_config(wd.config_path, bases=False), config), 8)
     except TrainerError as err:  # written by another version, or edited by hand
         changes = f"the earlier config.yaml cannot be compared ({files.short(str(err), 100)})"
     if not changes:

@@ -50,7 +50,7 @@ from trainer.models import build_for_dataset, init_from_data, load_initial_weigh
 from trainer.monitoring import Monitor
 from trainer.optim import build_lookahead, build_optimizer
 from trainer.run_report import announce_resume, nothing_to_do, stopped, summary
-from trainer.runs import record_config
+from trainer.runs import check_still_free, record_config
 from trainer.runtime import Runtime, environment, setup_runtime
 from trainer.say import Say
 from trainer.staging import CheckpointUploads
@@ -69,6 +69,7 @@ def train(
     echo: Say = print,
     resume_command: str | None = None,
     start_from: str | None = None,
+    chosen_workdir: bool = False,
 ) -> TrainResult:
     """Train `config` in `workdir`, resuming from its latest checkpoint unless `fresh`.
 
@@ -80,6 +81,7 @@ def train(
         resume_command: shown when the run is interrupted, so the user can resume.
         start_from: `WORKDIR[:latest|best|STEP]`: a new run from that checkpoint's model
             weights (trainer.warm_start); a workdir holding checkpoints is refused unless `fresh`.
+        chosen_workdir: `workdir` is trainer.runs.default_workdir's choice (checked again once held).
     """
     started = time.perf_counter()
     wd = Workdir(workdir)
@@ -91,7 +93,7 @@ def train(
             check_workdir(wd, fresh, console, warm)
             wd.check_not_busy(warn=console.warning)
         console.every_worker(f"Strategy: {runtime.reason}; {runtime.num_replicas} replica(s)")
-        result = _train(config, wd, runtime, fresh, console, resume_command, started, warm)
+        result = _train(config, wd, runtime, fresh, console, resume_command, started, warm, chosen_workdir)
     except (OSError, tf.errors.OpError) as err:
         lost = runtime.peer_lost(err)
         if lost is not None:
@@ -203,6 +205,7 @@ def _train(
     resume_command: str | None,
     started: float,
     warm: WarmStart | None,
+    chosen_workdir: bool = False,
 ) -> TrainResult:
     parts = prepare_parts(config, wd, runtime, console, started, warm)
     # Only the chief writes the workdir; the other workers read its checkpoints.
@@ -214,7 +217,7 @@ def _train(
         store = checkpoint_store(config, wd, runtime, parts, console)
         try:
             run = Run(config, wd, runtime, parts, store, console)
-            return _claim_and_run(run, fresh, resume_command, started, warm)
+            return _claim_and_run(run, fresh, resume_command, started, warm, chosen_workdir)
         finally:
             store.close()
 
@@ -243,9 +246,14 @@ def checkpoint_store(
 
 
 def _claim_and_run(
-    run: Run, fresh: bool, resume_command: str | None, started: float, warm: WarmStart | None
+    run: Run, fresh: bool, resume_command: str | None, started: float, warm: WarmStart | None, chosen: bool
 ) -> TrainResult:
     if run.runtime.is_chief:
+        # Held now: checked again, as a launch at the same moment may have trained here since.
+        if chosen:
+            check_still_free(run.wd, run.config, new_run=warm is not None)
+        if warm is not None:
+            warm.check_target(run.wd, fresh)
         _claim_workdir(run.wd, fresh, run.console)
     run.runtime.barrier("start")  # nobody restores before the chief has cleared
     try:

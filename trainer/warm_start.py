@@ -55,6 +55,11 @@ class WarmStart:
         head, colon, which = text.rpartition(":")
         if colon and head and (which in ("latest", "best") or (which.isdigit() and len(which) <= 19)):
             return cls(Workdir(head), which)
+        if colon and head and which.isdigit():  # no step has that many digits: said, not taken for a path
+            raise ConfigError(
+                f"--from {files.short(head, 100)}:STEP: a step of {len(which):,} digits is no checkpoint's "
+                "(at most 19: 2**63 - 1)"
+            )
         return cls(Workdir(text))
 
     @property
@@ -77,6 +82,11 @@ class WarmStart:
                 f"--from {self.source.root} is the workdir this run would train in; start the new run in another "
                 "--workdir"
             )
+        self.check_target(wd, fresh)
+
+    def check_target(self, wd: Workdir, fresh: bool) -> None:
+        """Refuse a target holding a run to resume; again once the workdir is held (trainer.training),
+        as another run may have trained there since the first look."""
         steps = checkpoint_steps(wd.checkpoints)
         if steps and not fresh:
             raise ConfigError(
@@ -91,7 +101,9 @@ class WarmStart:
         source_config = self._source_config()
         path, step = self._checkpoint(model)
         try:
-            status = tf.train.Checkpoint(model=model).restore(path)
+            # read(), not restore(): restore() also wants the root's save counter, which the
+            # best checkpoint (Checkpoint.write, trainer.checkpoints.save_best) does not hold.
+            status = tf.train.Checkpoint(model=model).read(path)
             status.assert_existing_objects_matched()  # every variable of the model, found with its shape
         except _MISMATCH as err:
             what = self._what_differs(source_config, config, info) or files.short(str(err), 160)

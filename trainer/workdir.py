@@ -149,6 +149,13 @@ class Workdir:
     def check_trainable(self, fresh: bool) -> None:
         """Refuse (before anything is written) a folder that holds files we did not create."""
         if not storage.exists(self.root):
+            if not storage.is_url(self.root) and os.path.islink(self.root):
+                # The run would fail at its first write (File exists), once its data was read,
+                # and a dry run would call it new.
+                raise WorkdirNotOursError(
+                    f"--workdir {self.root} is a symbolic link to {os.readlink(self.root)!r}, which does not exist "
+                    "(or is a loop of links); create the folder it names, or remove the link"
+                )
             return
         if not storage.isdir(self.root):
             raise WorkdirNotOursError(f"--workdir {self.root} is a file, not a folder")
@@ -324,7 +331,7 @@ class Workdir:
         """The config the workdir was trained with, or a clear error."""
         if not storage.isfile(self.config_path):
             raise CheckpointError(f"{self.root} is not a training workdir (no config.yaml); {self._how_to_train}")
-        return load_config(self.config_path)
+        return load_config(self.config_path, bases=False)
 
     def config_change(self, config: Config) -> str:
         """Which keys differ between config.yaml and `config`, in one sentence.

@@ -23,16 +23,29 @@ from trainer.config.rules import check_rules
 from trainer.config.schema import Bounds, Config
 from trainer.errors import ConfigError
 
+# A chain of bases longer than this is a mistake (a generated loop of distinct files), and
+# Python's recursion limit would otherwise end it with a wrong message (~970 deep).
+MAX_BASES = 32
+# A config is a few kilobytes: a bigger file (a log or a data file named by mistake, or a
+# workdir's config.yaml replaced by one) would take minutes to parse, line by line.
+MAX_CONFIG_BYTES = 1_000_000
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (), *, bases: bool = True
+) -> Config:
     """Read a YAML config (or the defaults), apply `key=value` overrides, validate.
 
     Args:
         path: YAML file; None starts from the dataclass defaults. A file that says
             `base: other.yaml` (relative to its own folder) is read over that file, key by key.
         overrides: strings like `"data.batch_size=256"`, applied in order.
+        bases: False for a config the trainer saved (a workdir's config.yaml, merged, so
+            without `base:`): one that names a base is refused, not followed, as the file is
+            untrusted input (a shared workdir could make any command read, and quote in its
+            error, any file its user can read, or fetch a gs:// object with their credentials).
     """
-    raw = {} if path is None else _read_with_bases(str(path), ())
+    raw = {} if path is None else (_read_with_bases(str(path), ()) if bases else _read_saved(str(path)))
     config = _from_dict(Config, raw, prefix="")
     for override in overrides:
         apply_override(config, override)
@@ -54,9 +67,24 @@ def _read_with_bases(path: str, chain: tuple[tuple[str, str], ...]) -> dict[str,
     chain = (*chain, (path, _identity(path)))
     resolved = _beside(path, base)
     _check_no_cycle(chain, resolved)
+    if len(chain) >= MAX_BASES:
+        raise ConfigError(
+            f"{_path_shown(chain[0][0])}: its chain of bases is over {MAX_BASES} files long (at "
+            f"{_path_shown(path)}); a config needs a few"
+        )
     if not storage.special_kind(resolved) and not storage.isfile(resolved):
         raise ConfigError(f"{path} names base {shown(base)}, which is not found: {_path_shown(resolved)}")
     return _merged(_read_with_bases(resolved, chain), raw)
+
+
+def _read_saved(path: str) -> dict[str, Any]:
+    raw = _read_yaml(path)
+    if "base" in raw:
+        raise ConfigError(
+            f"{path} names a base ({shown(raw['base'], 60)}), which a saved config never does (it holds the merged "
+            "result); it was edited by hand: remove the base line, or write the keys it should have"
+        )
+    return raw
 
 
 def _beside(path: str, name: str) -> str:
@@ -113,6 +141,11 @@ def _read_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path} is not a regular file ({kind}); a config is a YAML file, e.g. configs/smoke.yaml")
     if not storage.isfile(path):
         raise ConfigError(f"config file not found: {path} (the shipped ones are in configs/)")
+    if storage.size(path) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path} is {storage.size(path):,} bytes, not a config (a few kilobytes; at most {MAX_CONFIG_BYTES:,} "
+            "are read): is it the file you meant?"
+        )
     try:
         raw = yaml.safe_load(storage.read_text(path)) or {}
     except UnicodeDecodeError as err:
