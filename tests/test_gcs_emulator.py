@@ -182,6 +182,7 @@ def _image(folder: Path) -> Path:
     return image
 
 
+@pytest.mark.slow  # 36 s alone, 69 s under make test's load: kept out of the 10-minute suite (#23)
 def test_full_flow_on_gs_through_tensorflows_gcs_client(store, straight_run, tmp_path):
     """train -> SIGTERM -> resume on gs://bkt/run, then evaluate, predict and export on it:
     the final weights equal a straight local run's, bit for bit."""
