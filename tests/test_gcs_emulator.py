@@ -31,6 +31,7 @@ from PIL import Image
 
 from tests.conftest import REPO, smoke_config
 from tests.gcs_emulator import EmulatorUnavailable, GcsEmulator
+from tests.test_cloud import RUN, SMOKE, TOTAL
 from tests.test_fault_tolerance import _checkpoint_tensors
 from tests.test_remote_errors import _trained_looking_workdir
 from tests.test_streaming import write_mixed_folder
@@ -42,18 +43,8 @@ from trainer.preemption import EXIT_PREEMPTED
 from trainer.staging import CheckpointUploads
 from trainer.training import train
 
-SMOKE = str(REPO / "configs" / "smoke.yaml")
-# As test_cloud's flow: 64 deterministic steps, a checkpoint every 8; the SIGTERM lands
-# somewhere in the middle, and the resumed run must end bit-identical to a straight one.
-RUN = (
-    "data.synthetic_train_size=2048",
-    "data.batch_size=32",
-    "train.epochs=1",
-    "train.steps_per_loop=4",
-    "checkpoint.every_steps=8",
-    "runtime.deterministic=true",
-)
-TOTAL = 64
+# test_cloud's flow (SMOKE, RUN, TOTAL): 64 deterministic steps, a checkpoint every 8; the
+# SIGTERM lands somewhere in the middle, and the resumed run must end bit-identical.
 # TensorFlow retries a failed request up to 10 times, waiting up to a second (its jitter)
 # between tries; these shorten the rest of the wait. Read once per process.
 QUICK_RETRIES = {"GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "10000", "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "50000"}
