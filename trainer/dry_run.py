@@ -49,8 +49,6 @@ class RunPlan:
     test_size: int
     classes: int
     image_size: int
-    model_name: str
-    parameters: int
     model_summary: str  # trainer.models.model_summary: the same words as a run's "Model:" line
     workdir: str
     workdir_exists: bool
@@ -137,8 +135,6 @@ def plan_run(
         test_size=len(parts.dataset.test),
         classes=len(parts.dataset.class_names),
         image_size=parts.dataset.image_shape[0],
-        model_name=config.model.name,
-        parameters=parts.model.count_params(),
         model_summary=model_summary(parts.model, config.model.name),
         workdir=wd.root,
         workdir_exists=exists(wd.root),

@@ -107,9 +107,10 @@ def cached(
         return split
     images, labels, indices = decode_all(split, size, crop, drop_failures=skip)
     if skip:
-        _say_skipped(split, indices, name, say)
+        bad = _missing(len(split), indices)
+        _without_files(split, bad, name, say)
         if memo:
-            memo.remember(name, split, _missing(len(split), indices))
+            memo.remember(name, split, bad)
     if isinstance(split, RecordSplit):
         _check_records(split, labels, indices, say)
     return Split(images, labels)
@@ -289,7 +290,7 @@ def skip_unreadable(split: Examples, name: str, say: Say, memo: SkipMemo | None 
     if isinstance(split, RecordSplit):
         bad = unreadable_records(split)
     else:
-        bad = _missing(len(split), np.asarray(sorted(readable_indices(split, range(len(split)))), np.int64))
+        bad = _missing(len(split), np.fromiter(readable_indices(split, range(len(split))), np.int64))
     if memo:
         memo.remember(name, split, bad)
     return _without(split, bad, name, say)
@@ -300,27 +301,24 @@ def _without(split: FileSplit | RecordSplit, bad: list[int], name: str, say: Say
     file's path), which are named on the console."""
     if isinstance(split, RecordSplit):
         return _without_records(split, bad, name, say, earlier)
-    return _say_skipped(split, _missing(len(split), np.asarray(bad, np.int64)), name, say, earlier)
+    return _without_files(split, bad, name, say, earlier)
 
 
-def _say_skipped(split: FileSplit, readable, name: str, say: Say, earlier: str = "") -> FileSplit:
-    """Name the files left out (all but `readable`, sorted indices); the split without them."""
-    readable = np.asarray(readable, np.int64)
+def _without_files(split: FileSplit, bad: list[int], name: str, say: Say, earlier: str = "") -> FileSplit:
+    """Name the files left out (`bad`, sorted indices); the split without them."""
     when = f" (found at an earlier start: {earlier})" if earlier else ""
-    if len(readable) == len(split):
+    if not bad:
         say(f"Checked the {len(split)} {name} images: all decode{when}")
         return replace(split, checked=True)
-    kept = set(readable.tolist())
-    bad = [i for i in range(len(split)) if i not in kept]
     listed = ", ".join(shown(split.path(i)) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     say(f"Warning: skipping {len(bad)} unreadable {name} image(s) (data.on_bad_image=skip{when}): {listed}")
-    if len(readable) == 0:
+    if len(bad) == len(split):
         raise DataError(
             f"none of the {len(split)} {name} images can be decoded, so there is nothing to "
             f"{'train on' if name == 'train' else 'evaluate'} "
             f"({describe_unreadable(split.path(0))})"
         )
-    return replace(split.subset(readable), checked=True)
+    return replace(split.subset(_missing(len(split), np.asarray(bad, np.int64))), checked=True)
 
 
 def _without_records(split: RecordSplit, bad: list[int], name: str, say: Say, earlier: str = "") -> RecordSplit:
