@@ -19,8 +19,9 @@ import yaml
 
 from trainer import files, storage
 from trainer.config.brief import shown
+from trainer.config.fields import Bounds
 from trainer.config.rules import check_rules
-from trainer.config.schema import Bounds, Config
+from trainer.config.schema import Config
 from trainer.errors import ConfigError
 
 # A chain of bases longer than this is a mistake (a generated loop of distinct files), and
