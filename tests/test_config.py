@@ -13,6 +13,7 @@ from trainer.config import Config, apply_override, describe_keys, hyperparameter
 from trainer.config.loading import to_dict
 from trainer.data.plan import check_batch_divides
 from trainer.errors import ConfigError
+from trainer.tpu import short_loop_warning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,3 +360,18 @@ def test_accumulation_must_cut_the_batch_evenly_and_min_delta_needs_a_patience()
         load_config(None, ["train.early_stopping_min_delta=0.01"])
     config = load_config(None, ["train.early_stopping_patience=3", "train.early_stopping_min_delta=0.01"])
     assert (config.train.early_stopping_patience, config.optimizer.gradient_accumulation_steps) == (3, 1)
+
+
+def test_a_tpu_warns_about_short_calls_but_not_about_whole_epochs():
+    """A compiled call ends at an epoch's end anyway, so a loop of one epoch is never short;
+    the shipped TPU config (48 steps an epoch) runs without the warning."""
+    config = load_config(REPO / "configs" / "cifar10_tpu.yaml")
+    per_epoch = 50_000 // config.data.batch_size
+    assert per_epoch == 48 and short_loop_warning(config.train.steps_per_loop, per_epoch) is None
+    assert short_loop_warning(48, 48) is None and short_loop_warning(10, 10) is None
+    warning = short_loop_warning(8, 48)
+    assert warning == (
+        "Warning: train.steps_per_loop=8 is small for a TPU, where host round trips dominate; "
+        "use 100 or more (or one epoch: 48 steps)"
+    )
+    assert short_loop_warning(49, 390) is not None and short_loop_warning(50, 390) is None

@@ -96,3 +96,17 @@ def _metadata_server() -> str:
     """Where TensorFlow's TPU client asks (tensorflow/python/tpu/client/client.py)."""
     host = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
     return f"http://{host}"
+
+
+def short_loop_warning(steps_per_loop: int, steps_per_epoch: int) -> str | None:
+    """The warning for a compiled call too short for a TPU, where host round trips dominate.
+
+    A call also ends at every epoch's end, so a loop of a whole epoch (or more) is as long as
+    calls get and is not warned about, however few steps an epoch has.
+    """
+    if steps_per_loop >= min(50, steps_per_epoch):
+        return None
+    return (
+        f"Warning: train.steps_per_loop={steps_per_loop} is small for a TPU, where host round trips dominate; "
+        f"use 100 or more (or one epoch: {steps_per_epoch} steps)"
+    )

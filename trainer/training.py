@@ -55,6 +55,7 @@ from trainer.runtime import Runtime, environment, setup_runtime
 from trainer.say import Say
 from trainer.staging import CheckpointUploads
 from trainer.summaries import drop_events_after
+from trainer.tpu import short_loop_warning
 from trainer.warm_start import WarmStart
 from trainer.workdir import Workdir
 
@@ -130,12 +131,9 @@ def prepare_parts(
     keras.utils.set_random_seed(config.seed)  # weight initialisation
     skips = SkipMemo(wd.path(UNREADABLE_FILE), console.warning) if config.data.on_bad_image == "skip" else None
     dataset, spec, info, sample = _load_data(config, console, started, skips)
-    if runtime.device_kind == "tpu" and config.train.steps_per_loop < 50:
-        console.warning(
-            f"Warning: train.steps_per_loop={config.train.steps_per_loop} is small for a TPU, where host round "
-            "trips dominate; use 100 or more (or one epoch)"
-        )
     per_epoch = steps_per_epoch(len(dataset.train), config.data.batch_size)
+    if runtime.device_kind == "tpu" and (short := short_loop_warning(config.train.steps_per_loop, per_epoch)):
+        console.warning(short)
     total_steps = config.train.epochs * per_epoch
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
