@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,export
 
 # Use the shared offline CIFAR-10 copy when it sits beside the checkout.
 ifneq ($(wildcard ../shared/data/cifar10/train),)

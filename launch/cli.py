@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from launch.version import version_line
+from trainer import export_formats
 from trainer.errors import ConfigError, DataError, RuntimeSetupError, TrainerError
 from trainer.storage import is_url, workdir_spelling
 
@@ -411,14 +412,27 @@ def predict(obj, workdir: str, images: tuple[str, ...], as_json: bool, checkpoin
 @cli.command()
 @_workdir_required
 @_checkpoint_option
+@click.option(
+    "--format",
+    "format_names",
+    default=",".join(export_formats.DEFAULT_FORMATS),
+    show_default=True,
+    metavar="NAMES",
+    help=f"Comma-separated, any of: {', '.join(export_formats.FORMATS)}. "
+    f"onnx needs the export extra ({export_formats.INSTALL_EXTRA}), which also holds the runtimes that load "
+    "tflite and onnx files.",
+)
 @click.pass_obj
-def export(obj, workdir: str, checkpoint: str) -> None:
-    """Write WORKDIR/export/model.keras and a SavedModel that tf.saved_model.load serves."""
+def export(obj, workdir: str, checkpoint: str, format_names: str) -> None:
+    """Write the model into WORKDIR/export/: model.keras and a SavedModel that tf.saved_model.load
+    serves, and with --format also model.tflite (LiteRT) and model.onnx (onnxruntime).
+    All take 0-255 float32 pixels and give float32 class probabilities; labels.txt names them."""
+    formats = export_formats.parse_formats(format_names)  # a typo ends here, before TensorFlow starts
     inference = _load("trainer.inference", obj["verbose"])
-    paths = inference.export(workdir, checkpoint=checkpoint, warn=_warn)
-    click.echo(
-        f"Exported step {paths['step']}: {paths['keras']} and {paths['saved_model']} (labels in {paths['labels']})"
-    )
+    paths = inference.export(workdir, checkpoint=checkpoint, warn=_warn, formats=formats)
+    written = [str(paths[name]) for name in formats]
+    listed = ", ".join(written[:-1]) + " and " + written[-1] if len(written) > 1 else written[0]
+    click.echo(f"Exported step {paths['step']}: {listed} (labels in {paths['labels']})")
 
 
 @cli.group()

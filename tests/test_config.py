@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -375,3 +376,22 @@ def test_a_tpu_warns_about_short_calls_but_not_about_whole_epochs():
         "use 100 or more (or one epoch: 48 steps)"
     )
     assert short_loop_warning(49, 390) is not None and short_loop_warning(50, 390) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("optimizer.plateau_patience=3",), "optimizer.plateau_patience is for optimizer.schedule=plateau, not cosine"),
+        (("optimizer.plateau_min_lr=0.001",), "optimizer.plateau_min_lr is for optimizer.schedule=plateau"),
+        (
+            ("optimizer.schedule=plateau", "optimizer.learning_rate=0.01", "optimizer.plateau_min_lr=0.01"),
+            "optimizer.plateau_min_lr=0.01 is not below optimizer.learning_rate=0.01",
+        ),
+        (("data.randaugment_magnitude=0.9",), "data.randaugment_magnitude does nothing with data.randaugment_ops=0"),
+    ],
+)
+def test_a_setting_of_a_feature_that_is_off_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "configs" / "smoke.yaml", list(overrides))
+    load_config(REPO / "configs" / "smoke.yaml", ["optimizer.schedule=plateau", "optimizer.plateau_patience=3"])
+    load_config(REPO / "configs" / "smoke.yaml", ["data.randaugment_ops=2", "data.randaugment_magnitude=0.9"])

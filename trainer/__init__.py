@@ -1,7 +1,8 @@
 """A distributed, accelerator-aware Keras trainer for CIFAR-10-style image classification.
 
-The public API is declared here once. Names resolve lazily (PEP 562), so that importing
-`trainer` (as the CLI does for its error types) does not start TensorFlow.
+The public API is declared here once (README "Python API", examples/python_api.py). Names
+resolve lazily (PEP 562), so that importing `trainer` (as the CLI does for its error types)
+does not start TensorFlow.
 """
 
 import importlib
@@ -13,6 +14,7 @@ warnings.filterwarnings("ignore", message="To make it possible to preserve tf.da
 
 _PUBLIC = {
     "Config": "trainer.config",
+    "ModelConfig": "trainer.config",
     "load_config": "trainer.config",
     "load_dataset": "trainer.data",
     "build_model": "trainer.models",
@@ -24,6 +26,8 @@ _PUBLIC = {
     "predict": "trainer.inference",
     "export": "trainer.inference",
     "load_trained_model": "trainer.inference",
+    "RunInfo": "trainer.loop.user_actions",
+    "StepMetrics": "trainer.loop.user_actions",
     "run_local_workers": "trainer.launcher",
     "TrainerError": "trainer.errors",
     "ConfigError": "trainer.errors",

@@ -27,6 +27,7 @@ from trainer.data.skips import FILE_NAME as UNREADABLE_FILE
 from trainer.data.skips import SkipMemo
 from trainer.errors import DataError, WorkdirWriteError
 from trainer.evaluation import EvalMetrics, Evaluator
+from trainer.export_formats import DEFAULT_FORMATS, FORMATS, parse_formats, require_packages, write_formats
 from trainer.models import build_for_dataset
 from trainer.preemption import signals_interrupt
 from trainer.runtime import setup_runtime
@@ -179,12 +180,22 @@ def inference_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, probabilities, name=f"{model.name}_inference")
 
 
-def export(workdir: str | Path, checkpoint: str = "latest", warn: Say = print) -> dict[str, str | int]:
-    """Write WORKDIR/export/model.keras and a SavedModel (`serve` endpoint) beside it.
+def export(
+    workdir: str | Path,
+    checkpoint: str = "latest",
+    warn: Say = print,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+) -> dict[str, str | int]:
+    """Write the model into WORKDIR/export/ in each of `formats`, with labels.txt beside.
 
-    Everything is written into a temporary folder beside export/, which replaces it only
-    once complete: an interrupted export leaves the previous one as it was.
+    keras -> model.keras, saved_model -> saved_model/ (`serve` endpoint), tflite ->
+    model.tflite, onnx -> model.onnx (trainer.export_formats). Everything is written into
+    a temporary folder beside export/, which replaces it only once complete: an
+    interrupted export leaves the previous one as it was. Returns each format's path,
+    `labels` and `step`.
     """
+    formats = parse_formats(",".join(formats))
+    require_packages(formats)  # before the seconds spent loading the model
     wd = Workdir(workdir)
     wd.check_folder(wd.export)  # a user's file named export/ is not ours to replace
     model, info, step = load_trained_model(workdir, checkpoint, warn)
@@ -197,15 +208,10 @@ def export(workdir: str | Path, checkpoint: str = "latest", warn: Say = print) -
             signals_interrupt("stopped exporting; the previous export is kept"),
             files.replacing_folder(wd.export) as folder,
         ):
-            serving.save(folder / "model.keras")
-            serving.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
+            write_formats(serving, folder, formats)
             files.write_text(folder / "labels.txt", "\n".join(info.class_names) + "\n")
     except OSError as err:
         reason = err.strerror or err
         raise WorkdirWriteError(f"cannot write {wd.export}: {reason}; the previous export is kept") from err
-    return {
-        "keras": storage.join(wd.export, "model.keras"),
-        "saved_model": storage.join(wd.export, "saved_model"),
-        "labels": storage.join(wd.export, "labels.txt"),
-        "step": step,
-    }
+    paths: dict[str, str | int] = {name: storage.join(wd.export, FORMATS[name]) for name in formats}
+    return {**paths, "labels": storage.join(wd.export, "labels.txt"), "step": step}

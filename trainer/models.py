@@ -1,5 +1,7 @@
 """Model registry: `model.name` -> a Keras functional model that maps raw pixels to logits.
 
+Or the user's own network: `model.name=package.module:function` (`build_user_model`).
+
 Every model starts with a fixed Normalization layer (the training set's per-channel
 mean/std), so exported models take plain 0-255 pixels, and ends with a float32 Dense
 head, so logits and the loss stay float32 under mixed precision. Only built-in layers
@@ -8,21 +10,23 @@ are used: an exported `.keras` file loads in plain Keras without custom objects.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 from keras import layers
 
 from trainer.backbones import BACKBONES, build_backbone_model, is_backbone, load_weights_file
-from trainer.errors import ConfigError, DataError
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.files import short
 from trainer.flops import forward_flops_per_example
+from trainer.user_code import failure, is_import_path, resolve
 
 if TYPE_CHECKING:
-    from trainer.config import ModelConfig
     from trainer.data.info import DatasetInfo
 
 ModelBuilder = Callable[..., keras.Model]
@@ -57,8 +61,12 @@ def build_model(
     """Build `name` from the registry; call inside `strategy.scope()` to place its variables.
 
     Backbones take their own preprocessing instead of `mean`/`std`, and `weights`
-    ("imagenet" is loaded here; a file path is for `load_initial_weights`).
+    ("imagenet" is loaded here; a file path is for `load_initial_weights`). An import path
+    is the user's function (`build_user_model`), which scales its pixels itself.
     """
+    if is_import_path(name):
+        config = ModelConfig(name=name, width=width, head_dropout=head_dropout)
+        return build_user_model(name, input_shape=input_shape, num_classes=num_classes, config=config)
     if is_backbone(name):
         return build_backbone_model(
             name,
@@ -91,6 +99,11 @@ def build_for_dataset(model_config: ModelConfig, info: DatasetInfo, *, pretraine
     weights are random, for a checkpoint to restore: evaluate, predict and export never
     download or read the starting weights again.
     """
+    if is_import_path(model_config.name):  # the user's function gets the run's own ModelConfig
+        num_classes = len(info.class_names)
+        return build_user_model(
+            model_config.name, input_shape=info.image_shape, num_classes=num_classes, config=model_config
+        )
     return build_model(
         model_config.name,
         input_shape=info.image_shape,
@@ -111,6 +124,75 @@ def load_initial_weights(model: keras.Model, model_config: ModelConfig) -> str |
     if model_config.weights in ("none", ""):
         return None
     return load_weights_file(model, model_config.weights)
+
+
+def build_user_model(path: str, *, input_shape: Sequence[int], num_classes: int, config: ModelConfig) -> keras.Model:
+    """`model.name=package.module:function`: the user's network, built and checked.
+
+    The contract: `function(input_shape, num_classes, config)` is called with the images'
+    (height, width, channels) as a tuple of ints, the number of classes and the run's
+    ModelConfig (a copy; model.width and model.head_dropout are the user's to read). It returns a
+    new, uncompiled functional keras.Model (or a Sequential that starts with keras.Input):
+    one input of `input_shape`, fed float32 pixels 0-255 (as exports take them; the model
+    scales them itself), one output of shape (batch, num_classes): logits, the softmax is
+    in the loss and in exports. It is called again, inside the strategy's scope, by every
+    resume, evaluation, prediction and export, so it must build the same network each time.
+    A fault is a ConfigError naming `path` and what is wrong.
+    """
+    function = resolve(path, "model.name")
+    try:
+        model = function(tuple(int(size) for size in input_shape), num_classes, copy.deepcopy(config))
+    except TrainerError:
+        raise
+    except Exception as err:  # the user's code, whatever it raises: named, with its place
+        raise ConfigError(f"model.name={path} raised {failure(err)}") from err
+    return _checked_user_model(path, model, tuple(input_shape), num_classes)
+
+
+def _checked_user_model(path: str, model: Any, input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """The contract's checks, each a message that names the fix; a Sequential made functional."""
+    where = f"model.name={path}"
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"{where} returned {type(model).__name__}, not a keras.Model; return the model it builds")
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):  # a subclassed model, or a Sequential without keras.Input
+        raise ConfigError(
+            f"{where} returned a model without defined inputs ({type(model).__name__}); build a functional "
+            "model, keras.Model(inputs, outputs), or start a Sequential with keras.Input(shape), so that "
+            "exports load without your code"
+        ) from None
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ConfigError(
+            f"{where} returned a model of {len(inputs)} inputs and {len(outputs)} outputs; it needs 1 and 1"
+        )
+    _check_shapes(where, tuple(inputs[0].shape), tuple(outputs[0].shape), input_shape, num_classes)
+    if _ends_in_softmax(model):
+        raise ConfigError(f"{where} ends in a softmax; return logits (no activation): the loss applies the softmax")
+    if is_backbone(model.name):
+        raise ConfigError(f"{where} returned a model named {model.name!r}, a backbone's name; give it another name")
+    if isinstance(model, keras.Sequential):  # .input/.output, which exports and histograms read
+        return keras.Model(inputs[0], outputs[0], name=model.name)
+    return model
+
+
+def _check_shapes(where: str, given: tuple, output: tuple, input_shape: tuple[int, ...], num_classes: int) -> None:
+    expected = (None, *input_shape)
+    if len(given) != len(expected) or any(size not in (None, want) for size, want in zip(given[1:], input_shape)):
+        raise ConfigError(
+            f"{where} returned a model whose input has shape {given}; the images are {expected} "
+            "(batch, height, width, channels): use keras.Input(shape=input_shape)"
+        )
+    if output != (None, num_classes):
+        raise ConfigError(
+            f"{where} returned a model whose output has shape {output}; it must be (None, {num_classes}): "
+            "one logit per class, e.g. a last layers.Dense(num_classes)"
+        )
+
+
+def _ends_in_softmax(model: keras.Model) -> bool:
+    last = model.layers[-1] if model.layers else None
+    return isinstance(last, keras.layers.Softmax) or getattr(last, "activation", None) is keras.activations.softmax
 
 
 @register("paper_cnn")

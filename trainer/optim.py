@@ -50,8 +50,30 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+class PlateauSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """optimizer.schedule=plateau: the warm-up to the peak, then the peak, times `scale`.
+
+    `scale` (a variable read at every step) starts at 1; trainer.loop.plateau multiplies it
+    by optimizer.plateau_factor after evaluations without a gain, Keras' ReduceLROnPlateau
+    rule. It is not in the optimizer's checkpoint: the loop checkpoints it with its count
+    and sets it back on resume, so a resumed run trains at the rate it was cut to.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start: float = 0.0):
+        self.warmup = WarmupLinearDecay(peak, warmup_steps, total_steps, start=start, end=1.0)
+        self.peak = peak
+        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="plateau_scale")
+
+    def __call__(self, step):
+        return self.warmup(step) * keras.ops.cast(self.scale, "float32")
+
+    def get_config(self):
+        return self.warmup.get_config()
+
+
 def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int, total_steps: int):
-    """Peak `learning_rate` after `warmup_epochs` of linear warm-up, then constant, cosine or linear.
+    """Peak `learning_rate` after `warmup_epochs` of linear warm-up, then constant, cosine,
+    linear, or constant cut on plateaus.
 
     Warm-up starts at `initial_lr_fraction` of the peak; cosine and linear end at `final_lr_fraction`.
     """
@@ -59,6 +81,8 @@ def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int, total_
     start, end = config.initial_lr_fraction, config.final_lr_fraction
     if config.schedule == "linear":
         return WarmupLinearDecay(config.learning_rate, warmup, total_steps, start=start, end=end)
+    if config.schedule == "plateau":
+        return PlateauSchedule(config.learning_rate, warmup, total_steps, start=start)
     if config.schedule == "constant" and not warmup:
         return config.learning_rate
     return keras.optimizers.schedules.CosineDecay(
@@ -237,3 +261,11 @@ def build_lookahead(model: keras.Model, config: OptimizerConfig, per_epoch: int,
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     return float(keras.ops.convert_to_numpy(unwrapped(optimizer).learning_rate))
+
+
+def plateau_schedule(optimizer: keras.optimizers.Optimizer) -> PlateauSchedule | None:
+    """The optimizer's PlateauSchedule (optimizer.schedule=plateau), or None.
+
+    Keras keeps a schedule in `_learning_rate` (its `learning_rate` is the current value)."""
+    schedule = getattr(unwrapped(optimizer), "_learning_rate", None)
+    return schedule if isinstance(schedule, PlateauSchedule) else None

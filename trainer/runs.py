@@ -42,7 +42,8 @@ __all__ = ["WorkdirChoice", "check_still_free", "default_workdir", "record_confi
 
 # Sections and keys that do not change what is trained (see the module's docstring).
 IGNORED_SECTIONS = ("runtime", "checkpoint", "tensorboard")
-IGNORED_KEYS = ("train.max_steps", "train.early_stopping_patience", "train.early_stopping_min_delta")
+# Keys that change when or how long a run goes, or what watches it, not what it trains.
+IGNORED_KEYS = ("train.max_steps", "train.early_stopping_patience", "train.early_stopping_min_delta", "train.actions")
 _SHOWN_CHANGES = 3
 
 

@@ -56,6 +56,7 @@ from trainer.say import Say
 from trainer.staging import CheckpointUploads
 from trainer.summaries import drop_events_after
 from trainer.tpu import short_loop_warning
+from trainer.user_code import resolve_each
 from trainer.warm_start import WarmStart
 from trainer.workdir import Workdir
 
@@ -128,6 +129,7 @@ def prepare_parts(
     """Data, schedule length, model and optimizer: every check that needs no disk write
     (also the dry run's, trainer.dry_run); `warm`: the model's weights from another run."""
     check_batch_divides(config.data.batch_size, runtime.num_replicas, config.optimizer.gradient_accumulation_steps)
+    resolve_each(config.train.actions, "train.actions")  # imported now: a bad path fails before any write
     keras.utils.set_random_seed(config.seed)  # weight initialisation
     skips = SkipMemo(wd.path(UNREADABLE_FILE), console.warning) if config.data.on_bad_image == "skip" else None
     dataset, spec, info, sample = _load_data(config, console, started, skips)

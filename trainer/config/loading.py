@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import typing
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from trainer.config.brief import shown
 from trainer.config.fields import Bounds
 from trainer.config.rules import check_rules
 from trainer.config.schema import Config
+from trainer.config.values import coerce_text, coerce_value, type_name
 from trainer.errors import ConfigError
 
 # A chain of bases longer than this is a mistake (a generated loop of distinct files), and
@@ -178,7 +178,7 @@ def apply_override(config: Config, override: str) -> None:
             if dataclasses.is_dataclass(_resolved_type(target, f)):
                 example = f"{full_key}.{_first_key(target, f)}"
                 raise ConfigError(f"{full_key} is a section; set one of its keys, e.g. {example}=...")
-            setattr(target, name, _coerce_text(full_key, text.strip(), _resolved_type(target, f), f))
+            setattr(target, name, coerce_text(full_key, text.strip(), _resolved_type(target, f), f))
         else:
             target = getattr(target, name)
             if not dataclasses.is_dataclass(target):
@@ -249,21 +249,26 @@ def config_differences(before: Config, after: Config) -> list[tuple[str, str, st
 
 
 def hyperparameter_items(config: Config) -> dict[str, Any]:
-    """Every leaf key as a flat `section.key` -> value."""
+    """Every leaf key as a flat `section.key` -> value; a list as one string (`a, b`), as
+    TensorBoard's HParams table takes only numbers, booleans and strings."""
     flat: dict[str, Any] = {}
     for section, values in to_dict(config).items():
         if isinstance(values, dict):
-            flat.update({f"{section}.{key}": value for key, value in values.items()})
+            flat.update({f"{section}.{key}": _scalar(value) for key, value in values.items()})
         else:
-            flat[section] = values
+            flat[section] = _scalar(values)
     return flat
+
+
+def _scalar(value: Any) -> Any:
+    return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 
 class KeyInfo(typing.NamedTuple):
     """One leaf key as `launch config keys` lists it."""
 
     key: str  # dotted: section.key
-    kind: str  # the type's name: int, float, bool, str
+    kind: str  # the type's name: int, float, bool, str, list[str]
     default: Any
     meaning: str  # one line, from the field's metadata (trainer.config.schema)
     choices: tuple[str, ...]  # the valid words of a `choice` key, else ()
@@ -292,7 +297,7 @@ def _from_dict(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(ftype):
             setattr(instance, f.name, _from_dict(ftype, value or {}, key))
         else:
-            setattr(instance, f.name, _coerce_value(key, value, ftype, f))
+            setattr(instance, f.name, coerce_value(key, value, ftype, f))
     return instance
 
 
@@ -318,77 +323,4 @@ def _first_key(instance: Any, f: dataclasses.Field) -> str:
 
 
 def _type_name(instance: Any, f: dataclasses.Field) -> str:
-    t = _resolved_type(instance, f)
-    return getattr(t, "__name__", str(t))
-
-
-def _check_choice(key: str, value: Any, f: dataclasses.Field) -> Any:
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {shown(value)}{hint}")
-    return value
-
-
-def _coerce_value(key: str, value: Any, ftype: Any, f: dataclasses.Field) -> Any:
-    """Check a YAML value against the field type; ints are accepted where floats are."""
-    if ftype is bool:
-        ok = isinstance(value, bool)
-    elif ftype is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif ftype is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = _as_float(key, value) if ok else value
-    elif ftype is str:
-        ok = isinstance(value, str)
-        if value is None:
-            value, ok = "", True
-    else:  # pragma: no cover - only the types above are used in the dataclasses
-        raise TypeError(f"unsupported config type {ftype} for {key}")
-    if not ok:
-        raise ConfigError(f"{key} must be {_article(ftype)}, got {shown(value)}")
-    _check_finite(key, value)
-    return _check_choice(key, value, f)
-
-
-def _as_float(key: str, value: float) -> float:
-    """An int from YAML as a float; one of 400 digits is beyond any float (OverflowError)."""
-    try:
-        return float(value)
-    except OverflowError:
-        raise ConfigError(f"{key} must be a finite number, got {shown(value)}") from None
-
-
-def _check_finite(key: str, value: Any) -> None:
-    """nan and inf pass every range check (comparisons with nan are false): refuse them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value}")
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce_text(key: str, text: str, ftype: Any, f: dataclasses.Field) -> Any:
-    """Turn `--set` text into the field's type."""
-    try:
-        if ftype is bool:
-            if text.lower() in _TRUE:
-                return True
-            if text.lower() in _FALSE:
-                return False
-            raise ValueError
-        if ftype is int:
-            return int(text)
-        if ftype is float:
-            value = float(text)
-            _check_finite(key, value)
-            return value
-    except ValueError:
-        raise ConfigError(f"{key} must be {_article(ftype)}, got {shown(text)}") from None
-    return _check_choice(key, text, f)
-
-
-def _article(ftype: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(ftype, str(ftype))
+    return type_name(_resolved_type(instance, f))

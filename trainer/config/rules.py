@@ -8,8 +8,16 @@ nothing unless another is set, a key that needs another.
 from __future__ import annotations
 
 from trainer.config.brief import shown
-from trainer.config.schema import BACKBONE_NAMES, BACKBONE_ONLY_KEYS, Config, ModelConfig, OptimizerConfig
+from trainer.config.schema import (
+    BACKBONE_NAMES,
+    BACKBONE_ONLY_KEYS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+)
 from trainer.errors import ConfigError
+from trainer.user_code import is_import_path
 
 
 def check_rules(config: Config) -> None:
@@ -35,6 +43,8 @@ def check_rules(config: Config) -> None:
         profile_range(config.tensorboard.profile_steps)
     _check_fine_tuning(config)
     _check_accumulation_and_early_stopping(config)
+    _check_actions(config.train.actions)
+    _check_idle_settings(config)
     if config.data.source in ("folder", "tfrecord") and not config.data.path:
         what = "train/<class>/ and test/<class>/, or <class>/" if config.data.source == "folder" else "TFRecord shards"
         raise ConfigError(f"data.source={config.data.source} needs data.path (a folder with {what})")
@@ -79,6 +89,39 @@ def _check_accumulation_and_early_stopping(config: Config) -> None:
             "train.early_stopping_min_delta does nothing without train.early_stopping_patience (0 = no early "
             "stopping); set a patience, or leave the min_delta out"
         )
+
+
+def _check_idle_settings(config: Config) -> None:
+    """A setting of a feature that is off does nothing: refused, so a typo in the other key shows."""
+    optimizer, idle = config.optimizer, OptimizerConfig()
+    if optimizer.schedule != "plateau":
+        for key in ("plateau_factor", "plateau_patience", "plateau_min_lr"):
+            if getattr(optimizer, key) != getattr(idle, key):
+                raise ConfigError(
+                    f"optimizer.{key} is for optimizer.schedule=plateau, not {optimizer.schedule}; "
+                    "set the schedule to plateau, or leave it out"
+                )
+    elif optimizer.plateau_min_lr >= optimizer.learning_rate:
+        raise ConfigError(
+            f"optimizer.plateau_min_lr={shown(optimizer.plateau_min_lr)} is not below optimizer.learning_rate="
+            f"{shown(optimizer.learning_rate)}: the LR could never be cut; lower it"
+        )
+    if config.data.randaugment_magnitude != DataConfig().randaugment_magnitude and not config.data.randaugment_ops:
+        raise ConfigError(
+            "data.randaugment_magnitude does nothing with data.randaugment_ops=0 (RandAugment off); "
+            "set randaugment_ops (e.g. 2), or leave the magnitude out"
+        )
+
+
+def _check_actions(actions: list[str]) -> None:
+    """Each spelled as an import path; whether it imports is known when the run starts (reading
+    a config runs no code), with the same message as a model.name that does not import."""
+    for index, action in enumerate(actions):
+        if not is_import_path(action):
+            raise ConfigError(
+                f"train.actions[{index}]={shown(action)} is not an import path; write it as package.module:factory "
+                "(a function that returns the action)"
+            )
 
 
 def _check_fine_tuning(config: Config) -> None:

@@ -9,7 +9,7 @@ to describe it; the rules that tie keys together are in trainer.config.rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainer.config.fields import bounded, choice, section, setting
 
@@ -84,6 +84,28 @@ class DataConfig:
     flip: str = choice(
         "random", "random", "alternating", help="Horizontal flips: at random, or each image every other epoch."
     )
+    # Keras' own layers (RandAugment, MixUp, CutMix), applied to each replica's batch in the
+    # train step, their draws keyed by (seed, global step, replica): a resumed run mixes the
+    # same pairs. Independent of data.augment. With both mixup and cutmix, each batch gets one
+    # of them (p=1/2). Mixed labels are soft: the training accuracy counts the dominant class.
+    randaugment_ops: int = bounded(
+        0, minimum=0, maximum=11, help="RandAugment: operations per image, of Keras' 11 (0 = off; 2 is usual)."
+    )
+    # Keras' factor: each operation's strength is drawn from [0, magnitude].
+    randaugment_magnitude: float = bounded(
+        0.5, above=0, maximum=1, help="RandAugment: the strongest operation, as a fraction of Keras' range."
+    )
+    mixup_alpha: float = bounded(
+        0.0, minimum=0, maximum=1, help="MixUp: pairs blended by a Beta(alpha, alpha) weight (0 = off; e.g. 0.2)."
+    )
+    cutmix_alpha: float = bounded(
+        0.0, minimum=0, maximum=1, help="CutMix: a patch pasted over a Beta(alpha, alpha) share (0 = off; paper: 1)."
+    )
+    # balanced: n_samples / (n_classes * count of the class), as scikit-learn and Keras define
+    # it, from the training split's labels. Or name:weight pairs, e.g. "cat:2, dog:0.5";
+    # classes left out weigh 1. Each example's loss is multiplied by its class's weight and
+    # the sum divided by the batch, as Keras' fit(class_weight=...) does.
+    class_weights: str = setting("", help='Per-class loss weights: balanced, or "name:weight, ..." ("" = off).')
     # host: a tf.data pipeline on the CPU. device: the training set kept on every
     # accelerator, each batch gathered and augmented there, in the compiled step (airbench's
     # way). auto: device on GPUs, host on CPUs and TPUs. The batches are the same either
@@ -121,13 +143,15 @@ BACKBONE_NAMES = (
 class ModelConfig:
     """Which network to build (see trainer.models for the registry)."""
 
-    name: str = choice(
-        "paper_cnn",
-        "paper_cnn",
-        "resnet_small",
-        "airbench",
-        *BACKBONE_NAMES,
-        help="The network: one of ours or a Keras Applications backbone.",
+    # Or the user's own: `package.module:function`, imported when the model is built
+    # (trainer.user_code; its contract in trainer.models.build_user_model).
+    name: str = field(
+        default="paper_cnn",
+        metadata={
+            "choices": ("paper_cnn", "resnet_small", "airbench", *BACKBONE_NAMES),
+            "import_path": True,
+            "help": "The network: one of ours, a Keras Applications backbone, or your own as package.module:function.",
+        },
     )
     width: int = bounded(
         32, minimum=1, maximum=4096, help="Our nets: channels of the first convolution (backbones ignore it)."
@@ -177,7 +201,8 @@ class OptimizerConfig:
         "constant",
         "cosine",
         "linear",
-        help="The learning rate after the warm-up: constant, or a cosine or linear decay.",
+        "plateau",
+        help="The LR after the warm-up: constant, a cosine or linear decay, or cut on plateaus.",
     )
     warmup_epochs: float = bounded(
         0.0, minimum=0, maximum=100_000, help="Linear warm-up to learning_rate, in epochs (fractions allowed)."
@@ -221,6 +246,17 @@ class OptimizerConfig:
         maximum=64,
         help="Sum the gradients of N micro-batches per update (1 = off); steps and the LR count updates.",
     )
+    # schedule=plateau (Keras' ReduceLROnPlateau, on the test accuracy): after `patience`
+    # evaluations in a row without a rise over the best so far, the LR is multiplied by
+    # `factor`, never below `min_lr`; the count starts again after each cut. The checkpoint
+    # holds the cut LR and the count, so a resumed run goes on with both.
+    plateau_factor: float = bounded(
+        0.1, above=0, below=1, help="schedule=plateau: the LR is multiplied by this on a plateau."
+    )
+    plateau_patience: int = bounded(
+        5, minimum=1, maximum=100_000, help="schedule=plateau: evaluations in a row without a gain that cut the LR."
+    )
+    plateau_min_lr: float = bounded(0.0, minimum=0, help="schedule=plateau: the LR is never cut below this.")
 
 
 @dataclass
@@ -263,6 +299,13 @@ class TrainConfig:
     # A fraction, as accuracies are: 0.005 is half a percentage point.
     early_stopping_min_delta: float = bounded(
         0.0, minimum=0, maximum=1, help="The smallest rise over the best accuracy so far that counts as a gain."
+    )
+    # Each a factory, called once per run, whose action the chief calls at every logging
+    # window (trainer.loop.user_actions); `--set train.actions=a.b:f,c:g`. Read-only: they
+    # see numbers, never the model or the loop's state, so a resume stays exact.
+    actions: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Your own actions, as package.module:factory paths, run at every logging window."},
     )
 
 

@@ -3,12 +3,21 @@
 
 So an image is augmented the same way whichever batch, replica, device or resumed run it
 lands in, and the device feed (trainer.data.device) reproduces the host pipeline exactly.
+
+RandAugment, MixUp and CutMix (`BatchAugmentation`) are Keras' own layers applied inside
+the train step (trainer.loop.step) to each replica's batch, their draws keyed by (seed,
+global step, replica) through `KeyedSeeds`, never by a layer's own SeedGenerator.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import keras
 import tensorflow as tf
 
+from trainer.config import DataConfig
 from trainer.data.decode import random_resized_crop
 from trainer.data.plan import AUGMENT_STREAM, FLIP_STREAM, InputSpec, example_draws
 
@@ -88,3 +97,134 @@ def augmented(images: tf.Tensor, indices: tf.Tensor, epoch: tf.Tensor, spec: Inp
     if spec.crop == "random_resized":
         return random_resized_views(images, indices, epoch, spec)
     return augment_batch(images, indices, epoch, spec)
+
+
+# --- in the train step: RandAugment, MixUp and CutMix, Keras' own layers --------------------
+
+# Beside trainer.data.plan's streams (1-6), so their draws never share random numbers.
+STEP_STREAM = 7
+
+
+class KeyedSeeds(keras.random.SeedGenerator):
+    """A SeedGenerator without state: its n-th seed is a pure function of (key, n).
+
+    Why: Keras' random layers draw from a SeedGenerator whose state is a variable that
+    advances with every draw and that no checkpoint of ours holds, so a resumed run would
+    draw other numbers. One of these is made for each replica's batch of each step from a
+    key of (seed, global step, replica): the same draws whenever that step is trained.
+    Keras takes it wherever it takes a SeedGenerator (it checks the type, then calls
+    `next()`). The parent's __init__ is not called: it would make the state variable.
+    """
+
+    def __init__(self, key: tf.Tensor) -> None:
+        self.key, self.count, self.name = key, 0, "keyed_seeds"
+
+    def next(self, ordered: bool = True) -> tf.Tensor:
+        """The next seed: the call's number folded into the key (counted while tracing)."""
+        self.count += 1
+        return tf.random.experimental.stateless_fold_in(self.key, self.count)
+
+
+def step_key(seed: int, step: tf.Tensor, replica) -> tf.Tensor:
+    """The key of one replica's batch at global step `step`: (seed, step, replica) hashed."""
+    base = tf.constant([seed, STEP_STREAM], tf.int64)
+    keyed = tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
+    return tf.random.experimental.stateless_fold_in(keyed, tf.cast(replica, tf.int64))
+
+
+class MixedTargets(NamedTuple):
+    """What the loss sees of a mixed batch: Keras' soft labels and the dominant class.
+
+    `soft` [B, classes] is the layer's `transform_labels` of the one-hot labels (lambda of
+    the image's own class, 1 - lambda of its partner's); `dominant` [B] is its argmax, as
+    Keras' categorical accuracy and `class_weight` read soft labels (ties: the lower class).
+    """
+
+    soft: tf.Tensor
+    dominant: tf.Tensor
+
+
+@dataclass(frozen=True)
+class BatchAugmentation:
+    """data.randaugment_ops, data.mixup_alpha, data.cutmix_alpha: applied to each replica's
+    batch inside the train step, before the forward pass, on whichever device it runs.
+
+    In the step, not in tf.data: the device feed (data.placement=device) and the host
+    pipeline then give the same batches, images cross to the device as uint8, and the
+    draws are keyed by the global step. Each draw comes from `KeyedSeeds(step_key(...))`,
+    so a resumed run trains on exactly the same mixed images. A batch is mixed within
+    itself (Keras' layers permute the batch they are given): each replica mixes its own
+    slice, so the pairs depend on the number of replicas, as unsynchronised statistics do.
+    """
+
+    seed: int
+    num_classes: int
+    randaugment: keras.layers.RandAugment | None = None
+    mixup: keras.layers.MixUp | None = None
+    cutmix: keras.layers.CutMix | None = None
+
+    def __call__(self, images: tf.Tensor, labels: tf.Tensor, step: tf.Tensor, replica) -> tuple[tf.Tensor, object]:
+        """(float32 images, targets): the labels as they were, or MixedTargets when mixing."""
+        seeds = KeyedSeeds(step_key(self.seed, step, replica))
+        images = tf.cast(images, tf.float32)
+        if self.randaugment is not None:
+            images = rand_augmented(self.randaugment, images, seeds)
+        if self.mixup is None and self.cutmix is None:
+            return images, labels
+        onehot = tf.one_hot(labels, self.num_classes)
+        if self.mixup is not None and self.cutmix is not None:
+            # timm's rule for both: each batch is mixed one way or the other, with p=1/2.
+            use_mixup = keras.random.uniform((), seed=seeds) < 0.5
+            images, soft = tf.cond(
+                use_mixup,
+                lambda: mixed(self.mixup, images, onehot, seeds),
+                lambda: mixed(self.cutmix, images, onehot, seeds),
+            )
+        else:
+            images, soft = mixed(self.mixup or self.cutmix, images, onehot, seeds)
+        return images, MixedTargets(soft, tf.argmax(soft, axis=-1, output_type=tf.int32))
+
+
+def mixed(layer, images: tf.Tensor, onehot: tf.Tensor, seeds: KeyedSeeds) -> tuple[tf.Tensor, tf.Tensor]:
+    """A MixUp or CutMix layer's own transformation of a batch, drawn from `seeds`."""
+    transformation = layer.get_random_transformation(images, training=True, seed=seeds)
+    return layer.transform_images(images, transformation), layer.transform_labels(onehot, transformation)
+
+
+def rand_augmented(layer: keras.layers.RandAugment, images: tf.Tensor, seeds: KeyedSeeds) -> tf.Tensor:
+    """RandAugment's own operations and `transform_images`, with every draw from `seeds`.
+
+    Its `get_random_transformation` ignores the seed it is given (it draws from the layer's
+    own SeedGenerator), so the transformation is made here from its operation layers, each
+    given `seeds`. The operations are chosen per image (the paper's rule; Keras' own draw
+    chooses them per batch): shaped [num_ops, B, 1, 1, 1], the layer's selection broadcasts.
+    """
+    names = layer._AUGMENT_LAYERS  # the layer's operations, in the order its selection counts them
+    transforms = {
+        name: getattr(layer, name).get_random_transformation(images, training=True, seed=seeds) for name in names
+    }
+    batch = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
+    choices = keras.random.randint((layer.num_ops, batch, 1, 1, 1), 0, len(names), seed=seeds)
+    return layer.transform_images(images, {"transforms": transforms, "layer_idxes": choices})
+
+
+def batch_augmentation(data: DataConfig, seed: int, num_classes: int) -> BatchAugmentation | None:
+    """The configured in-step augmentation, or None when its keys are all off (the step is
+    then traced exactly as without them). Layers in float32 whatever the precision policy:
+    a mixed image is an exact convex combination."""
+    if not (data.randaugment_ops or data.mixup_alpha or data.cutmix_alpha):
+        return None
+    return BatchAugmentation(
+        seed=seed,
+        num_classes=num_classes,
+        randaugment=keras.layers.RandAugment(
+            value_range=(0, 255), num_ops=data.randaugment_ops, factor=data.randaugment_magnitude, dtype="float32"
+        )
+        if data.randaugment_ops
+        else None,
+        mixup=keras.layers.MixUp(alpha=data.mixup_alpha, dtype="float32") if data.mixup_alpha else None,
+        # factor (a, a): Beta(a, a), the paper's draw (a single number would draw a from U(0, a)).
+        cutmix=keras.layers.CutMix(factor=(data.cutmix_alpha, data.cutmix_alpha), dtype="float32")
+        if data.cutmix_alpha
+        else None,
+    )

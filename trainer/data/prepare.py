@@ -29,7 +29,7 @@ from trainer.data.diagnose import (
     unreadable_records,
     window_error,
 )
-from trainer.data.info import STATS_SAMPLE, DatasetInfo, dataset_info
+from trainer.data.info import STATS_SAMPLE, DatasetInfo, class_weights, dataset_info
 from trainer.data.pipeline import sample_images
 from trainer.data.plan import InputSpec, input_spec, resolve_crop, sample_indices
 from trainer.data.records import INDEX_FILE, parse_record
@@ -47,6 +47,7 @@ _DECODE_BATCH = 256
 def prepare_dataset(dataset: Dataset, config: DataConfig, say: Say = print, memo: SkipMemo | None = None) -> Dataset:
     """Resolve image_size, drop unreadable files (skip policy) and fill the cache, in place.
     `memo`: the workdir's record of unreadable files, so a resumed run does not look again."""
+    class_weights(config.class_weights, dataset.class_names, dataset.train)  # a wrong name: refused before any pass
     if isinstance(dataset.train, Split):
         return _prepare_in_memory(dataset, config)
     dataset.image_size = config.image_size or dataset.image_size or own_size(dataset.train)

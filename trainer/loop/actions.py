@@ -43,8 +43,31 @@ class Plateau:
 
     @classmethod
     def of(cls, values) -> Plateau:
-        accuracy, step, count = (float(value) for value in np.asarray(values))
+        accuracy, step, count = (float(value) for value in np.asarray(values)[:3])
         return cls(accuracy, int(step), int(count))
+
+    def after(self, accuracy: float, step: int, min_delta: float = 0.0) -> Plateau:
+        """The count after an evaluation at `step`: a gain (a rise over the best by at least
+        `min_delta`, and by something) starts it again, anything else adds one."""
+        if accuracy > self.best_accuracy and accuracy - self.best_accuracy >= min_delta:
+            return Plateau(accuracy, step, 0)
+        return Plateau(self.best_accuracy, self.best_step, self.without_gain + 1)
+
+
+@dataclass
+class RatePlateau:
+    """optimizer.schedule=plateau's state: its own count (as early stopping's, apart from it)
+    and the scale the learning rate has been cut to (1.0: never cut)."""
+
+    plateau: Plateau = field(default_factory=Plateau)
+    scale: float = 1.0
+
+    def values(self) -> np.ndarray:
+        return np.append(self.plateau.values(), self.scale)
+
+    @classmethod
+    def of(cls, values) -> RatePlateau:
+        return cls(Plateau.of(values), float(np.asarray(values)[3]))
 
 
 @dataclass
@@ -65,6 +88,7 @@ class LoopState:
     epoch_sums: np.ndarray = field(default_factory=StepSums.zeros)
     images_per_second: float = 0.0
     plateau: Plateau = field(default_factory=Plateau)
+    rate_plateau: RatePlateau = field(default_factory=RatePlateau)
     stopped_by: str | None = None  # EARLY_STOPPING once the early stopping rule ended the run
 
 
@@ -75,7 +99,9 @@ WINDOW_SUMS = "window_sums"
 # Early stopping's Plateau, since #28. Checkpoints written before lack it: the store
 # restores them without it (CheckpointStore(optional=...)), and the count starts afresh.
 PLATEAU = "early_stopping"
-ADDED_LATER = frozenset({PLATEAU})
+# optimizer.schedule=plateau's RatePlateau, since #28; written by every run, restored as PLATEAU is.
+RATE_PLATEAU = "lr_plateau"
+ADDED_LATER = frozenset({PLATEAU, RATE_PLATEAU})
 # TrainResult.stopped_by of a run the early stopping rule ended: it finished as planned.
 EARLY_STOPPING = "early_stopping"
 
@@ -83,16 +109,21 @@ EARLY_STOPPING = "early_stopping"
 def checkpointed_state() -> dict[str, tf.Variable]:
     """The variables the loop needs back on resume, for CheckpointStore(extra=...): the
     StepSums of the logging window in flight, so a resumed run logs the window's means as
-    a straight run does, and early stopping's count, so it counts on. `checkpoint_values(state)`
-    gives what each save writes to them."""
+    a straight run does, early stopping's count, so it counts on, and the plateau schedule's
+    count and learning-rate scale. `checkpoint_values(state)` gives what each save writes to them."""
     return {
         WINDOW_SUMS: tf.Variable(tf.zeros([NUM_SUMS]), trainable=False, name=WINDOW_SUMS),
         PLATEAU: tf.Variable(Plateau().values(), trainable=False, name=PLATEAU),
+        RATE_PLATEAU: tf.Variable(RatePlateau().values(), trainable=False, name=RATE_PLATEAU),
     }
 
 
 def checkpoint_values(state: LoopState) -> dict[str, np.ndarray]:
-    return {WINDOW_SUMS: state.window_sums, PLATEAU: state.plateau.values()}
+    return {
+        WINDOW_SUMS: state.window_sums,
+        PLATEAU: state.plateau.values(),
+        RATE_PLATEAU: state.rate_plateau.values(),
+    }
 
 
 def restored_window_sums(store: CheckpointStore) -> np.ndarray:
@@ -135,6 +166,7 @@ def resumed_state(store: CheckpointStore, step: int, eval_logdir: str, warn: Say
         best_step=best_step,
         best_accuracy=best_accuracy,
         plateau=Plateau.of(store.extra[PLATEAU].numpy()),
+        rate_plateau=RatePlateau.of(store.extra[RATE_PLATEAU].numpy()),
     )
 
 
@@ -321,13 +353,7 @@ class EarlyStopping:
     def __call__(self, step: int, state: LoopState) -> None:
         if not state.due.evaluate or state.last_eval is None:
             return
-        single_view = state.single_view_accuracy  # the final evaluation's, when eval.tta replaced it
-        accuracy = state.last_eval.accuracy if single_view is None else single_view
-        best = state.plateau.best_accuracy
-        if accuracy > best and accuracy - best >= self.min_delta:
-            state.plateau = Plateau(accuracy, step, 0)
-        else:
-            state.plateau.without_gain += 1
+        state.plateau = state.plateau.after(single_view_accuracy(state), step, self.min_delta)
         if state.plateau.without_gain >= self.patience and step < self.total_steps:
             state.stopped_by, state.save = EARLY_STOPPING, True
             self.stop_vote.assign(True)
@@ -339,6 +365,12 @@ class EarlyStopping:
                 f"Early stopping at step {step} of {self.total_steps}: "
                 f"{_no_gain(state.plateau, self.min_delta)}; checkpoint saved"
             )
+
+
+def single_view_accuracy(state: LoopState) -> float:
+    """The last evaluation's accuracy, single view (the final one's before eval.tta replaced it)."""
+    single_view = state.single_view_accuracy
+    return state.last_eval.accuracy if single_view is None else single_view
 
 
 class SaveCheckpoint:

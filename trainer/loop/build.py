@@ -14,13 +14,17 @@ import numpy as np
 from trainer import storage
 from trainer.backbones import backbone_variable_ids
 from trainer.config import profile_range
+from trainer.data.augment import batch_augmentation
 from trainer.data.device import DeviceFeed
+from trainer.data.info import class_weights
 from trainer.data.pipeline import first_views
 from trainer.evaluation import Evaluator
 from trainer.flops import peak_flops, training_flops_per_example
 from trainer.loop import actions as act
+from trainer.loop import user_actions as user
 from trainer.loop.controller import Controller, stop_on_nonfinite
 from trainer.loop.phases import PhasedLoops
+from trainer.loop.plateau import reduce_on_plateau
 from trainer.loop.run import Run
 from trainer.loop.schedule import SaveClock, Schedule
 from trainer.loop.step import StepOptions, Votes
@@ -54,7 +58,7 @@ def build_controller(
         ),
         batches_for=lambda step: device_feed.plan(step) if device_feed else iterator,
         schedule=schedule,
-        actions=_actions(run, monitor, schedule, clock, progress, profiler, votes),
+        actions=_with_user_actions(run, start_step, _actions(run, monitor, schedule, clock, progress, profiler, votes)),
         progress=progress,
         profiler=profiler,
         votes=votes,
@@ -66,6 +70,20 @@ def build_controller(
     )
     eval_logdir = storage.join(run.wd.tensorboard, "eval")
     return controller, act.resumed_state(run.store, start_step, eval_logdir, run.console.warning)
+
+
+def _with_user_actions(run: Run, start_step: int, actions: list) -> list:
+    """`actions` with train.actions' around them (the chief's): a snapshot of the logging
+    window first, before LogScalars starts a new one, and the user's actions last, after the
+    window's evaluation and checkpoint. Unchanged without train.actions."""
+    if not run.config.train.actions or not run.runtime.is_chief:
+        return actions
+    parts = run.parts
+    info = user.RunInfo(run.config, run.wd.root, start_step, parts.total_steps, parts.per_epoch)
+    window = user.WindowSnapshot()
+    named = user.made_actions(run.config.train.actions, info)
+    calls = user.UserActions(named, window, parts.optimizer, parts.per_epoch, run.config.data.batch_size)
+    return [window, *actions, calls]
 
 
 def _schedule(run: Run) -> Schedule:
@@ -104,6 +122,8 @@ def _step_options(run: Run, device_feed: DeviceFeed | None) -> StepOptions:
         device_feed=device_feed,
         agree_on_save=bool(config.checkpoint.every_minutes),
         accumulation_steps=config.optimizer.gradient_accumulation_steps,
+        class_weights=class_weights(config.data.class_weights, run.parts.dataset.class_names, run.parts.dataset.train),
+        augmentation=batch_augmentation(config.data, config.seed, len(run.parts.dataset.class_names)),
     )
 
 
@@ -160,6 +180,7 @@ def _actions(
         act.FinalizeAveragedWeights(parts.model, parts.optimizer),
         act.EvaluateAndKeepBest(evaluation),
         *([early] if early_stopping else []),  # before the save: the checkpoint holds its count
+        *reduce_on_plateau(config.optimizer, schedule, parts.optimizer, run.store, run.console.info),
         act.SaveCheckpoint(run.store, parts.per_epoch, clock),
         *([early.announce] if early_stopping else []),
         profiler,

@@ -95,6 +95,13 @@ class Schedule:
             histograms=bool(every and step // every > previous // every),
         )
 
+    def planned_evaluation(self, step: int) -> bool:
+        """Whether an evaluation at `step` is one of the schedule's own, before its last step:
+        not the one a train.max_steps cut adds, so a cut run and its extension count the
+        same evaluations as a straight run (and none at the end, where a cut changes nothing)."""
+        epoch, within = divmod(step, self.per_epoch)
+        return within == 0 and epoch % self.eval_every_epochs == 0 and step < (self.schedule_steps or self.total_steps)
+
     def profiling(self, step: int) -> bool:
         """Whether the profiler traces the steps from `step` on: [START, END)."""
         return bool(self.profile and self.profile[0] <= step < self.profile[1])

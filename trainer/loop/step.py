@@ -11,11 +11,13 @@ Keras 3 `model.fit` is not used: it fails under MultiWorkerMirroredStrategy and 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import tensorflow as tf
 
+from trainer.data.augment import BatchAugmentation, MixedTargets
 from trainer.data.device import DeviceFeed
 from trainer.evaluation import per_example_loss
 from trainer.optim import Lookahead, unwrapped
@@ -41,6 +43,11 @@ class StepOptions:
     agree_on_save: reduce the chief's time-based save vote at the end of each call.
     accumulation_steps: optimizer.gradient_accumulation_steps: each replica's batch is cut
         into this many micro-batches, whose gradients are summed and applied once.
+    class_weights: data.class_weights, one per class: each example's loss is multiplied by
+        its class's weight (the dominant class of a mixed one), the sum divided by the
+        global batch, as Keras' fit(class_weight=...) does.
+    augmentation: RandAugment/MixUp/CutMix on each replica's batch before the forward pass,
+        keyed by the global step (trainer.data.augment).
     """
 
     global_batch: int
@@ -55,6 +62,8 @@ class StepOptions:
     device_feed: DeviceFeed | None = None
     agree_on_save: bool = False
     accumulation_steps: int = 1
+    class_weights: list[float] | None = None
+    augmentation: BatchAugmentation | None = None
 
 
 class Votes(NamedTuple):
@@ -91,10 +100,7 @@ def make_train_loop(strategy: tf.distribute.Strategy, model, optimizer, votes: V
         votes_per_replica = strategy.run(lambda: tf.cast(flag.read_value(), tf.float32))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, votes_per_replica, axis=None) > 0
 
-    def run_step(batches, steps_done):
-        if options.device_feed is not None:
-            return options.device_feed.run(strategy, train_step, batches, steps_done)
-        return strategy.run(train_step, args=next(batches))
+    run_step = _step_runner(strategy, train_step, options)
 
     @tf.function
     def train_loop(batches, first_step, num_steps, sums, stop_at):
@@ -102,7 +108,7 @@ def make_train_loop(strategy: tf.distribute.Strategy, model, optimizer, votes: V
         diverged = tf.constant(False)
         stopped = vote_and_agree(first_step, steps, stop_at)
         while steps < num_steps and not stopped and not diverged:
-            per_replica = run_step(batches, steps)
+            per_replica = run_step(batches, steps, first_step)
             steps += 1
             _after_step(optimizer, options, first_step + tf.cast(steps, tf.int64))
             step_sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
@@ -129,6 +135,21 @@ def make_train_loop(strategy: tf.distribute.Strategy, model, optimizer, votes: V
     return train_loop
 
 
+def _step_runner(strategy: tf.distribute.Strategy, train_step, options: StepOptions):
+    """`run_step(batches, steps_done, first_step)`: one step on every replica, fed by the
+    device feed or the distributed iterator."""
+
+    def run_step(batches, steps_done, first_step):
+        step_fn = train_step
+        if options.augmentation is not None:  # its draws are keyed by the global step
+            step_fn = functools.partial(train_step, step=first_step + tf.cast(steps_done, tf.int64))
+        if options.device_feed is not None:
+            return options.device_feed.run(strategy, step_fn, batches, steps_done)
+        return strategy.run(step_fn, args=next(batches))
+
+    return run_step
+
+
 def _after_step(optimizer, options: StepOptions, global_step: tf.Tensor) -> None:
     """Cross-replica work after each step: the skip policy's scale reset, the lookahead."""
     if options.skip_nonfinite:
@@ -142,9 +163,12 @@ def _train_step_fn(model, optimizer, options: StepOptions):
     compute = _batch_gradients_fn(model, optimizer, options)
     reduction = _OneReduction(optimizer)
 
-    def train_step(images, labels):
-        gradients, loss_sum, correct, losses_finite = compute(images, labels)
+    def train_step(images, labels, step=None):
         context = tf.distribute.get_replica_context()
+        targets = labels
+        if options.augmentation is not None:
+            images, targets = options.augmentation(images, labels, step, context.replica_id_in_sync_group)
+        gradients, loss_sum, correct, losses_finite = compute(images, targets)
         summed, norm = reduction.sum_gradients(context, gradients, _loss_scale(optimizer))
         updates = summed
         if options.gradient_multipliers is not None:
@@ -189,11 +213,15 @@ def _batch_gradients_fn(model, optimizer, options: StepOptions):
     on 2. Keras' own `gradient_accumulation_steps` is not used: under MirroredStrategy its
     update (a merge_call inside a cond) fails in this step, and its LR schedule counts
     micro-batches.
+
+    `targets`: the integer labels, or MixedTargets; a mixed example counts as correct when
+    the model's class is its dominant one (Keras' categorical accuracy on soft labels).
     """
     compute = _forward_backward_fn(model, optimizer, options)
 
-    def one(images, labels):
-        gradients, losses, logits = compute(images, labels)
+    def one(images, targets):
+        gradients, losses, logits = compute(images, targets)
+        labels = targets.dominant if isinstance(targets, MixedTargets) else targets
         correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
         finite = tf.reduce_all(tf.math.is_finite(losses))
         return [tf.convert_to_tensor(g) for g in gradients], tf.reduce_sum(losses), _count(correct), finite
@@ -202,13 +230,13 @@ def _batch_gradients_fn(model, optimizer, options: StepOptions):
     if k == 1:
         return one
 
-    def accumulated(images, labels):
-        images, labels = _micro_batches(images, k), _micro_batches(labels, k)
-        gradients, loss_sum, correct, finite = one(images[0], labels[0])
+    def accumulated(images, targets):
+        images, targets = _micro_batches(images, k), tf.nest.map_structure(lambda t: _micro_batches(t, k), targets)
+        gradients, loss_sum, correct, finite = one(images[0], tf.nest.map_structure(lambda t: t[0], targets))
         # Unrolled, in order: a tf.while_loop cannot hold synchronized BatchNorm's
         # cross-replica reduction (a merge_call) under MirroredStrategy.
         for i in range(1, k):
-            more, loss, right, ok = one(images[i], labels[i])
+            more, loss, right, ok = one(images[i], tf.nest.map_structure(lambda t, i=i: t[i], targets))
             gradients = [a + b for a, b in zip(gradients, more)]
             loss_sum, correct, finite = loss_sum + loss, correct + right, finite & ok
         return gradients, loss_sum, correct, finite
@@ -227,14 +255,38 @@ def _count(flags: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(flags, tf.float32))
 
 
+def example_losses_fn(options: StepOptions):
+    """(targets, logits) -> each example's loss: cross-entropy, on soft labels when mixed,
+    times its class weight (data.class_weights; a mixed example: its dominant class's,
+    as Keras weighs soft labels by their argmax)."""
+    smoothing, num_classes = options.label_smoothing, options.num_classes
+
+    def losses(targets, logits):
+        if not isinstance(targets, MixedTargets):
+            return per_example_loss(targets, logits, num_classes, smoothing)
+        soft = targets.soft * (1.0 - smoothing) + smoothing / num_classes if smoothing else targets.soft
+        return tf.nn.softmax_cross_entropy_with_logits(soft, tf.cast(logits, tf.float32))
+
+    if options.class_weights is None:
+        return losses
+
+    def weighted(targets, logits):
+        weights = tf.constant(options.class_weights, tf.float32)
+        labels = targets.dominant if isinstance(targets, MixedTargets) else targets
+        return losses(targets, logits) * tf.gather(weights, labels)
+
+    return weighted
+
+
 def _forward_backward_fn(model, optimizer, options: StepOptions):
     # Regularisation is the whole batch's once: each of k micro-batches carries 1/k of it.
     share = 1.0 / options.accumulation_steps
+    example_losses = example_losses_fn(options)
 
-    def forward_backward(images, labels):
+    def forward_backward(images, targets):
         with tf.GradientTape() as tape:
             logits = model(tf.cast(images, tf.float32), training=True)
-            losses = per_example_loss(labels, logits, options.num_classes, options.label_smoothing)
+            losses = example_losses(targets, logits)
             # Divide by the GLOBAL batch: the optimizer sums gradients over replicas.
             loss = tf.nn.compute_average_loss(losses, global_batch_size=options.global_batch)
             if model.losses:
