@@ -426,7 +426,8 @@ def predict(obj, workdir: str, images: tuple[str, ...], as_json: bool, checkpoin
 def export(obj, workdir: str, checkpoint: str, format_names: str) -> None:
     """Write the model into WORKDIR/export/: model.keras and a SavedModel that tf.saved_model.load
     serves, and with --format also model.tflite (LiteRT) and model.onnx (onnxruntime).
-    All take 0-255 float32 pixels and give float32 class probabilities; labels.txt names them."""
+    All take 0-255 float32 pixels and give float32 class probabilities; labels.txt names them.
+    export/ is replaced whole: it holds only the formats of the latest export."""
     formats = export_formats.parse_formats(format_names)  # a typo ends here, before TensorFlow starts
     inference = _load("trainer.inference", obj["verbose"])
     paths = inference.export(workdir, checkpoint=checkpoint, warn=_warn, formats=formats)

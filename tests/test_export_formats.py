@@ -206,3 +206,17 @@ def test_a_model_built_in_mixed_precision_is_refused_for_tflite_and_onnx(tmp_pat
     with pytest.raises(ConfigError, match=r"model tiny is not float32 \(layers half compute in a mixed precision"):
         export_formats.write_formats(model, tmp_path, ["keras", "tflite"])
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_an_export_folder_that_is_a_symbolic_link_is_refused_and_left_as_it_is(exported, tmp_path):
+    """export/ is replaced by a rename: a link there was swapped for a folder and set aside as
+    .export.tmp-old, which then failed every later export (`Not a directory`)."""
+    workdir = Path(shutil.copytree(exported[0], tmp_path / "run"))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(workdir / "export", elsewhere)
+    (workdir / "export").symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    result = run_cli("export", "--workdir", str(workdir), "--format", "keras")
+    assert_one_error(result, f"cannot write {workdir / 'export'}: it is a symbolic link (to {elsewhere})")
+    assert (workdir / "export").is_symlink() and snapshot(elsewhere) == before
+    assert not list(workdir.glob(".export.tmp-*"))

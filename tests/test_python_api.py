@@ -8,8 +8,11 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +34,7 @@ from trainer.loop.build import _with_user_actions
 from trainer.loop.schedule import Due
 from trainer.loop.user_actions import RunInfo, UserActions, WindowSnapshot, made_actions
 from trainer.models import build_model
+from trainer.preemption import StopRequest
 from trainer.user_code import resolve
 
 EXAMPLES = REPO / "examples"
@@ -164,6 +168,28 @@ def backbone_named(input_shape, num_classes, config):
 def raises(input_shape, num_classes, config):
     raise ValueError(f"width {config.width} is too wide")
 
+def uint8_input(input_shape, num_classes, config):
+    inputs = keras.Input(shape=input_shape, dtype="uint8")
+    return keras.Model(inputs, layers.Dense(num_classes)(layers.Flatten()(inputs)))
+
+def int_output(input_shape, num_classes, config):
+    inputs = keras.Input(shape=input_shape)
+    logits = layers.Dense(num_classes)(layers.Flatten()(inputs))
+    return keras.Model(inputs, keras.ops.cast(logits, "int32"))
+
+def sets_policy(input_shape, num_classes, config):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    return linear(input_shape, num_classes, config)
+
+def exits(input_shape, num_classes, config):
+    raise SystemExit(4)
+
+HEAD = layers.Dense(10)  # made once, at import: every model would share (and train) it
+
+def shared_head(input_shape, num_classes, config):
+    inputs = keras.Input(shape=input_shape)
+    return keras.Model(inputs, HEAD(layers.Flatten()(inputs)))
+
 NOT_CALLABLE = 3
 """
 
@@ -195,6 +221,10 @@ def test_a_model_function_builds_a_checked_model_under_the_strategy(user_module)
         ("softmax", "ends in a softmax; return logits"),
         ("backbone_named", "named 'resnet50', a backbone's name"),
         ("raises", "raised ValueError: width 4 is too wide (/"),
+        ("exits", "raised SystemExit: 4 (/"),
+        ("uint8_input", "a model of uint8 input and float32 output; it takes float32 pixels"),
+        ("int_output", "a model of float32 input and int32 output; it takes float32 pixels"),
+        ("sets_policy", "set Keras' global dtype policy to mixed_float16 (it is float32 here); leave it"),
         ("NOT_CALLABLE", "NOT_CALLABLE is an int, not a function or class"),
         ("lineer", "has no 'lineer'; did you mean 'linear'?"),
     ],
@@ -205,6 +235,18 @@ def test_a_model_function_that_breaks_the_contract_is_named_with_the_fault(user_
         _build(f"{module}:{function}")
     assert str(caught.value).startswith(f"model.name={module}:{function}")
     assert message in str(caught.value)
+    assert keras.mixed_precision.global_policy().name == "float32"  # as it was, whatever the function set
+
+
+def test_a_model_function_that_returns_layers_of_an_earlier_model_is_refused(user_module):
+    """A layer made at import is in every model the function returns: the second run (a
+    resume, or the next train() of a notebook) would start from the first one's weights."""
+    module = user_module(MODEL_SOURCE)
+    _build(f"{module}:shared_head")
+    with pytest.raises(ConfigError, match="returned layers of a model it built before"):
+        _build(f"{module}:shared_head")
+    for _ in range(2):  # a new model each call: as often as needed
+        _build(f"{module}:linear")
 
 
 @pytest.mark.parametrize(
@@ -214,6 +256,8 @@ def test_a_model_function_that_breaks_the_contract_is_named_with_the_fault(user_
         ("__main__:build", "names the running script"),
         ("subprocess:run", "names Python's standard library (subprocess)"),
         ("os.path:join", "names Python's standard library (os.path)"),
+        ("trainer.training:train", "names the trainer's own code (trainer)"),
+        ("launch.cli:cli", "names the trainer's own code (launch)"),
         ("not-a-path", "is not an import path; write it as package.module:function"),
     ],
 )
@@ -230,6 +274,9 @@ def test_a_module_that_fails_to_import_is_named_with_its_line(user_module):
     lacking = user_module("import a_dependency_not_installed\n")
     with pytest.raises(ConfigError, match="ModuleNotFoundError: No module named 'a_dependency_not_installed'"):
         resolve(f"{lacking}:build", "model.name")
+    exiting = user_module("import sys\n\nsys.exit(2)\n")  # argparse at import, given our arguments, does
+    with pytest.raises(ConfigError, match=rf"importing {exiting} failed: SystemExit: 2 \(/.*/{exiting}.py:3\)$"):
+        resolve(f"{exiting}:build", "model.name")
     syntax = user_module("def build(:\n")
     with pytest.raises(ConfigError, match=rf"failed: SyntaxError: invalid syntax \(/.*/{syntax}.py:1\)$"):
         resolve(f"{syntax}:build", "model.name")
@@ -296,6 +343,9 @@ def test_train_actions_in_yaml_must_be_a_list(tmp_path):
 # --- user actions -------------------------------------------------------------------------------
 
 ACTIONS_SOURCE = """
+import sys
+import time
+
 CALLS = []
 
 def recorder(run):
@@ -313,6 +363,25 @@ def not_an_action(run):
 def failing(run):
     def action(step, metrics):
         raise ZeroDivisionError("window of no steps")
+    return action
+
+def exiting(run):
+    def action(step, metrics):
+        sys.exit(0)
+    return action
+
+def interrupting(run):
+    def action(step, metrics):
+        raise KeyboardInterrupt
+    return action
+
+def exiting_factory(run):
+    sys.exit(0)
+
+def sleeping(run):
+    def action(step, metrics):
+        CALLS.append(step)
+        time.sleep(60)
     return action
 """
 
@@ -359,6 +428,7 @@ def test_an_action_sees_the_window_and_the_evaluation_as_numbers_and_a_copy_of_t
         ("broken", "train.actions[1]={module}:broken raised KeyError: 'workdir' ("),
         ("not_an_action", "train.actions[1]={module}:not_an_action returned str, not an action"),
         ("missing", "train.actions[1]={module}:missing: {module}"),
+        ("exiting_factory", "train.actions[1]={module}:exiting_factory raised SystemExit: 0 ("),
     ],
 )
 def test_a_factory_that_fails_is_named(user_module, function, message):
@@ -375,6 +445,31 @@ def test_an_action_that_raises_stops_the_run_naming_it_and_the_checkpoint_to_res
     message = str(caught.value)
     assert message.startswith(f"train.actions[0]={module}:failing raised ZeroDivisionError: window of no steps (")
     assert f"{module}.py:" in message and "at step 24" in message and "last checkpoint is step 16" in message
+
+
+@pytest.mark.parametrize("function, raised", [("exiting", "SystemExit: 0"), ("interrupting", "KeyboardInterrupt")])
+def test_an_action_that_exits_stops_the_run_as_one_that_raises(user_module, function, raised):
+    """sys.exit(0) in an action ended `launch train` with exit 0 and no checkpoint, as if done."""
+    module = user_module(ACTIONS_SOURCE)
+    named = made_actions([f"{module}:{function}"], _info(smoke_config()))
+    with pytest.raises(ConfigError, match=re.escape(f"{module}:{function} raised {raised} (")):
+        _run_actions(named, _state(24, Due(log=True)), 24)
+
+
+def test_a_stop_signal_ends_an_action_that_sleeps_and_stops_the_run(user_module):
+    """The run's handler sets its flag (the loop stops after this step with a checkpoint), and
+    the action's sleep ends: before, it slept on, and only a second signal (no checkpoint) ended it."""
+    module = user_module(ACTIONS_SOURCE)
+    named = made_actions([f"{module}:sleeping", f"{module}:sleeping"], _info(smoke_config()))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.perf_counter()
+    with StopRequest(announce=lambda _: None) as stop:
+        timer.start()
+        _run_actions(named, _state(24, Due(log=True)), 24)
+        assert stop.requested and bool(stop.flag.numpy())
+        assert signal.getsignal(signal.SIGTERM) == stop._handle  # the run's handler, back in place
+    assert time.perf_counter() - started < 30
+    assert sys.modules[module].CALLS == [24]  # the window's other actions are skipped
 
 
 def test_without_train_actions_the_loop_is_as_it_was(user_module):

@@ -629,3 +629,35 @@ def test_an_export_killed_between_its_two_renames_is_put_back(tmp_path):
         raise RuntimeError("this export fails too")
     assert (export / "model.keras").read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export.lock", "export"]  # the lock file stays
+
+
+def test_a_leftover_link_is_unlinked_not_followed_and_a_failed_swap_leaves_no_temporary(tmp_path, monkeypatch):
+    """A `.export.tmp-*` that is a link (an earlier version swapped a linked export/ there) is
+    removed as a link: its target keeps its files. A rename that fails in the swap removes
+    the new temporary folder and keeps the previous export."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("not ours")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / ".export.tmp-old").symlink_to(elsewhere)
+    export = work / "export"
+    with files.replacing_folder(export) as folder:
+        (folder / "model.keras").write_bytes(b"first")
+    assert (elsewhere / "precious.txt").read_text() == "not ours"
+    assert sorted(p.name for p in work.iterdir()) == [".export.lock", "export"]
+    real_replace = os.replace
+
+    def replace(source, target):
+        if Path(target) == export:
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError), files.replacing_folder(export) as folder:
+        (folder / "model.keras").write_bytes(b"second")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not [p.name for p in work.iterdir() if p.name.startswith(".export.tmp-") and p.name != ".export.tmp-old"]
+    with files.replacing_folder(export) as folder:  # the next call puts the previous export back first
+        assert (export / "model.keras").read_bytes() == b"first"
+    assert sorted(p.name for p in work.iterdir()) == [".export.lock", "export"]

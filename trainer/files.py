@@ -126,19 +126,27 @@ def _replacing_local_folder(path: str | os.PathLike) -> Iterator[Path]:
         if old.exists() and not path.exists():
             os.replace(old, path)
         for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # a dead writer's: the lock says so
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove_leftover(leftover)
         temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
             yield temporary
-        except BaseException:
+            os.chmod(temporary, 0o755)
+            if path.exists():
+                _remove_leftover(old)
+                os.replace(path, old)
+            os.replace(temporary, path)
+        except BaseException:  # the body or the swap failed: the new content goes, the old stays
             shutil.rmtree(temporary, ignore_errors=True)
             raise
-        os.chmod(temporary, 0o755)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(temporary, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_leftover(old)
+
+
+def _remove_leftover(leftover: Path) -> None:
+    """A temporary name of ours: a link is unlinked (never followed), a folder removed."""
+    if leftover.is_symlink():
+        leftover.unlink()
+    else:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager

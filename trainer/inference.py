@@ -6,6 +6,7 @@ checkpoint's weights, so they need neither the training data nor the optimizer s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,7 @@ def export(
     require_packages(formats)  # before the seconds spent loading the model
     wd = Workdir(workdir)
     wd.check_folder(wd.export)  # a user's file named export/ is not ours to replace
+    _check_not_a_link(wd.export)
     model, info, step = load_trained_model(workdir, checkpoint, warn)
     if not all(name.isprintable() for name in info.class_names):
         raise DataError("a class name holds a line break or control character; labels.txt needs one name per line")
@@ -215,3 +217,15 @@ def export(
         raise WorkdirWriteError(f"cannot write {wd.export}: {reason}; the previous export is kept") from err
     paths: dict[str, str | int] = {name: storage.join(wd.export, FORMATS[name]) for name in formats}
     return {**paths, "labels": storage.join(wd.export, "labels.txt"), "step": step}
+
+
+def _check_not_a_link(path: str) -> None:
+    """export/ is replaced whole, by a rename beside it: a symbolic link there would be
+    replaced by a folder (its target left as it was, the link kept aside, blocking every
+    later export), so it is refused: the trainer deletes only what it created."""
+    if not storage.is_url(path) and os.path.islink(path):
+        raise WorkdirWriteError(
+            f"cannot write {path}: it is a symbolic link (to {os.readlink(path)}), where the trainer replaces a "
+            "folder of its own as a whole; remove the link (its target is not touched), and copy the export "
+            "where you need it after `launch export`"
+        )

@@ -11,6 +11,7 @@ are used: an exported `.keras` file loads in plain Keras without custom objects.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 ModelBuilder = Callable[..., keras.Model]
 _REGISTRY: dict[str, ModelBuilder] = {}
+# The layers of every user model built in this process: one returned again is refused.
+_USER_LAYERS: weakref.WeakSet = weakref.WeakSet()
 
 
 def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -140,13 +143,24 @@ def build_user_model(path: str, *, input_shape: Sequence[int], num_classes: int,
     A fault is a ConfigError naming `path` and what is wrong.
     """
     function = resolve(path, "model.name")
+    policy = keras.mixed_precision.global_policy()
     try:
         model = function(tuple(int(size) for size in input_shape), num_classes, copy.deepcopy(config))
     except TrainerError:
         raise
-    except Exception as err:  # the user's code, whatever it raises: named, with its place
+    except (Exception, SystemExit) as err:  # the user's code, whatever it raises (sys.exit too): named
         raise ConfigError(f"model.name={path} raised {failure(err)}") from err
-    return _checked_user_model(path, model, tuple(input_shape), num_classes)
+    finally:  # a policy the function set would outlive it: exports, the next run in this process
+        changed = keras.mixed_precision.global_policy().name
+        keras.mixed_precision.set_global_policy(policy)
+    if changed != policy.name:
+        raise ConfigError(
+            f"model.name={path} set Keras' global dtype policy to {changed} (it is {policy.name} here); leave "
+            "it to the trainer: runtime.precision sets it for training, and exports build in float32"
+        )
+    model = _checked_user_model(path, model, tuple(input_shape), num_classes)
+    _USER_LAYERS.update(model.layers)
+    return model
 
 
 def _checked_user_model(path: str, model: Any, input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
@@ -167,6 +181,12 @@ def _checked_user_model(path: str, model: Any, input_shape: tuple[int, ...], num
             f"{where} returned a model of {len(inputs)} inputs and {len(outputs)} outputs; it needs 1 and 1"
         )
     _check_shapes(where, tuple(inputs[0].shape), tuple(outputs[0].shape), input_shape, num_classes)
+    _check_dtypes(where, str(inputs[0].dtype), str(outputs[0].dtype))
+    if any(layer in _USER_LAYERS for layer in model.layers):
+        raise ConfigError(
+            f"{where} returned layers of a model it built before (made once, at module level?); create every "
+            "layer inside the function: each call must build a new model, or a run starts from another's weights"
+        )
     if _ends_in_softmax(model):
         raise ConfigError(f"{where} ends in a softmax; return logits (no activation): the loss applies the softmax")
     if is_backbone(model.name):
@@ -187,6 +207,14 @@ def _check_shapes(where: str, given: tuple, output: tuple, input_shape: tuple[in
         raise ConfigError(
             f"{where} returned a model whose output has shape {output}; it must be (None, {num_classes}): "
             "one logit per class, e.g. a last layers.Dense(num_classes)"
+        )
+
+
+def _check_dtypes(where: str, given: str, output: str) -> None:
+    if given != "float32" or not output.startswith(("float", "bfloat")):
+        raise ConfigError(
+            f"{where} returned a model of {given} input and {output} output; it takes float32 pixels "
+            "(keras.Input(shape=input_shape)) and gives float logits"
         )
 
 

@@ -40,6 +40,7 @@ _LIBRARY_PATHS = tuple(
     {os.path.realpath(sysconfig.get_paths()[name]) + os.sep for name in ("stdlib", "platstdlib", "purelib", "platlib")}
 )
 _OUR_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
+_OUR_PACKAGES = ("trainer", "launch")
 
 
 def is_import_path(text: Any) -> bool:
@@ -97,10 +98,18 @@ def _check_module_name(module_name: str, key: str, path: str) -> None:
         )
     # Never a user's code, and its callables would run with our arguments: subprocess:run
     # would start a program named after the first of them.
-    if module_name.split(".")[0] in sys.stdlib_module_names:
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names:
         raise ConfigError(
             f"{key}={path} names Python's standard library ({module_name}); name a function of your own "
-            f"module ({EXAMPLE})"
+            f"module ({EXAMPLE}), and if {top}.py is yours, rename it: Python's own module comes first"
+        )
+    # Nor ours: trainer.training:train or launch.cli:cli, called with a model's or an action's
+    # arguments, would start a run (or a command that exits) from inside this one.
+    if top in _OUR_PACKAGES:
+        raise ConfigError(
+            f"{key}={path} names the trainer's own code ({top}); name a function of your own module ({EXAMPLE}), "
+            f"and if {top}.py is yours, rename it"
         )
 
 
@@ -115,7 +124,7 @@ def _import(module_name: str, key: str, path: str) -> Any:
                     f"directory ({os.getcwd()}); run from the folder that holds it, or add that folder to PYTHONPATH"
                 ) from None
             raise ConfigError(f"{key}={path}: importing {module_name} failed: {failure(err)}") from err
-        except Exception as err:  # anything the module's own code raises while it runs
+        except (Exception, SystemExit) as err:  # anything the module's own code raises (sys.exit included)
             raise ConfigError(f"{key}={path}: importing {module_name} failed: {failure(err)}") from err
 
 

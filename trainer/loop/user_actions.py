@@ -10,21 +10,28 @@ resumed run calls the action where a straight run would have.
 
 An action sees numbers and a copy of the config, never the model, the optimizer or the
 loop's state: it cannot change what is trained, so a resume stays exact whatever it does.
-An exception in a factory or an action stops the run with a ConfigError naming it and
-the place in its code; the checkpoints already saved are kept, and the same command
-resumes once it is fixed. With no train.actions nothing here runs: the loop is as it was.
+An exception in a factory or an action (sys.exit() included) stops the run with a
+ConfigError naming it and the place in its code; the checkpoints already saved are kept,
+and the same command resumes once it is fixed. A stop signal (SIGTERM, Ctrl-C) while an
+action runs ends the action at once (one that sleeps or waits included), and the run stops
+after this step with a checkpoint, as anywhere else. With no train.actions nothing here
+runs: the loop is as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from trainer.config import Config
 from trainer.errors import ConfigError, TrainerError
 from trainer.loop.actions import LoopState
 from trainer.optim import current_learning_rate
+from trainer.signals import SignalRaised
 from trainer.sums import StepSums
 from trainer.user_code import failure, resolve
 
@@ -57,6 +64,11 @@ class StepMetrics:
 
 
 Action = Callable[[int, StepMetrics], None]
+# The run's stop signals (trainer.preemption): while an action runs, each also ends the action.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# What user code raises that is not an Exception: its own sys.exit() or KeyboardInterrupt (a
+# real Ctrl-C is the run's stop signal while actions run, and reaches them as SignalRaised).
+_USER_EXITS = (Exception, SystemExit, KeyboardInterrupt)
 
 
 class WindowSnapshot:
@@ -84,17 +96,14 @@ class UserActions:
         if not state.due.log:
             return
         metrics = self.metrics(step, state)
-        for index, (path, action) in enumerate(self.named):
-            try:
-                action(step, metrics)
-            except TrainerError:
-                raise
-            except Exception as err:  # the user's code, whatever it raises: named, with its place
-                raise ConfigError(
-                    f"train.actions[{index}]={path} raised {failure(err)} at step {step}; the run stopped there "
-                    f"(its last checkpoint is step {state.saved_step}): fix the action, or remove it from "
-                    "train.actions, and run the same command to resume"
-                ) from err
+        try:
+            with _signals_end_actions():
+                for index, (path, action) in enumerate(self.named):
+                    _call(index, (path, action), step, metrics, state.saved_step)
+        except SignalRaised:
+            # The run's own handler took the signal first: the loop stops after this step with a
+            # checkpoint, as it does on a signal anywhere else; the window's other actions are skipped.
+            return
 
     def metrics(self, step: int, state: LoopState) -> StepMetrics:
         sums, seconds = self.window.sums, self.window.seconds
@@ -114,6 +123,45 @@ class UserActions:
         )
 
 
+def _call(index: int, named: tuple[str, Action], step: int, metrics: StepMetrics, saved_step: int) -> None:
+    path, action = named
+    try:
+        action(step, metrics)
+    except (TrainerError, SignalRaised):
+        raise
+    except _USER_EXITS as err:  # the user's code, whatever it raises: named, with its place
+        raise ConfigError(
+            f"train.actions[{index}]={path} raised {failure(err)} at step {step}; the run stopped there "
+            f"({f'its last checkpoint is step {saved_step}' if saved_step else 'no checkpoint saved yet'}): "
+            "fix the action, or remove it from train.actions, and run the same command to resume"
+        ) from err
+
+
+@contextlib.contextmanager
+def _signals_end_actions() -> Iterator[None]:
+    """While the actions run, a stop signal first does what the run's handler does (stop after
+    this step with a checkpoint; a second one exits at once), then raises SignalRaised where
+    the main thread is: an action that sleeps or waits on something ends there, instead of
+    holding the run (and its signal) until it returns. Only over Python handlers (the run's):
+    a default or ignored signal stays as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: handler for sig in _STOP_SIGNALS if callable(handler := signal.getsignal(sig))}
+
+    def handler(signum: int, frame) -> None:
+        previous[signum](signum, frame)
+        raise SignalRaised(signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def made_actions(paths: list[str], info: RunInfo) -> list[tuple[str, Action]]:
     """(path, action) of each train.actions entry: resolved, its factory called with `info`."""
     named = []
@@ -124,7 +172,7 @@ def made_actions(paths: list[str], info: RunInfo) -> list[tuple[str, Action]]:
             action = factory(replace(info, config=copy.deepcopy(info.config)))
         except TrainerError:
             raise
-        except Exception as err:  # the user's code, whatever it raises: named, with its place
+        except (Exception, SystemExit) as err:  # the user's code, whatever it raises: named, with its place
             raise ConfigError(f"{key}={path} raised {failure(err)} when called to make the action") from err
         if not callable(action):
             raise ConfigError(
