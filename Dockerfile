@@ -9,6 +9,8 @@
 #         docker push us-docker.pkg.dev/PROJECT/trainer/trainer:gpu
 #   try:  docker run --rm us-docker.pkg.dev/PROJECT/trainer/trainer:cpu devices
 #
+# The image always has the gcs extra (google-cloud-storage): its runs keep their workdirs on
+# gs://, whose lease it makes race-free (README, Clouds).
 # EXTRAS is one of pyproject.toml's extras: cpu (tensorflow-cpu) or gpu
 # (tensorflow[and-cuda]: CUDA and cuDNN come as pip wheels, so the GPU image needs no
 # CUDA base image, only the NVIDIA driver and container toolkit on the host). BASE may
@@ -36,7 +38,7 @@ WORKDIR /opt/trainer
 COPY pyproject.toml README.md ./
 COPY launch ./launch
 COPY trainer ./trainer
-RUN pip install --upgrade pip && pip install "/opt/trainer[${EXTRAS}]" && launch --version
+RUN pip install --upgrade pip && pip install "/opt/trainer[${EXTRAS},gcs]" && launch --version
 COPY configs ./configs
 
 USER 10001:10001

@@ -130,7 +130,7 @@ gcloud "${TPU[@]}" scp "$archive_dir/trainer.tar.gz" "$TPU_NAME:trainer.tar.gz" 
 gcloud "${TPU[@]}" ssh "${WHERE[@]}" --worker=all --command="
   set -e
   rm -rf ~/trainer && mkdir ~/trainer && tar -xzf ~/trainer.tar.gz -C ~/trainer
-  cd ~/trainer && python3 -m pip install --user -q '.[tpu]' 'tensorflow-tpu==$TF_TPU' -f $LIBTPU_INDEX
+  cd ~/trainer && python3 -m pip install --user -q '.[tpu,gcs]' 'tensorflow-tpu==$TF_TPU' -f $LIBTPU_INDEX
 "
 
 train=(python3 -m launch train --config configs/cifar10_tpu.yaml --workdir "$WORKDIR" --set "data.path=$DATA")

@@ -16,8 +16,16 @@ setting for another endpoint; but it honours `HTTPS_PROXY`, `CURL_CA_BUNDLE` and
 - faults: a JSON control file (`GCS_EMULATOR_CONTROL`), read again whenever it changes,
   sets the fraction of requests answered with a 503 or a dropped connection (a seeded
   RNG chooses which; `lost` also offered: the store acts, then its answer is cut off),
-  or `deny` (a 403 to everything); the addon counts requests and faults in a JSON stats
-  file (`GCS_EMULATOR_STATS`).
+  or `deny` (a 403 to everything), or `next`: one fault for the next requests of one method
+  whose URL holds a given text (the lost answer of exactly one write); the addon counts
+  requests and faults in a JSON stats file (`GCS_EMULATOR_STATS`).
+
+google-cloud-storage (the lease's compare-and-swap, trainer/gcs_lease.py) goes the same
+way: `env` names `https://www.googleapis.com` as its STORAGE_EMULATOR_HOST (so it uses
+anonymous credentials and needs no project) and the CA bundle for `requests`, so its
+requests cross the proxy and meet the same faults. Pointing it at fake-gcs-server's port
+directly would skip the faults, and the media links fake-gcs-server answers name
+www.googleapis.com anyway (`-external-url`).
 
 `GcsEmulator.start()` starts both on free ports and waits (with a deadline) until a
 request through the proxy reaches fake-gcs-server; `env` holds the variables a
@@ -65,6 +73,7 @@ class Emulator:
         self.control: dict = {}
         self.control_mtime: int | None = None
         self.rng = random.Random(0)
+        self.targeted = 0  # requests that met the control's `next` fault since it was set
         self.stats = {"requests": 0, "forwarded": 0, "503": 0, "drop": 0, "lost": 0, "denied": 0, "foreign": 0}
 
     def _reload(self) -> None:
@@ -82,6 +91,7 @@ class Emulator:
         except (OSError, ValueError):
             self.control = {}
         self.rng = random.Random(self.control.get("seed", 0))
+        self.targeted = 0
 
     def _count(self, kind: str, flow=None) -> None:
         if flow is not None and kind != "forwarded":
@@ -113,8 +123,8 @@ class Emulator:
             body = {"error": {"code": 403, "message": "denied by the GCS emulator", "errors": []}}
             flow.response = http.Response.make(403, json.dumps(body), {"Content-Type": "application/json"})
             return
-        fault = ""
-        if self.rng.random() < float(self.control.get("fault_rate", 0)):
+        fault = self._targeted(request)
+        if not fault and self.rng.random() < float(self.control.get("fault_rate", 0)):
             fault = self.rng.choice(self.control.get("faults", ["503", "drop"]))
         if fault == "drop":  # the connection closes before the store sees the request
             self._count(fault, flow)
@@ -126,6 +136,17 @@ class Emulator:
             self._count(fault or "forwarded")
             flow.metadata["lose_answer"] = fault == "lost"
             self._forward(flow)
+
+    def _targeted(self, request) -> str:
+        """The control's `next` fault, {"fault": "lost", "method": "POST", "contains": "lease",
+        "count": 1}, if this request is one of the `count` it is for; else ""."""
+        rule = self.control.get("next")
+        if not rule or self.targeted >= int(rule.get("count", 1)):
+            return ""
+        if request.method != rule.get("method", request.method) or rule.get("contains", "") not in request.pretty_url:
+            return ""
+        self.targeted += 1
+        return str(rule["fault"])
 
     def response(self, flow) -> None:
         if "forwarded_to" not in flow.metadata:
@@ -305,6 +326,9 @@ class GcsEmulator:
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
             "NO_GCE_CHECK": "true",  # no probe of the GCE metadata server
             "CLOUDSDK_CONFIG": str(self.root / "gcloud"),  # no gcloud credentials are found
+            # google-cloud-storage (the lease): this endpoint through the proxy, anonymous.
+            "STORAGE_EMULATOR_HOST": "https://www.googleapis.com",
+            "REQUESTS_CA_BUNDLE": str(self.ca_bundle),
         }
 
     def subprocess_env(self, **extra: str) -> dict[str, str]:
@@ -353,6 +377,15 @@ class GcsEmulator:
         "drop" (the connection closed before the store sees the request), "lost" (the store
         acts, then the connection is closed before its answer)."""
         self._write_control({"fault_rate": fault_rate, "faults": list(faults), "seed": seed})
+
+    def fault_next(self, fault: str, method: str, contains: str = "", count: int = 1) -> None:
+        """From the next request on, the `count` requests of `method` whose URL holds
+        `contains` meet `fault` ("lost": the store acts, its answer is cut off); no others."""
+        self._write_control({"next": {"fault": fault, "method": method, "contains": contains, "count": count}})
+
+    def requests_seen(self) -> list[str]:
+        """The proxy's log, one line per request: method, URL, what was done."""
+        return self.request_log.read_text().splitlines() if self.request_log.exists() else []
 
     def deny_everything(self) -> None:
         """A 403 to every request: a store that answers but refuses."""

@@ -234,7 +234,7 @@ def test_dockerfile_installs_the_trainer_into_opt_trainer_and_runs_launch_as_a_n
     assert {"pyproject.toml", "README.md", "trainer", "launch"} <= set(copied)
     assert all((REPO / source).exists() for source in copied)
     runs = " ".join(arg for name, arg in instructions if name == "RUN")
-    assert f'pip install "{IMAGE_ROOT}[${{EXTRAS}}]"' in runs
+    assert f'pip install "{IMAGE_ROOT}[${{EXTRAS}},gcs]"' in runs
     assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["launch"]
     user = [arg for name, arg in instructions if name == "USER"][-1].split(":")[0]
     assert user not in ("root", "0") and f"--uid {user}" in runs
@@ -468,8 +468,9 @@ def _assert_installed_and_training_detached(vm: TpuVm, result, workers: str = "a
     vm.release()
     _wait_for(lambda: "launch train exited with 0" in log.read_text())
     pip, launch = vm.python3
-    # Our pinned TensorFlow with libtpu from Google's index, as the README's [tpu] line says.
-    assert pip[:3] == ["-m", "pip", "install"] and ".[tpu]" in pip and "tensorflow-tpu==2.20.0" in pip
+    # Our pinned TensorFlow with libtpu from Google's index, as the README's [tpu] line says; gcs: the
+    # workdir is on gs://, whose lease google-cloud-storage makes race-free.
+    assert pip[:3] == ["-m", "pip", "install"] and ".[tpu,gcs]" in pip and "tensorflow-tpu==2.20.0" in pip
     assert pip[pip.index("-f") + 1] == "https://storage.googleapis.com/libtpu-tf-releases/index.html"
     assert "tail -f ~/train.log" in result.stdout
     options, _ = _check_train_command(launch[1:])

@@ -178,9 +178,17 @@ def test_full_flow_on_gs_through_tensorflows_gcs_client(store, straight_run, tmp
     """train -> SIGTERM -> resume on gs://bkt/run, then evaluate, predict and export on it:
     the final weights equal a straight local run's, bit for bit."""
     bucket = store.make_bucket("bkt").removeprefix("gs://")
+    seen = len(store.requests_seen())
     _train_interrupted_then_resumed(store, tmp_path, bucket)
     _assert_same_weights(store, bucket, straight_run, tmp_path / "copy")
     assert f"run/{LEASE}" not in store.objects(bucket, "run/")  # released on the way out
+    # Each of the two runs took the lease with a generation precondition (trainer/gcs_lease.py):
+    # created only if absent (a multipart upload: TensorFlow's own are media uploads), deleted
+    # only if still its own.
+    guarded = [line for line in store.requests_seen()[seen:] if "ifGenerationMatch=" in line]
+    assert sum("uploadType=multipart&ifGenerationMatch=0 " in line for line in guarded) == 2, guarded
+    released = f"DELETE https://www.googleapis.com/storage/v1/b/{bucket}/o/run%2F{LEASE}?"
+    assert sum(line.startswith(released) for line in guarded) == 2, guarded
 
     out, _ = _launch(store, tmp_path, "evaluate", "--workdir", f"gs://{bucket}/run")
     local = json.loads((straight_run / "metrics.json").read_text())

@@ -13,11 +13,20 @@ finds a live lease is refused with one line; one that finds a lease not renewed 
 with a warning. A lease written on this host by a process that is gone is taken over at
 once. The expiry time travels in the lease, so readers (`launch evaluate`) need no config.
 
-Limits, stated in the README: the stores offer no compare-and-swap through tf.io.gfile,
-so two trainers started within the same second can both believe they won; the lease
-is re-read after writing to catch most of these, and a holder that finds someone else's
-lease at renewal stops renewing and says so. Clocks of the hosts must roughly agree
-(seconds, not minutes), since the heartbeat is compared with the reader's clock.
+On gs:// with google-cloud-storage (the `gcs` extra), every write of the lease is a
+compare-and-swap on the object's generation (trainer.gcs_lease): acquiring creates it only
+if absent, or replaces the expired lease only if it is still the one read; renewing
+replaces only our own last version; releasing deletes only that. Of two trainers started
+at the same moment exactly one wins, the other is refused with the usual one line; a
+holder whose lease was taken over learns it at its next renewal, stops renewing and says
+so; a write whose answer was lost is read back, not mistaken for a rival's.
+
+Elsewhere (s3://, ram://, and gs:// without the package, which warns once) the lease goes
+through tf.io.gfile, which offers no compare-and-swap: two trainers started within the
+same second can both believe they won; the lease is re-read after writing to catch most
+of these, and a holder that finds someone else's lease at renewal stops renewing and says
+so. Either way the clocks of the hosts must roughly agree (seconds, not minutes), since
+the heartbeat is compared with the reader's clock.
 """
 
 from __future__ import annotations
@@ -33,14 +42,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from trainer import files, storage
-from trainer.errors import WorkdirBusyError
+from trainer import files, gcs_lease, storage
+from trainer.errors import TrainerError, WorkdirBusyError
 from trainer.say import Say
 
 LEASE = ".lease.json"
 Clock = Callable[[], float]
 # How far ahead of this host's clock a heartbeat may be before the clocks count as disagreeing.
 _CLOCK_TOLERANCE = 10.0
+# gs:// with generations: how long acquiring or releasing may retry a store that does not
+# answer, and how many times the lease may change under an acquire before it gives up.
+_STORE_DEADLINE_S = 30.0
+_ACQUIRE_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,11 @@ def read_lease(path: str, warn: Say) -> LeaseRecord | None:
     """The lease at `path`, or None when there is none; a damaged one is warned about and
     counts as none (it is rewritten by the next holder)."""
     raw = files.read_json(path, warn, "treating the workdir as free")
-    if raw is None:
-        return None
+    return None if raw is None else lease_of(raw, path, warn)
+
+
+def lease_of(raw: Any, path: str, warn: Say) -> LeaseRecord | None:
+    """A parsed lease file as a record; a damaged one is warned about and counts as none."""
     problem = _lease_problem(raw)
     if problem:
         warn(f"Warning: {path} is damaged ({problem}); treating the workdir as free")
@@ -185,22 +201,26 @@ class Lease:
         self.owner = uuid.uuid4().hex
         self.lost = False
         self._stop = threading.Event()
+        # gs:// with the `gcs` extra: the object under generation preconditions, and the
+        # generation of our last write (chosen in acquire, which warns if it falls back).
+        self._guarded: gcs_lease.GuardedObject | None = None
+        self._generation = 0
 
     def _record(self) -> LeaseRecord:
         return LeaseRecord(self.owner, socket.gethostname(), os.getpid(), self.clock(), self.expires_after)
 
+    def _text(self) -> str:
+        return json.dumps(asdict(self._record()), indent=2) + "\n"
+
     def _write(self) -> None:
-        files.write_text(self.path, json.dumps(asdict(self._record()), indent=2) + "\n")
+        files.write_text(self.path, self._text())
 
     def acquire(self) -> None:
-        now = self.clock()
-        record = read_lease(self.path, self.warn)
-        if record is not None and record.owner != self.owner:
-            if record.is_live(now):
-                raise busy_error(self.root, record, now)
-            self.warn(
-                f"Warning: taking over the lease of {self.root} from a trainer presumed dead ({record.describe(now)})"
-            )
+        self._guarded = gcs_lease.guarded_object(self.path, self.warn)
+        if self._guarded is not None:
+            self._acquire_guarded(self._guarded)
+            return
+        self._refuse_if_live(read_lease(self.path, self.warn))
         storage.makedirs(self.root)
         self._write()
         written = read_lease(self.path, self.warn)
@@ -209,21 +229,86 @@ class Lease:
         if written.owner != self.owner:  # another trainer wrote it at the same moment, and won
             raise busy_error(self.root, written, self.clock())
 
+    def _refuse_if_live(self, record: LeaseRecord | None) -> None:
+        """Refuse while someone else's lease is live; warn when taking over a dead one's."""
+        now = self.clock()
+        if record is None or record.owner == self.owner:
+            return
+        if record.is_live(now):
+            raise busy_error(self.root, record, now)
+        self.warn(
+            f"Warning: taking over the lease of {self.root} from a trainer presumed dead ({record.describe(now)})"
+        )
+
+    def _acquire_guarded(self, guarded: gcs_lease.GuardedObject) -> None:
+        """Create the lease if absent, or replace the dead one just read if it is still that
+        one: of trainers racing, exactly one write goes through; a loser sees the winner."""
+        for _ in range(_ACQUIRE_ROUNDS):
+            current = guarded.read(_STORE_DEADLINE_S)
+            self._refuse_if_live(self._decoded(current.data, self.warn))
+            written = guarded.write_if(self._text().encode(), current.generation, self._is_ours, _STORE_DEADLINE_S)
+            if written.won:
+                self._generation = written.version.generation
+                return
+            rival = self._decoded(written.version.data, lambda _: None)
+            if rival is not None and rival.is_live(self.clock()):
+                raise busy_error(self.root, rival, self.clock())
+        raise WorkdirBusyError(
+            f"{self.root}: the lease changed {_ACQUIRE_ROUNDS} times while this trainer tried to take it (other "
+            "trainers are starting on this workdir); wait for them, or pick another --workdir"
+        )
+
+    def _decoded(self, data: bytes | None, warn: Say) -> LeaseRecord | None:
+        """The lease in `data` (None: no object); damage is warned about and counts as none."""
+        if data is None:
+            return None
+        try:
+            raw = json.loads(data)
+        except (ValueError, RecursionError) as err:
+            warn(
+                f"Warning: {self.path} is damaged ({type(err).__name__}: {files.short(str(err))}); treating the "
+                "workdir as free"
+            )
+            return None
+        return lease_of(raw, self.path, warn)
+
+    def _is_ours(self, data: bytes) -> bool:
+        record = self._decoded(data, lambda _: None)
+        return record is not None and record.owner == self.owner
+
     def renew(self) -> None:
         """Rewrite the heartbeat, unless someone else holds the lease now (then say so once)."""
         if self.lost:
             return
+        if self._guarded is not None:
+            self._renew_guarded(self._guarded)
+            return
         record = read_lease(self.path, lambda _: None)
         if record is not None and record.owner != self.owner:
-            self.lost = True
-            self.warn(
-                f"Warning: the lease of {self.root} was taken over ({record.describe(self.clock())}); this trainer "
-                "no longer owns the workdir: stop it"
-            )
+            self._lose(record)
             return
         self._write()
 
+    def _renew_guarded(self, guarded: gcs_lease.GuardedObject) -> None:
+        """Replace our last version only: if anything else is there now, the lease was lost.
+        Retried for at most a quarter of the expiry (then the next renewal tries again)."""
+        deadline = max(1.0, min(20.0, self.expires_after / 4))
+        written = guarded.write_if(self._text().encode(), self._generation, self._is_ours, deadline, self._stop)
+        if written.won:
+            self._generation = written.version.generation
+        else:
+            self._lose(self._decoded(written.version.data, lambda _: None))
+
+    def _lose(self, record: LeaseRecord | None) -> None:
+        self.lost = True
+        holder = f"taken over ({record.describe(self.clock())})" if record else "deleted or replaced by another file"
+        self.warn(f"Warning: the lease of {self.root} was {holder}; this trainer no longer owns the workdir: stop it")
+
     def release(self) -> None:
+        if self._guarded is not None:
+            if not self.lost and self._generation:
+                self._guarded.delete_if(self._generation, _STORE_DEADLINE_S)
+            return
         record = read_lease(self.path, lambda _: None)
         if record is not None and record.owner == self.owner:
             storage.remove(self.path)
@@ -232,8 +317,11 @@ class Lease:
         while not self._stop.wait(self.expires_after / 4):
             try:
                 self.renew()
-            except OSError as err:  # a store that failed once may answer next time
-                self.warn(f"Warning: could not renew the lease of {self.root} ({files.short(str(err))})")
+            # A store that failed once may answer next time; WorkdirWriteError and the like:
+            # an answer that is no refusal of the lease (a bucket setting), said the same way.
+            except (OSError, TrainerError) as err:
+                if not self._stop.is_set():
+                    self.warn(f"Warning: could not renew the lease of {self.root} ({files.short(str(err))})")
 
     @contextmanager
     def held(self) -> Iterator[Lease]:
