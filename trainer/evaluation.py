@@ -92,7 +92,7 @@ class Evaluator:
             return self._passes[tta]
         model, strategy, num_classes = self.model, self.strategy, len(self.class_names)
 
-        @tf.function(jit_compile=self.jit_compile)
+        @tf.function(jit_compile=self.jit_compile, autograph=False)  # no control flow on tensors
         def eval_step(images, labels, mask):
             logits = tta_logits(model, tf.cast(images, tf.float32), tta)
             loss_sum = tf.reduce_sum(per_example_loss(labels, logits, num_classes) * mask)

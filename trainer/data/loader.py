@@ -54,10 +54,12 @@ class ExampleLoader:
         return batched.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     # In-memory batches.
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
     def _gather_train(self, epoch, indices):
         batch = tf.gather(self.images, indices)
         return augmented(batch, indices, epoch, self.spec), tf.gather(self.labels, indices)
 
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
     def _gather_eval(self, _, indices):
         mask = indices >= 0
         safe = tf.where(mask, indices, tf.zeros_like(indices))

@@ -40,6 +40,7 @@ def train_dataset_fn(examples: Examples, spec: InputSpec, start_step: int, total
     per_epoch = steps_per_epoch(num_examples, spec.global_batch)
     loader = ExampleLoader(examples, spec)
 
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
     def batch_indices(step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         epoch = step // per_epoch
         first = (step % per_epoch) * spec.global_batch
@@ -83,6 +84,7 @@ def eval_dataset_fn(examples: Examples, spec: InputSpec | int):
         spec = InputSpec(global_batch=spec, seed=0)
     global_batch, loader = spec.global_batch, ExampleLoader(examples, spec)
 
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
     def pad(indices: tf.Tensor, *raws: tf.Tensor) -> tuple[tf.Tensor, ...]:
         padding = global_batch - tf.shape(indices)[0]
         padded = [tf.pad(indices, [[0, padding]], constant_values=-1)]

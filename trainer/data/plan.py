@@ -153,6 +153,7 @@ def replica_slices(batches: tf.data.Dataset, context: tf.distribute.InputContext
     local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
     first = context.input_pipeline_id * local_replicas
 
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
     def split(epoch: tf.Tensor, *columns: tf.Tensor) -> tf.data.Dataset:
         # columns: the indices, and for TFRecord the raw records beside them.
         def replica_slice(replica: tf.Tensor) -> tuple[tf.Tensor, ...]:

@@ -139,6 +139,7 @@ def _step_runner(strategy: tf.distribute.Strategy, train_step, options: StepOpti
     """`run_step(batches, steps_done, first_step)`: one step on every replica, fed by the
     device feed or the distributed iterator."""
 
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
     def run_step(batches, steps_done, first_step):
         step_fn = train_step
         if options.augmentation is not None:  # its draws are keyed by the global step
@@ -150,6 +151,7 @@ def _step_runner(strategy: tf.distribute.Strategy, train_step, options: StepOpti
     return run_step
 
 
+@tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
 def _after_step(optimizer, options: StepOptions, global_step: tf.Tensor) -> None:
     """Cross-replica work after each step: the skip policy's scale reset, the lookahead."""
     if options.skip_nonfinite:
