@@ -111,7 +111,7 @@ def test_full_flow_on_a_remote_store(tmp_path):
     result = _invoke("export", "--workdir", workdir)
     assert result.exit_code == 0, result.output
     assert f"{workdir}/export/model.keras" in result.output
-    assert sorted(tf.io.gfile.listdir(f"{workdir}/export")) == ["labels.txt", "model.keras", "saved_model"]
+    assert sorted(tf.io.gfile.listdir(f"{workdir}/export")) == ["_SUCCESS", "labels.txt", "model.keras", "saved_model"]
     copy = tmp_path / "model.keras"
     tf.io.gfile.copy(f"{workdir}/export/model.keras", str(copy))
     assert keras.saving.load_model(copy).output_shape == (None, 10)

@@ -83,6 +83,7 @@ def test_all_four_formats_are_written_and_listed(exported):
     workdir, output, seconds = exported
     export = workdir / "export"
     assert sorted(p.name for p in export.iterdir()) == [
+        "_SUCCESS",
         "labels.txt",
         "model.keras",
         "model.onnx",
@@ -135,7 +136,7 @@ def test_other_models_export_float32_files_that_agree_with_predict(images, tmp_p
     assert result.exit_code == 0, result.output
     names = formats.split(",")
     assert sorted(p.name for p in (workdir / "export").iterdir()) == sorted(
-        ["labels.txt", *(f"model.{n}" for n in names)]
+        ["_SUCCESS", "labels.txt", *(f"model.{n}" for n in names)]
     )
     paths = list(images[0][:3])
     expected = _predicted(workdir, paths)

@@ -66,7 +66,7 @@ class _Process:
 
 def _export_is_whole(workdir: Path) -> None:
     export = workdir / "export"
-    assert sorted(p.name for p in export.iterdir()) == ["labels.txt", "model.keras", "saved_model"]
+    assert sorted(p.name for p in export.iterdir()) == ["_SUCCESS", "labels.txt", "model.keras", "saved_model"]
     assert (export / "saved_model" / "saved_model.pb").stat().st_size > 0
     with zipfile.ZipFile(export / "model.keras") as archive:
         assert archive.testzip() is None

@@ -19,6 +19,7 @@ import time
 import zlib
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import yaml
@@ -27,7 +28,8 @@ from PIL import Image
 
 from launch.cli import cli
 from tests.conftest import REPO, made_once, smoke_config
-from trainer import files
+from trainer import files, storage
+from trainer.backbones import load_weights_file
 from trainer.checkpoints import CheckpointStore, checkpoint_steps
 from trainer.config import load_config
 from trainer.data.image_file import read_image
@@ -661,3 +663,34 @@ def test_a_leftover_link_is_unlinked_not_followed_and_a_failed_swap_leaves_no_te
     with files.replacing_folder(export) as folder:  # the next call puts the previous export back first
         assert (export / "model.keras").read_bytes() == b"first"
     assert sorted(p.name for p in work.iterdir()) == [".export.lock", "export"]
+
+
+def test_a_folder_replaced_on_an_object_store_is_known_whole_only_by_its_marker(monkeypatch):
+    """Object stores have no folder rename: the marker goes first and comes back last, so a
+    reader (model.weights=...export/model.keras) refuses a half-copied export, and a folder
+    of an earlier version (no marker, nothing staged) still counts as whole."""
+    url = f"ram://marker-{os.getpid()}-{time.monotonic_ns()}/run/export"
+    with files.replacing_folder(url) as folder:
+        (folder / "model.keras").write_bytes(b"first")
+    assert storage.exists(f"{url}/{files.COMPLETE_MARKER}") and not files.folder_in_flux(url)
+    real_copy = storage.copy_tree
+
+    def copy_tree(source, target):
+        if target == url:  # the final copy into place: killed there
+            raise OSError(5, "Input/output error")
+        real_copy(source, target)
+
+    monkeypatch.setattr(storage, "copy_tree", copy_tree)
+    with pytest.raises(OSError), files.replacing_folder(url) as folder:
+        (folder / "model.keras").write_bytes(b"second")
+    monkeypatch.setattr(storage, "copy_tree", real_copy)
+    assert files.folder_in_flux(url)
+    with pytest.raises(ConfigError, match="its folder is being exported, or an export of it was interrupted"):
+        load_weights_file(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), f"{url}/model.keras")
+    with files.replacing_folder(url) as folder:  # the next export makes it whole again
+        (folder / "model.keras").write_bytes(b"third")
+    assert not files.folder_in_flux(url) and storage.read_text(f"{url}/model.keras") == "third"
+    older = url.replace("/export", "/older")  # written before the marker existed: whole
+    storage.write_bytes(f"{older}/model.keras", b"old")
+    assert not files.folder_in_flux(older)
+    assert not files.folder_in_flux("/a/local/folder")  # swapped by a rename: never in flux

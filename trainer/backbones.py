@@ -26,7 +26,7 @@ from keras import layers
 from trainer import storage
 from trainer.config import BACKBONE_NAMES
 from trainer.errors import ConfigError, DataError
-from trainer.files import short
+from trainer.files import COMPLETE_MARKER, folder_in_flux, short
 
 # ImageNet statistics of the two preprocessing modes that are not built into the networks.
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -200,11 +200,16 @@ def load_weights_file(model: keras.Model, path: str) -> str:
     backbone's weights (Keras' own ImageNet files are such). Only the backbone's weights
     are taken: the head is new (other classes, usually). Mismatches are one error line.
     """
-    backbone = backbone_of(model)
+    if folder_in_flux(storage.parent_of(path)):
+        raise ConfigError(
+            f"model.weights={path}: its folder is being exported, or an export of it was interrupted "
+            f"(no {COMPLETE_MARKER} in it); wait for the export to finish, or run launch export again"
+        )
     if not tf.io.gfile.exists(path):
         raise ConfigError(f"model.weights={path}: no such file (use none, imagenet, or a .keras/.h5 file)")
     if not path.endswith((".keras", ".h5")):
         raise ConfigError(f"model.weights={path}: expected a .keras, .weights.h5 or .h5 file")
+    backbone = backbone_of(model)
     kind = storage.special_kind(path)  # h5py/zipfile would open a pipe and wait for a writer forever
     if kind:
         raise ConfigError(f"model.weights={path} is not a regular file ({kind}); name a .keras or .h5 file")

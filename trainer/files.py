@@ -92,22 +92,45 @@ def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
             yield folder
 
 
+# Written last into a folder that replacing_folder fills, and removed first when it is replaced:
+# Hadoop's and Spark's convention for "this folder is whole" on stores without a folder rename.
+COMPLETE_MARKER = "_SUCCESS"
+
+
 @contextlib.contextmanager
 def _replacing_remote_folder(url: str) -> Iterator[Path]:
     """On an object store: written locally, uploaded beside `url`, then copied in place.
 
-    Object stores have no folder rename, so the swap is not atomic: a kill during the
-    final copy leaves `url` incomplete and the whole new content in `.NAME.tmp-new`
-    (which the next call replaces). The old content stays until the upload is complete.
+    Object stores have no folder rename, so the swap is not atomic; a reader knows a whole
+    folder by its COMPLETE_MARKER, removed before the old content and written after the new
+    (`folder_in_flux`). A kill during the final copy leaves `url` without the marker and the
+    whole new content in `.NAME.tmp-new` (which the next call replaces). The old content
+    stays, marker and all, until the upload beside it is complete.
     """
-    staged = f"{storage.parent_of(url)}/.{storage.name_of(url)}.tmp-new"
+    staged = _staged_copy_of(url)
     with tempfile.TemporaryDirectory(prefix="trainer-staging-") as local:
         yield Path(local)
         storage.rmtree(staged)
         storage.copy_tree(local, staged)
+    storage.remove(storage.join(url, COMPLETE_MARKER))  # from here on, readers see the folder in flux
     storage.rmtree(url)
     storage.copy_tree(staged, url)
+    write_text(storage.join(url, COMPLETE_MARKER), "")
     storage.rmtree(staged)
+
+
+def _staged_copy_of(url: str) -> str:
+    return f"{storage.parent_of(url)}/.{storage.name_of(url)}.tmp-new"
+
+
+def folder_in_flux(path: str | os.PathLike) -> bool:
+    """Whether `path` on an object store is being replaced, or was left half-copied by a
+    kill: no COMPLETE_MARKER in it, and the staged copy beside it. (A folder written by an
+    earlier version, which had no marker, is whole when nothing is staged beside it; a
+    local folder is swapped by a rename and is never in flux.)"""
+    if not storage.is_url(path):
+        return False
+    return not storage.exists(storage.join(path, COMPLETE_MARKER)) and storage.exists(_staged_copy_of(str(path)))
 
 
 @contextlib.contextmanager
@@ -130,6 +153,7 @@ def _replacing_local_folder(path: str | os.PathLike) -> Iterator[Path]:
         temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
             yield temporary
+            (temporary / COMPLETE_MARKER).touch()  # the same marker as on object stores, for readers of both
             os.chmod(temporary, 0o755)
             if path.exists():
                 _remove_leftover(old)
