@@ -483,6 +483,28 @@ def data_convert(obj, source: str, out: str, shard_size: float, validation_split
     )
 
 
+@data.command("serve")
+@click.option("--dispatcher", "is_dispatcher", is_flag=True, help="Start a tf.data service dispatcher.")
+@click.option("--worker", "dispatcher", default=None, metavar="DISPATCHER", help="Start a worker for host:port.")
+@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--host", default="", help="Worker: the name trainers reach it by (a pod's DNS name); default localhost.")
+@click.pass_obj
+def data_serve(obj, is_dispatcher: bool, dispatcher: str | None, port: int, host: str) -> None:
+    """Serve training batches for data.service: a dispatcher, or a worker of one, until
+    SIGTERM or SIGINT (exit 0). Prints one line with the server's address."""
+    if is_dispatcher == (dispatcher is not None):
+        raise ConfigError("launch data serve: give --dispatcher or --worker DISPATCHER (one of them)")
+    service = _load("trainer.data.service", obj["verbose"])
+    if is_dispatcher:
+        server = service.start_dispatcher(port)
+        address = service.server_address(server)
+        line = f"tf.data service dispatcher at {address}; train with --set data.service={address}"
+    else:
+        server = service.start_worker(dispatcher, port, host)
+        line = f"tf.data service worker at {service.server_address(server)} for dispatcher {dispatcher}"
+    service.serve_until_signal(server, lambda: click.echo(line) or sys.stdout.flush())  # exit 0 on a signal
+
+
 @cli.command()
 @_set_option
 @click.pass_obj

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from launch.cli import cli
 from tests.conftest import REPO
 from trainer.cluster import checked_tf_config, slurm_tf_config, tf_config_workers
 from trainer.config import load_config
@@ -586,3 +588,18 @@ def test_missing_or_wrong_settings_of_the_tpu_script_are_named(tpu_vm):
     assert result.returncode != 0 and "set TPU_NAME" in result.stderr
     result = tpu_vm.run(ACCELERATOR="v4")
     assert result.returncode != 0 and "ACCELERATOR=v4 is not of the form" in result.stderr and not tpu_vm.calls
+
+
+def test_data_service_manifest_serves_the_trainer_through_launch_data_serve():
+    documents = list(yaml.safe_load_all((DEPLOY / "tfjob_data_service.yaml").read_text()))
+    kinds = {document["kind"]: document for document in documents}
+    assert set(kinds) >= {"Service", "Deployment", "StatefulSet", "TFJob"}
+    dispatcher = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    worker = " ".join(kinds["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert dispatcher[:4] == ["launch", "data", "serve", "--dispatcher"]
+    assert "launch data serve --worker data-dispatcher:5050" in worker
+    chief = kinds["TFJob"]["spec"]["tfReplicaSpecs"]["Chief"]["template"]["spec"]["containers"][0]
+    _, config = _check_train_command([*chief["command"], *chief["args"]])
+    assert config.data.service == "data-dispatcher:5050" and config.data.placement == "host"
+    help_text = CliRunner().invoke(cli, ["data", "serve", "--help"]).output
+    assert all(option in help_text for option in ("--dispatcher", "--worker", "--port", "--host"))

@@ -113,6 +113,8 @@ class DataConfig:
     placement: str = choice(
         "auto", "auto", "host", "device", help="Where training batches are made: by tf.data or on the device."
     )
+    # A tf.data service dispatcher (`launch data serve --dispatcher`); placement=host only.
+    service: str = setting("", help="tf.data service dispatcher host:port for training batches ('' = this process).")
     train_examples: int = bounded(
         0, minimum=0, help="Use only the first N training examples (0 = all): for tests and smoke runs."
     )

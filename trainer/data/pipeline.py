@@ -25,6 +25,7 @@ from trainer.data.plan import (
     sample_indices,
     steps_per_epoch,
 )
+from trainer.data.service import served
 from trainer.data.splits import Examples, RecordSplit, Split
 
 
@@ -33,9 +34,16 @@ def train_dataset_fn(examples: Examples, spec: InputSpec, start_step: int, total
 
     `examples`: a Split (pixels in memory), a FileSplit (decoded here, in parallel, only
     the files of this pipeline's replicas) or a RecordSplit (a resume skips raw records only).
+    With `spec.service` set, a tf.data service makes the same batches (trainer.data.service).
     """
     if isinstance(examples, RecordSplit):
-        return _record_train_dataset_fn(examples, spec, start_step, total_steps)
+        fn = _record_train_dataset_fn(examples, spec, start_step, total_steps)
+    else:
+        fn = _indexed_train_dataset_fn(examples, spec, start_step, total_steps)
+    return served(fn, spec.service, splittable=not isinstance(examples, RecordSplit)) if spec.service else fn
+
+
+def _indexed_train_dataset_fn(examples: Examples, spec: InputSpec, start_step: int, total_steps: int):
     num_examples = len(examples)
     per_epoch = steps_per_epoch(num_examples, spec.global_batch)
     loader = ExampleLoader(examples, spec)

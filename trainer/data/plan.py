@@ -41,6 +41,7 @@ class InputSpec:
     crop: str = "pad"  # or "random_resized" (resolved: never "auto" here)
     crop_min_area: float = 0.08
     image_size: int = 0  # the training resolution; 0: the in-memory images' own
+    service: str = ""  # a tf.data service dispatcher that makes training batches; "": this process
 
 
 def input_spec(config, image_size: int = 0) -> InputSpec:
@@ -57,6 +58,7 @@ def input_spec(config, image_size: int = 0) -> InputSpec:
         crop=resolve_crop(data.crop, image_size or data.image_size or 32),
         crop_min_area=data.crop_min_area,
         image_size=image_size,
+        service=data.service,
     )
 
 

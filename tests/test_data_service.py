@@ -1,0 +1,150 @@
+"""data.service: training batches made by a tf.data service instead of the trainer process.
+
+What stays exact (trainer/data/service.py): with one service worker the weights are bit
+for bit those of the local pipeline, and a stop and resume through the service equals the
+straight run; with two workers every step's batch is still made, once, exactly as the
+local pipeline makes it, only their order may differ.
+"""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO, smoke_config
+from trainer.data import service
+from trainer.data.pipeline import train_dataset_fn
+from trainer.data.prepare import prepare_for_inference
+from trainer.errors import DataError
+from trainer.training import train
+
+LAUNCH = str(Path(sys.executable).with_name("launch"))
+# 8 steps of 32, a checkpoint every 4: the resume below stops at 4.
+RUN = (
+    "train.max_steps=8",
+    "data.batch_size=32",
+    "train.steps_per_loop=4",
+    "checkpoint.every_steps=4",
+    "runtime.deterministic=true",
+)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    """A dispatcher and one worker in this process: their address."""
+    dispatcher = service.start_dispatcher()
+    address = service.server_address(dispatcher)
+    worker = service.start_worker(address)
+    yield address
+    worker.stop()
+    dispatcher.stop()
+
+
+def _tensors(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / f"ckpt-{step}"))
+    names = reader.get_variable_to_shape_map()
+    return {name: reader.get_tensor(name) for name in names if not name.startswith(("_CHECKPOINTABLE", "save_counter"))}
+
+
+def _assert_same_weights(expected: Path, actual: Path, step: int = 8) -> None:
+    want, got = _tensors(expected, step), _tensors(actual, step)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_one_service_worker_trains_bit_identical_weights_and_resumes_exactly(one_worker, tmp_path, monkeypatch):
+    train(smoke_config(*RUN), tmp_path / "local", echo=quiet)
+    on_service = smoke_config(*RUN, f"data.service={one_worker}")
+    train(on_service, tmp_path / "service", echo=quiet)
+    _assert_same_weights(tmp_path / "local", tmp_path / "service")
+
+    monkeypatch.setenv("TRAINER_STOP_AT_STEP", "4")
+    assert train(on_service, tmp_path / "resumed", echo=quiet).step == 4
+    monkeypatch.delenv("TRAINER_STOP_AT_STEP")
+    assert train(on_service, tmp_path / "resumed", echo=quiet).step == 8  # a new job, from step 4
+    _assert_same_weights(tmp_path / "local", tmp_path / "resumed")
+
+
+def _batches(config, start_step: int = 0, total: int = 16) -> list[bytes]:
+    """Each training batch (images and labels) of a config as bytes, in the order served."""
+    dataset, spec = prepare_for_inference(config, say=quiet)
+    fn = train_dataset_fn(dataset.train, spec, start_step, total)
+    return [images.numpy().tobytes() + labels.numpy().tobytes() for images, labels in fn(tf.distribute.InputContext())]
+
+
+def test_two_service_workers_serve_every_step_once_exactly_as_the_local_pipeline(tmp_path):
+    dispatcher = service.start_dispatcher()
+    address = service.server_address(dispatcher)
+    workers = [
+        subprocess.Popen([LAUNCH, "data", "serve", "--worker", address], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        for worker in workers:
+            assert "worker at localhost:" in worker.stdout.readline()
+        local = _batches(smoke_config(*RUN), start_step=3)
+        served = _batches(smoke_config(*RUN, f"data.service={address}"), start_step=3)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        assert [worker.wait(timeout=30) for worker in workers] == [0, 0]
+    # The same 13 batches, each once (DYNAMIC sharding: whole steps per worker); the order
+    # is whichever worker answers first, so it is not promised.
+    assert len(served) == len(local) == 13
+    assert sorted(served) == sorted(local)
+
+
+def test_serve_prints_its_address_and_exits_0_on_sigterm():
+    process = subprocess.Popen([LAUNCH, "data", "serve", "--dispatcher"], stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert line.startswith("tf.data service dispatcher at localhost:"), line
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_an_unreachable_dispatcher_is_one_error_line_within_the_deadline(tmp_path):
+    with socket_closed_port() as port:
+        config = smoke_config(*RUN, f"data.service=localhost:{port}")
+        started = time.monotonic()
+        with pytest.raises(DataError, match=f"localhost:{port}.*launch data serve --dispatcher"):
+            train(config, tmp_path / "run", echo=quiet)
+    assert time.monotonic() - started < service.PROBE_SECONDS
+    result = subprocess.run(
+        [
+            LAUNCH,
+            "train",
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            "--set",
+            "data.service=nohost",
+            "--workdir",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.strip().startswith("Error: data.service='nohost'")
+
+
+class socket_closed_port:
+    """A local port nothing listens on (bound, then released)."""
+
+    def __enter__(self) -> int:
+        with socket.socket() as probe:
+            probe.bind(("localhost", 0))
+            return probe.getsockname()[1]
+
+    def __exit__(self, *_) -> None:
+        pass
