@@ -190,6 +190,15 @@ def two_worker_run(tmp_path_factory) -> tuple[Path, str]:
     return folder / "run", (folder / "output.txt").read_text()
 
 
+@pytest.fixture
+def store(gcs):
+    """The GCS emulator of the requesting module's `gcs` fixture (test_gcs_emulator,
+    test_gcs_lease), answering every request; faults set by a test end with it."""
+    gcs.set_faults(0.0)
+    yield gcs
+    gcs.set_faults(0.0)
+
+
 def pytest_terminal_summary(terminalreporter, config) -> None:
     """The order's seed at the end of every log: `-q` (make test) hides pytest-randomly's header."""
     seed = getattr(config.option, "randomly_seed", None)

@@ -69,14 +69,6 @@ def gcs(tmp_path_factory):
         emulator.stop()
 
 
-@pytest.fixture
-def store(gcs):
-    """The session's emulator, answering every request; faults set by a test end with it."""
-    gcs.set_faults(0.0)
-    yield gcs
-    gcs.set_faults(0.0)
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory) -> Path:
     """RUN straight through on local disk, in this process: what every resumed gs:// run must equal."""

@@ -62,13 +62,6 @@ def gcs(tmp_path_factory):
         emulator.stop()
 
 
-@pytest.fixture
-def store(gcs):
-    gcs.set_faults(0.0)
-    yield gcs
-    gcs.set_faults(0.0)
-
-
 def _stored(gcs: GcsEmulator, bucket: str, folder: str) -> dict:
     return json.loads(gcs.download(bucket, f"{folder}/{LEASE}"))
 

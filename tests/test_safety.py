@@ -648,17 +648,10 @@ def test_a_leftover_link_is_unlinked_not_followed_and_a_failed_swap_leaves_no_te
         (folder / "model.keras").write_bytes(b"first")
     assert (elsewhere / "precious.txt").read_text() == "not ours"
     assert sorted(p.name for p in work.iterdir()) == [".export.lock", "export"]
-    real_replace = os.replace
-
-    def replace(source, target):
-        if Path(target) == export:
-            raise OSError(28, "No space left on device")
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError), files.replacing_folder(export) as folder:
-        (folder / "model.keras").write_bytes(b"second")
-    monkeypatch.setattr(os, "replace", real_replace)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", _failing_into(os.replace, export))
+        with pytest.raises(OSError), files.replacing_folder(export) as folder:
+            (folder / "model.keras").write_bytes(b"second")
     assert not [p.name for p in work.iterdir() if p.name.startswith(".export.tmp-") and p.name != ".export.tmp-old"]
     with files.replacing_folder(export) as folder:  # the next call puts the previous export back first
         assert (export / "model.keras").read_bytes() == b"first"
@@ -673,17 +666,10 @@ def test_a_folder_replaced_on_an_object_store_is_known_whole_only_by_its_marker(
     with files.replacing_folder(url) as folder:
         (folder / "model.keras").write_bytes(b"first")
     assert storage.exists(f"{url}/{files.COMPLETE_MARKER}") and not files.folder_in_flux(url)
-    real_copy = storage.copy_tree
-
-    def copy_tree(source, target):
-        if target == url:  # the final copy into place: killed there
-            raise OSError(5, "Input/output error")
-        real_copy(source, target)
-
-    monkeypatch.setattr(storage, "copy_tree", copy_tree)
-    with pytest.raises(OSError), files.replacing_folder(url) as folder:
-        (folder / "model.keras").write_bytes(b"second")
-    monkeypatch.setattr(storage, "copy_tree", real_copy)
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "copy_tree", _failing_into(storage.copy_tree, url))  # the final copy into place
+        with pytest.raises(OSError), files.replacing_folder(url) as folder:
+            (folder / "model.keras").write_bytes(b"second")
     assert files.folder_in_flux(url)
     with pytest.raises(ConfigError, match="its folder is being exported, or an export of it was interrupted"):
         load_weights_file(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), f"{url}/model.keras")
@@ -694,3 +680,15 @@ def test_a_folder_replaced_on_an_object_store_is_known_whole_only_by_its_marker(
     storage.write_bytes(f"{older}/model.keras", b"old")
     assert not files.folder_in_flux(older)
     assert not files.folder_in_flux("/a/local/folder")  # swapped by a rename: never in flux
+
+
+def _failing_into(move, target):
+    """`move(source, target)` (a rename, a copy) that fails as a full or broken disk would
+    when it moves something into `target`, and works otherwise."""
+
+    def failing(source, destination):
+        if str(destination) == str(target):
+            raise OSError(5, "Input/output error")
+        move(source, destination)
+
+    return failing
