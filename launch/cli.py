@@ -22,7 +22,7 @@ import click
 
 from launch.version import version_line
 from trainer import export_formats
-from trainer.errors import ConfigError, DataError, RuntimeSetupError, TrainerError
+from trainer.errors import ConfigError, DataError, InputStalledError, RuntimeSetupError, TrainerError
 from trainer.storage import is_url, workdir_spelling
 
 _INSTALL_HINT = (
@@ -83,6 +83,10 @@ class _Group(_NamesItsCommand, click.Group):
                 return super().invoke(ctx)
         except TrainerError as err:
             click.echo(f"Error: {err}", err=True)
+            if isinstance(err, InputStalledError):  # its call's thread is stuck in TensorFlow for good
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(err.exit_code)
             ctx.exit(err.exit_code)
         except ModuleNotFoundError as err:
             if err.name and err.name.split(".")[0] in ("tensorflow", "keras"):

@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from tests.conftest import REPO, smoke_config
 from trainer.data import service
 from trainer.data.pipeline import train_dataset_fn
 from trainer.data.prepare import prepare_for_inference
-from trainer.errors import DataError
+from trainer.errors import DataError, InputStalledError
+from trainer.loop.controller import Controller
 from trainer.training import train
 
 LAUNCH = str(Path(sys.executable).with_name("launch"))
@@ -148,3 +151,56 @@ class socket_closed_port:
 
     def __exit__(self, *_) -> None:
         pass
+
+
+def test_a_call_that_waits_past_the_deadline_for_batches_stops_the_run_naming_it():
+    """The controller's wait on a compiled call is bounded when data.service is set: the
+    call's thread may stay blocked inside TensorFlow, the run does not."""
+    blocked = Future()  # a call that never returns, as one waiting on a lost service worker
+    waiter = SimpleNamespace(stall_after_s=0.2)
+    state = SimpleNamespace(step=16, saved_step=8)
+    started = time.monotonic()
+    stalled = r"for 0.2 s \(data.service_timeout_s\) in the call after step 16"
+    with pytest.raises(InputStalledError, match=stalled) as info:
+        Controller._results(waiter, blocked, state)
+    assert time.monotonic() - started < 5
+    assert "the last checkpoint is step 8" in str(info.value) and info.value.exit_code == 75
+    done = Future()
+    done.set_result(("sums", 4))
+    assert Controller._results(SimpleNamespace(stall_after_s=None), done, state) == ("sums", 4)
+
+
+@pytest.mark.slow
+def test_a_lost_service_worker_ends_the_run_with_one_line_and_exit_75(tmp_path):
+    """Two service workers, one killed mid-run: its steps never come (tf.data service is
+    at-most-once). The trainer stops after data.service_timeout_s with one Error line and
+    exit 75 (its checkpoints kept) instead of waiting forever."""
+    dispatcher = service.start_dispatcher()
+    address = service.server_address(dispatcher)
+    workers = [_served_worker(address) for _ in range(2)]
+    workdir = tmp_path / "run"
+    args = [LAUNCH, "train", "--config", str(REPO / "configs" / "smoke.yaml"), "--workdir", str(workdir)]
+    args += ["--set", f"data.service={address}", "--set", "data.service_timeout_s=8", "--set", "train.epochs=40"]
+    try:
+        trainer = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (workdir / "checkpoints" / "ckpt-16.index").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers[1].kill()
+        out, err = trainer.communicate(timeout=240)
+        assert trainer.returncode == 75, out + err
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "no training batch came from the tf.data service for 8 s" in errors[0], err
+        last = int(errors[0].split("the last checkpoint is step ")[1].split(".")[0])
+        assert last >= 16 and (workdir / "checkpoints" / f"ckpt-{last}.index").exists()  # what a resume starts from
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(timeout=30)
+        dispatcher.stop()
+
+
+def _served_worker(address: str) -> subprocess.Popen:
+    worker = subprocess.Popen([LAUNCH, "data", "serve", "--worker", address], stdout=subprocess.PIPE, text=True)
+    assert "worker at localhost:" in worker.stdout.readline()
+    return worker

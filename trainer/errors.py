@@ -87,6 +87,19 @@ class PeerLostError(TrainerError):
     exit_code = 75
 
 
+class InputStalledError(TrainerError):
+    """A compiled call waited longer than its deadline for batches from outside the process
+    (a tf.data service whose worker was lost: the service is at-most-once, so the steps that
+    worker held never come).
+
+    Exit 75, as a stop: the workdir holds the last checkpoint and the same command resumes
+    from it in a new service job. The call's thread is still blocked inside TensorFlow, so
+    the CLI ends the process at once after the error line (nothing is left to save).
+    """
+
+    exit_code = 75
+
+
 class StoreUnreachableError(TrainerError, OSError):
     """A request to a remote store (gs://, s3://, ...) never got an answer: no network,
     an unresolvable host or proxy, a refused or timed-out connection.

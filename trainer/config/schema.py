@@ -115,6 +115,9 @@ class DataConfig:
     )
     # A tf.data service dispatcher (`launch data serve --dispatcher`); placement=host only.
     service: str = setting("", help="tf.data service dispatcher host:port for training batches ('' = this process).")
+    service_timeout_s: float = bounded(
+        600.0, above=0, maximum=86_400, help="data.service: a call waiting longer for batches stops the run (exit 75)."
+    )
     train_examples: int = bounded(
         0, minimum=0, help="Use only the first N training examples (0 = all): for tests and smoke runs."
     )

@@ -67,6 +67,7 @@ def build_controller(
         on_nonfinite=stop_on_nonfinite(run.config.train.nan_policy, str(run.wd.checkpoints), run.console.warning),
         save_on_stop=act.SaveCheckpoint(run.store, run.parts.per_epoch, clock, always=True),
         announce=run.console.every_worker,
+        stall_after_s=run.config.data.service_timeout_s if run.config.data.service else None,
     )
     eval_logdir = storage.join(run.wd.tensorboard, "eval")
     return controller, act.resumed_state(run.store, start_step, eval_logdir, run.console.warning)

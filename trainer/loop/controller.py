@@ -15,13 +15,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as CallTimeout
 from dataclasses import dataclass
 
 import tensorflow as tf
 
 from trainer.console import Speed
-from trainer.errors import DivergedError
+from trainer.errors import DivergedError, InputStalledError
 from trainer.evaluation import EvalMetrics
 from trainer.loop.actions import EARLY_STOPPING, LoopState, Progress
 from trainer.loop.schedule import SaveClock, Schedule
@@ -79,6 +80,8 @@ class Controller:
         batches_for: the call's `batches` argument for a call starting at a step.
         on_nonfinite: the train.nan_policy rule, called with the window sums after a call.
         profiler: also called before the first call and after the last one.
+        stall_after_s: with data.service, a call that waits longer than this for batches
+            ends the run (InputStalledError); None: calls are waited for as long as they take.
     """
 
     loop_for: Callable[[int], Callable]
@@ -93,20 +96,25 @@ class Controller:
     on_nonfinite: Callable[[StepSums, int, int], None]
     save_on_stop: Action
     announce: Say = print
+    stall_after_s: float | None = None
 
     def run(self, state: LoopState) -> Outcome:
         stop = StopRequest(self.votes.stop, announce=self.announce)
         speed, stopped = Speed(), False
         stop_at = tf.constant(_stop_at_step(), tf.int64)
-        with stop, ThreadPoolExecutor(1, thread_name_prefix="train-loop") as worker:
-            self.profiler(state.step, state)
-            # Leave only on the stop the workers agreed on inside the compiled call: a local
-            # signal between two calls must not let one worker skip a call its peers make.
-            while state.step < self.schedule.total_steps and not stopped:
-                stopped = self._one_call(worker, state, speed, stop_at)
-            self.profiler(state.step, state)
-            if stopped and state.step != state.saved_step:
-                self.save_on_stop(state.step, state)  # a second signal here still exits at once
+        worker = ThreadPoolExecutor(1, thread_name_prefix="train-loop")
+        try:
+            with stop:
+                self.profiler(state.step, state)
+                # Leave only on the stop the workers agreed on inside the compiled call: a local
+                # signal between two calls must not let one worker skip a call its peers make.
+                while state.step < self.schedule.total_steps and not stopped:
+                    stopped = self._one_call(worker, state, speed, stop_at)
+                self.profiler(state.step, state)
+                if stopped and state.step != state.saved_step:
+                    self.save_on_stop(state.step, state)  # a second signal here still exits at once
+        finally:
+            worker.shutdown(wait=False)  # idle after every call, except one that stalled: not waited for
         stopped_by = None
         if stopped and state.step < self.schedule.total_steps:  # a late signal changes nothing
             stopped_by = state.stopped_by or stop.signal_name or self._why_stopped()
@@ -128,7 +136,7 @@ class Controller:
                 tf.constant(state.window_sums),
                 stop_at,
             )
-            new_sums, done, stopped, save_agreed = (t.numpy() for t in future.result())
+            new_sums, done, stopped, save_agreed = (t.numpy() for t in self._results(future, state))
         seconds = time.perf_counter() - tick
         if stopped and not done:
             return True
@@ -145,6 +153,18 @@ class Controller:
         for action in self.actions:
             action(state.step, state)
         return bool(stopped)
+
+    def _results(self, future: Future, state: LoopState):
+        """The compiled call's results, or InputStalledError once it waited `stall_after_s`."""
+        try:
+            return future.result(timeout=self.stall_after_s)
+        except CallTimeout:
+            raise InputStalledError(
+                f"no training batch came from the tf.data service for {self.stall_after_s:g} s "
+                f"(data.service_timeout_s) in the call after step {state.step}: a service worker was "
+                f"probably lost, with the steps it held; the last checkpoint is step {state.saved_step}. "
+                "Check the workers (launch data serve --worker), then run the same command: it resumes there"
+            ) from None
 
     @contextlib.contextmanager
     def _save_vote(self) -> Iterator[None]:
