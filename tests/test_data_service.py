@@ -21,9 +21,10 @@ import tensorflow as tf
 
 from tests.conftest import REPO, smoke_config
 from trainer.data import service
+from trainer.data.device import resolve_placement
 from trainer.data.pipeline import train_dataset_fn
 from trainer.data.prepare import prepare_for_inference
-from trainer.errors import DataError, InputStalledError
+from trainer.errors import ConfigError, DataError, InputStalledError
 from trainer.loop.controller import Controller
 from trainer.training import train
 
@@ -204,3 +205,21 @@ def _served_worker(address: str) -> subprocess.Popen:
     worker = subprocess.Popen([LAUNCH, "data", "serve", "--worker", address], stdout=subprocess.PIPE, text=True)
     assert "worker at localhost:" in worker.stdout.readline()
     return worker
+
+
+def test_a_service_with_device_placement_is_refused_and_auto_placement_uses_it(tmp_path):
+    """The device feed makes batches on the device, where a service cannot reach: refused;
+    `auto` (device on GPUs) takes the host pipeline when data.service is set."""
+    with pytest.raises(ConfigError, match="data.placement=device makes them on the device"):
+        smoke_config("data.service=localhost:5050", "data.placement=device")
+    spec = SimpleNamespace(service="localhost:5050", crop="pad")
+    assert resolve_placement("auto", "gpu", SimpleNamespace(images=np.zeros((4, 8, 8, 3))), spec) == "host"
+
+
+def test_a_server_on_a_taken_port_is_one_config_error():
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot start a tf.data service server on port {port}"):
+            service.start_dispatcher(port)

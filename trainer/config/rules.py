@@ -45,6 +45,11 @@ def check_rules(config: Config) -> None:
     _check_accumulation_and_early_stopping(config)
     _check_actions(config.train.actions)
     _check_idle_settings(config)
+    if config.data.service and config.data.placement == "device":
+        raise ConfigError(
+            "data.service sends the batches of the host pipeline; data.placement=device makes them on the "
+            "device and would not use it: set data.placement=host (or auto)"
+        )
     if config.data.source in ("folder", "tfrecord") and not config.data.path:
         what = "train/<class>/ and test/<class>/, or <class>/" if config.data.source == "folder" else "TFRecord shards"
         raise ConfigError(f"data.source={config.data.source} needs data.path (a folder with {what})")

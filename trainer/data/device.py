@@ -38,6 +38,8 @@ def resolve_placement(placement: str, device_kind: str, split: Examples, spec: I
     recipe), host elsewhere: a CPU gains nothing from it, and TPUs want their input from a
     host pipeline.
     """
+    if spec.service:  # a tf.data service makes host-pipeline batches (rules refuse placement=device)
+        return "host"
     images = split.images if isinstance(split, Split) else None
     if placement == "device" and (images is None or spec.crop != "pad"):
         raise ConfigError(

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from trainer.errors import DataError
+from trainer.errors import ConfigError, DataError
 
 PROBE_SECONDS = 10.0
 _SERVE_HINT = "start one with `launch data serve --dispatcher` (and workers with `launch data serve --worker`)"
@@ -91,13 +91,14 @@ def start_dispatcher(port: int = 0) -> tf.data.experimental.service.DispatchServ
     """A dispatcher on `port` (0: any free one). Not fault tolerant: a restarted dispatcher
     forgets its jobs, and the trainer resumes from its last checkpoint."""
     config = tf.data.experimental.service.DispatcherConfig(port=port, worker_timeout_ms=WORKER_TIMEOUT_MS)
-    return tf.data.experimental.service.DispatchServer(config)
+    return _started(tf.data.experimental.service.DispatchServer, config, port)
 
 
 def start_worker(dispatcher: str, port: int = 0, host: str = "") -> tf.data.experimental.service.WorkerServer:
     """A worker on `port` that registers with `dispatcher`; `host`: the name the trainer
     reaches it by (a pod's DNS name), default this machine's `localhost`."""
     _host_port(dispatcher, what="--worker")
+    check_reachable(dispatcher)  # nothing listening: one line now, not a registration retried for ever
     worker_address = f"{host}:%port%" if host else "localhost:%port%"
     config = tf.data.experimental.service.WorkerConfig(
         dispatcher_address=dispatcher.split("://", 1)[-1],
@@ -105,7 +106,17 @@ def start_worker(dispatcher: str, port: int = 0, host: str = "") -> tf.data.expe
         port=port,
         heartbeat_interval_ms=WORKER_TIMEOUT_MS // 5,
     )
-    return tf.data.experimental.service.WorkerServer(config)
+    return _started(tf.data.experimental.service.WorkerServer, config, port)
+
+
+def _started(server_class, config, port: int):
+    """The server, or a ConfigError when its port is taken (TensorFlow raises a bare RuntimeError)."""
+    try:
+        return server_class(config)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"cannot start a tf.data service server on port {port} ({err}); pick another --port, or 0"
+        ) from None
 
 
 def server_address(server) -> str:
