@@ -14,8 +14,8 @@ With several workers the steps arrive in the order the workers finish them, so t
 order of batches (not their contents) may differ. TFRecord streams are not splittable by
 step and are read with ShardingPolicy.OFF: exact with one service worker only (each
 worker would produce the whole stream). A worker lost mid-run: DYNAMIC is at-most-once,
-so its in-flight steps are lost and the stream ends early; the trainer stops with the
-"input ended" error rather than training on a shorter schedule.
+so its in-flight steps never come and the consumer waits for them; the controller bounds
+that wait (data.service_timeout_s, trainer.loop.controller) and the run stops with exit 75.
 """
 
 from __future__ import annotations
@@ -42,19 +42,19 @@ def _host_port(address: str, what: str = "data.service") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_reachable(address: str, timeout_s: float = PROBE_SECONDS) -> None:
+def check_reachable(address: str, timeout_s: float = PROBE_SECONDS, what: str = "data.service") -> None:
     """Fail fast when nothing listens at the dispatcher address.
 
     tf.data service clients retry an unreachable dispatcher for a long time (minutes, then
     an opaque UNAVAILABLE); a TCP connect bounded by `timeout_s` turns that into one line.
     """
-    host, port = _host_port(address)
+    host, port = _host_port(address, what)
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as err:
         raise DataError(
-            f"data.service={address!r}: no tf.data service dispatcher answers there within {timeout_s:g}s "
+            f"{what}={address!r}: no tf.data service dispatcher answers there within {timeout_s:g}s "
             f"({err.strerror or err}); {_SERVE_HINT}, or set data.service='' to feed from this process"
         ) from None
 
@@ -97,8 +97,7 @@ def start_dispatcher(port: int = 0) -> tf.data.experimental.service.DispatchServ
 def start_worker(dispatcher: str, port: int = 0, host: str = "") -> tf.data.experimental.service.WorkerServer:
     """A worker on `port` that registers with `dispatcher`; `host`: the name the trainer
     reaches it by (a pod's DNS name), default this machine's `localhost`."""
-    _host_port(dispatcher, what="--worker")
-    check_reachable(dispatcher)  # nothing listening: one line now, not a registration retried for ever
+    check_reachable(dispatcher, what="--worker")  # nothing listening: one line now, not retried for ever
     worker_address = f"{host}:%port%" if host else "localhost:%port%"
     config = tf.data.experimental.service.WorkerConfig(
         dispatcher_address=dispatcher.split("://", 1)[-1],
