@@ -25,9 +25,9 @@ from PIL import Image
 from launch.cli import cli
 from tests.conftest import REPO, smoke_config
 from tests.test_fault_tolerance import _checkpoint_tensors
-from trainer.checkpoints import checkpoint_steps
-from trainer.errors import WorkdirBusyError
-from trainer.lease import LEASE, Lease, check_free, read_lease
+from trainer.checkpoints import CheckpointStore, checkpoint_steps
+from trainer.errors import StoreUnreachableError, WorkdirBusyError, WorkdirLostError
+from trainer.lease import LEASE, Lease, LeaseRecord, Ownership, check_free, read_lease, this_machine
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.training import train
 
@@ -205,6 +205,87 @@ def test_a_lease_is_renewed_while_held_and_yields_to_a_takeover():
         assert any("was taken over" in line for line in warnings)
         assert read_lease(f"{workdir}/{LEASE}", print).owner == record["owner"]  # not overwritten
     assert read_lease(f"{workdir}/{LEASE}", print).owner == record["owner"]  # nor deleted on exit
+
+
+def test_a_trainer_whose_lease_is_taken_over_stops_without_writing_again():
+    """The holder failed to renew (a partition) and another trainer took the workdir over:
+    the run stops at the next step with one error (exit 75) instead of saving, so the new
+    holder's lease and checkpoints are neither overwritten nor deleted."""
+    workdir = _ram_workdir()
+    ended = threading.Event()
+
+    def take_over_once_running() -> None:
+        _wait_until(lambda: tf.io.gfile.exists(f"{workdir}/{LEASE}"))
+        while not ended.is_set():  # no compare-and-swap on ram://: a renewal may cross it once
+            if read_lease(f"{workdir}/{LEASE}", print).owner != "someone-else":
+                _foreign_lease(workdir, age=0)
+            time.sleep(0.05)
+
+    rival = threading.Thread(target=take_over_once_running, daemon=True)
+    rival.start()
+    lines: list[str] = []
+    config = smoke_config(
+        "data.synthetic_train_size=4096", "train.epochs=50", "train.steps_per_loop=2", "checkpoint.lease_seconds=2"
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(WorkdirLostError, match=r"stopped before writing anything after step \d+") as lost:
+            train(config, workdir, echo=lines.append)
+    finally:
+        ended.set()
+        rival.join(timeout=10)
+    assert lost.value.exit_code == EXIT_PREEMPTED
+    assert time.monotonic() - started < 120  # stopped within steps of the takeover, not 50 epochs later
+    assert any("no longer owns the workdir: it stops after the current step, without saving" in line for line in lines)
+    assert read_lease(f"{workdir}/{LEASE}", print).owner == "someone-else"  # neither overwritten nor deleted
+    assert checkpoint_steps(f"{workdir}/checkpoints") == []  # the stop's checkpoint was not written
+
+
+def test_a_lost_hold_refuses_every_later_write_and_calls_back_once():
+    """The pieces the run wires together: the hold tells the loop (its stop vote), and
+    the checkpoint store and its uploader ask it before writing."""
+    held = Ownership("ram://x/run")
+    calls: list[str] = []
+    held.when_lost(lambda: calls.append("stop"))
+    held.require("anything")  # held: no error
+    held._mark_lost("taken over (pid 1 on host h)")
+    held.when_lost(lambda: calls.append("late"))  # registered after the loss: called at once
+    assert calls == ["stop", "late"]
+    with pytest.raises(WorkdirLostError, match=r"ram://x/run was taken over \(pid 1 on host h\), so this trainer"):
+        held.require("saving the checkpoint of step 8")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    store = CheckpointStore(f"{_ram_workdir()}/checkpoints", model=model, require_held=held.require)
+    with pytest.raises(WorkdirLostError, match="before saving the checkpoint of step 3"):
+        store.save(step=3, epoch=0)
+    assert checkpoint_steps(store.directory) == []
+
+
+def test_letting_go_of_a_lease_never_raises_and_is_bounded():
+    """A store that stops answering as the run ends: the delete gives up with a warning
+    (the lease expires by itself) instead of an exception that would hide the run's end."""
+    workdir = _ram_workdir()
+    warnings: list[str] = []
+    lease = Lease(workdir, expires_after=600, warn=warnings.append)
+
+    def unreachable() -> None:
+        raise StoreUnreachableError("cannot reach ram://: no network", url=workdir)
+
+    with lease.held():
+        lease.release = unreachable  # the store goes away before the end
+    assert len(warnings) == 1 and warnings[0].startswith(f"Warning: could not delete the lease of {workdir}")
+    assert "it expires 600s after its last renewal" in warnings[0]
+
+
+def test_a_lease_from_another_machine_with_this_host_name_is_not_presumed_dead():
+    """Two containers (or cloned VMs) may share a host name: a pid read from a lease
+    written elsewhere means nothing here, so only its expiry frees the workdir."""
+    now = time.time()
+    mine = LeaseRecord("a", socket.gethostname(), 4_000_000, now, 600, this_machine())
+    twin = LeaseRecord("b", socket.gethostname(), 4_000_000, now, 600, "another-boot/pid:[1]")
+    older = LeaseRecord("c", socket.gethostname(), 4_000_000, now, 600)  # no machine: an older trainer's
+    assert this_machine()  # Linux: a boot id and a pid namespace
+    assert not mine.is_live(now)  # this machine, and no process 4000000: gone
+    assert twin.is_live(now) and older.is_live(now)
 
 
 def test_a_damaged_lease_is_warned_about_and_treated_as_free():

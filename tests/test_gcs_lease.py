@@ -17,6 +17,7 @@ tests/test_gcs_emulator.py (the full flow, slow).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -221,7 +222,7 @@ def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(store
         time.sleep(1.2)  # two more renewals would have come by now
     (line,) = said_a
     assert line.startswith(f"Warning: the lease of gs://{bucket}/run was taken over (pid {os.getpid()} on host ")
-    assert line.endswith("this trainer no longer owns the workdir: stop it")
+    assert line.endswith("this trainer no longer owns the workdir: it stops after the current step, without saving")
     assert "taking over the lease" in said_b[0]
     assert _stored(store, bucket, "run")["owner"] == rival.owner  # neither overwritten nor deleted
     rival.release()
@@ -373,3 +374,28 @@ def test_the_heartbeat_thread_is_not_left_behind(store):
         assert any(thread.name == "lease-heartbeat" for thread in threading.enumerate())
     assert not any(thread.name == "lease-heartbeat" for thread in threading.enumerate())
     assert store.objects(bucket) == []
+
+
+def test_a_renewal_that_landed_unheard_is_still_deleted_on_release_and_a_rivals_never_is(store):
+    """Letting go while a renewal is in flight: the renewal may land after the holder last
+    heard of its generation. Release recognises its own content at a newer generation and
+    deletes it (no lease left behind for 10 minutes), but never a rival's; and a renewal
+    that meets a rival while letting go is no "lease lost" warning."""
+    bucket = store.make_bucket("release").removeprefix("gs://")
+    said: list[str] = []
+    holder = Lease(f"gs://{bucket}/run", expires_after=600, warn=said.append)
+    holder.acquire()
+    known = holder._generation
+    holder._guarded.write_if(holder._text().encode(), known, holder._is_ours, 10)  # landed, its answer unseen
+    holder.release()  # still at the older generation in the holder's mind
+    assert store.objects(bucket) == []
+
+    holder.acquire()
+    rival = json.dumps({**EXPIRED, "owner": "rival", "heartbeat": time.time()}).encode()
+    holder._guarded.write_if(rival, holder._generation, lambda data: data == rival, 10)
+    holder._stop.set()  # letting go: a renewal in flight now meets the rival
+    with contextlib.suppress(StoreUnreachableError):  # cancelled: the heartbeat thread drops it
+        holder._renew_guarded(holder._guarded)
+    assert not holder.lost and said == []
+    holder.release()
+    assert _stored(store, bucket, "run")["owner"] == "rival"  # not deleted: not ours

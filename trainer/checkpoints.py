@@ -28,7 +28,7 @@ that a kill at any moment cannot break: the new checkpoint first, then best.json
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -74,6 +74,7 @@ class CheckpointStore:
         optional: frozenset[str] = frozenset(),
         warn: Say = print,
         uploads: CheckpointUploads | None = None,
+        require_held: Callable[[str], None] | None = None,
     ) -> None:
         """Args:
         directory: where checkpoints are read from (the chief's folder).
@@ -87,6 +88,9 @@ class CheckpointStore:
             they were made with.
         uploads: save into its local staging folder, and upload from there to `directory`
             behind training (remote workdirs; trainer.staging).
+        require_held: called with what is about to be written, before each save; raises
+            if the workdir's hold was lost (trainer.lease.Ownership.require: a lease taken
+            over by another trainer, whose checkpoints this save would overwrite).
         """
         self.directory = str(directory)
         self.warn = warn
@@ -113,6 +117,7 @@ class CheckpointStore:
         self._num_replicas = num_replicas
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.uploads = uploads
+        self._require_held = require_held or _held_always
         manager_directory = uploads.local if uploads else self.save_directory
         _refuse_special_state_file(manager_directory)
         self.manager = tf.train.CheckpointManager(self.checkpoint, manager_directory, max_to_keep=keep)
@@ -231,6 +236,7 @@ class CheckpointStore:
 
     def save(self, step: int, epoch: int, values: Mapping[str, Any] | None = None) -> str:
         """Write a checkpoint of `step`; `values`: new values of `extra` variables, by name."""
+        self._require_held(f"saving the checkpoint of step {step}")
         self._set_position(step, epoch, values)
         if self.uploads is not None:
             self.uploads.make_room()  # this save deletes the oldest staged checkpoint: uploaded by now
@@ -255,6 +261,7 @@ class CheckpointStore:
         Order matters for a kill at any moment: new checkpoint, then best.json naming it,
         then the old best goes. best.json never names a checkpoint that is already gone.
         """
+        self._require_held(f"saving the best checkpoint (step {step})")
         self._set_position(step, epoch, values)
         folder = storage.join(self.save_directory, "best")
         storage.makedirs(folder)
@@ -263,6 +270,10 @@ class CheckpointStore:
         for old in checkpoint_steps(folder):
             if old != step:
                 remove_checkpoint(folder, old)
+
+
+def _held_always(_doing: str) -> None:
+    """A store without a hold to lose (evaluation, the dry run, tests)."""
 
 
 def _refuse_special_state_file(directory: str) -> None:

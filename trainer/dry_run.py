@@ -22,12 +22,12 @@ from trainer.checkpoint_files import checkpoint_steps
 from trainer.config import Config
 from trainer.console import Console
 from trainer.errors import WorkdirBusyError
-from trainer.loop.run import Run, RunParts
+from trainer.loop.run import Run, RunParts, checkpoint_store
 from trainer.models import model_summary
 from trainer.runtime import Runtime, setup_runtime
 from trainer.say import Say
 from trainer.storage import exists
-from trainer.training import check_workdir, checkpoint_store, prepare_parts, restore_latest
+from trainer.training import check_workdir, prepare_parts, restore_latest
 from trainer.warm_start import WarmStart
 from trainer.workdir import Workdir
 

@@ -100,6 +100,19 @@ class InputStalledError(TrainerError):
     exit_code = 75
 
 
+class WorkdirLostError(TrainerError):
+    """The lease of a remote workdir was taken over while this trainer held it (it failed
+    to renew for `checkpoint.lease_seconds`, so a second trainer presumed it dead).
+
+    The trainer stops at the next step without writing the workdir again: a checkpoint or
+    an upload now would overwrite the new holder's. Exit 75: once the workdir is free, the
+    same command resumes from its last checkpoint (while the other trainer runs, it is
+    refused with the usual busy line).
+    """
+
+    exit_code = 75
+
+
 class StoreUnreachableError(TrainerError, OSError):
     """A request to a remote store (gs://, s3://, ...) never got an answer: no network,
     an unresolvable host or proxy, a refused or timed-out connection.

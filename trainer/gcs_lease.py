@@ -138,22 +138,28 @@ class GuardedObject:
                     self._retry_or_raise(err, attempts)
                 attempts.check()
 
-    def delete_if(self, generation: int, deadline_s: float) -> bool:
-        """Delete the object if it is still at `generation`; whether it is gone (False: it is
-        someone else's now). A delete answered 404 after a lost answer is one that landed."""
+    def delete_if(self, generation: int, deadline_s: float, ours: Callable[[bytes], bool] | None = None) -> bool:
+        """Delete the object if it is still at `generation`, or holds what `ours` recognises
+        (a write of ours that landed unheard: a renewal cancelled mid-flight); whether it is
+        gone (False: it is someone else's now). A delete answered 404 after a lost answer
+        is one that landed; one answered 412 lost a race with a write: read again."""
         attempts = _Attempts(self.url, deadline_s, None)
         while True:
             try:
                 current = self._read_once(attempts.timeout(self.request_timeout))
-                if current.generation != generation:
-                    return current.generation == 0
+                if current.generation == 0:
+                    return True
+                if current.generation != generation and not _is(ours, current.data):
+                    return False
                 timeout = attempts.timeout(self.request_timeout)
-                self._blob().delete(if_generation_match=generation, timeout=timeout, retry=None)
+                self._blob().delete(if_generation_match=current.generation, timeout=timeout, retry=None)
                 return True
             except Exception as err:  # the library's many types, sorted by _retry_or_raise
-                if _status(err) in (404, 412):
-                    return _status(err) == 404
-                self._retry_or_raise(err, attempts)
+                if _status(err) == 404:
+                    return True
+                if _status(err) != 412:
+                    self._retry_or_raise(err, attempts)
+                attempts.check()
 
     # -- one request each, no retries of the library's own (ours are above)
 
@@ -189,6 +195,10 @@ class GuardedObject:
         attempts.pause(err)
 
 
+def _is(ours: Callable[[bytes], bool] | None, data: bytes | None) -> bool:
+    return ours is not None and data is not None and ours(data)
+
+
 def _settled(current: Version, expected: int, ours: Callable[[bytes], bool]) -> Written | None:
     """What a read-back says of a write of uncertain fate: None if the object is unchanged
     (our write did not land: send it again), else who wrote it."""
@@ -215,6 +225,8 @@ class _Attempts:
     def check(self) -> None:
         if time.monotonic() >= self.end:
             raise self._gave_up("the object kept changing")
+        if self.cancel is not None and self.cancel.is_set():
+            raise self._gave_up("the object changed; stopped retrying")
 
     def pause(self, err: Exception) -> None:
         """Wait before the next try; past the deadline (or when cancelled), give up with

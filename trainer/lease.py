@@ -10,8 +10,15 @@ The holder rewrites `heartbeat` every `expires_after / 4` seconds from a backgro
 thread and deletes the lease when it ends (SIGTERM and errors included). A trainer that
 finds a live lease is refused with one line; one that finds a lease not renewed for
 `expires_after` seconds (its holder was SIGKILLed, or its VM vanished) takes it over
-with a warning. A lease written on this host by a process that is gone is taken over at
-once. The expiry time travels in the lease, so readers (`launch evaluate`) need no config.
+with a warning. A lease written on this machine by a process that is gone is taken over
+at once ("this machine": the same host name, boot and process namespace, so two containers
+or VMs that share a host name never read each other's pids). The expiry time travels in the
+lease, so readers (`launch evaluate`) need no config.
+
+A holder that learns at a renewal that its lease was taken over (it could not renew for
+`expires_after`: a network partition, a frozen VM) has lost the workdir: `Ownership`
+tells the run, which stops at the next step without saving (WorkdirLostError, exit 75),
+and every later write (a checkpoint, an upload) asks `require()` first and is refused.
 
 On gs:// with google-cloud-storage (the `gcs` extra), every write of the lease is a
 compare-and-swap on the object's generation (trainer.gcs_lease): acquiring creates it only
@@ -20,6 +27,12 @@ replaces only our own last version; releasing deletes only that. Of two trainers
 at the same moment exactly one wins, the other is refused with the usual one line; a
 holder whose lease was taken over learns it at its next renewal, stops renewing and says
 so; a write whose answer was lost is read back, not mistaken for a rival's.
+
+Letting go is bounded (a spot VM's grace period is about 30 s): the heartbeat thread is
+cancelled and waited for `_JOIN_S`, the delete retried for `_RELEASE_DEADLINE_S`; a delete
+that fails is a warning (the lease expires by itself), never an error that would hide how
+the run ended. A renewal still in flight when the lease is deleted cannot resurrect it:
+it is conditional on the generation the delete removed.
 
 Elsewhere (s3://, ram://, and gs:// without the package, which warns once) the lease goes
 through tf.io.gfile, which offers no compare-and-swap: two trainers started within the
@@ -39,167 +52,86 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
 
 from trainer import files, gcs_lease, storage
-from trainer.errors import TrainerError, WorkdirBusyError
+from trainer.errors import TrainerError, WorkdirBusyError, WorkdirLostError
+from trainer.lease_record import (
+    LEASE,
+    Clock,
+    LeaseRecord,
+    busy_error,
+    check_free,
+    duration,
+    lease_of,
+    read_lease,
+    this_machine,
+)
 from trainer.say import Say
 
-LEASE = ".lease.json"
-Clock = Callable[[], float]
-# How far ahead of this host's clock a heartbeat may be before the clocks count as disagreeing.
-_CLOCK_TOLERANCE = 10.0
-# gs:// with generations: how long acquiring or releasing may retry a store that does not
-# answer, and how many times the lease may change under an acquire before it gives up.
+__all__ = ["LEASE", "Lease", "LeaseRecord", "Ownership", "check_free", "read_lease", "this_machine"]
+
+# gs:// with generations: how long acquiring may retry a store that does not answer, and
+# how many times the lease may change under an acquire before it gives up.
 _STORE_DEADLINE_S = 30.0
 _ACQUIRE_ROUNDS = 3
+# Letting go, within a spot VM's ~30 s grace period together with the last checkpoint.
+_JOIN_S = 10.0
+_RELEASE_DEADLINE_S = 10.0
 
 
-@dataclass(frozen=True)
-class LeaseRecord:
-    owner: str
-    host: str
-    pid: int
-    heartbeat: float
-    expires_after: float
+class Ownership:
+    """A trainer's hold on its workdir, as the run sees it: `require()` before each write.
 
-    def age(self, now: float) -> float:
-        return now - self.heartbeat
+    A file lock (local disks) is never lost while its process lives: this base class. A
+    lease (object stores) can be, when another trainer takes it over: `Lease` marks it
+    lost, calls what `when_lost` registered (the run's stop vote), and from then on
+    `require` raises WorkdirLostError instead of letting the write overwrite the new
+    holder's work.
+    """
 
-    def is_live(self, now: float) -> bool:
-        """Renewed recently enough, and not left on this host by a process that is gone."""
-        return self.age(now) < self.expires_after and not self._holder_is_gone_from_this_host()
+    def __init__(self, root: str = "") -> None:
+        self.root = root
+        self._lost = threading.Event()
+        self._why = ""
+        self._callbacks: list[Callable[[], object]] = []
 
-    def _holder_is_gone_from_this_host(self) -> bool:
-        if self.host != socket.gethostname():
-            return False
-        if self.pid == os.getpid():
-            return True  # this process did not write it (its owner id is another): a predecessor's pid
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
 
-    def is_ahead(self, now: float) -> bool:
-        """Renewed "in the future": the two hosts' clocks disagree by more than a little."""
-        return self.age(now) < -_CLOCK_TOLERANCE
+    def when_lost(self, callback: Callable[[], object]) -> None:
+        """Call `callback` (from the heartbeat thread) once the hold is lost; at once if it is."""
+        self._callbacks.append(callback)
+        if self.lost:
+            callback()
 
-    def describe(self, now: float) -> str:
-        renewed = (
-            f"heartbeat {duration(-self.age(now))} ahead of this host's clock"
-            if self.is_ahead(now)
-            else f"lease renewed {duration(self.age(now))} ago"
-        )
-        expiry = duration(self.expires_after)
-        return f"pid {self.pid} on host {self.host}, {renewed}, expiring {expiry} after its last renewal"
+    def require(self, doing: str) -> None:
+        """Raise WorkdirLostError if the hold was lost: `doing` (a checkpoint's save, say) must not happen."""
+        if self.lost:
+            raise WorkdirLostError(
+                f"the lease of {self.root} was {self._why}, so this trainer stopped before {doing}: writing now "
+                "would overwrite the work of the trainer that holds the workdir. Make sure only one trainer runs "
+                "there; once it is free, the same command resumes from its last checkpoint"
+            )
 
-
-def read_lease(path: str, warn: Say) -> LeaseRecord | None:
-    """The lease at `path`, or None when there is none; a damaged one is warned about and
-    counts as none (it is rewritten by the next holder)."""
-    raw = files.read_json(path, warn, "treating the workdir as free")
-    return None if raw is None else lease_of(raw, path, warn)
+    def _mark_lost(self, why: str) -> None:
+        self._why = why
+        self._lost.set()
+        for callback in self._callbacks:
+            callback()
 
 
-def lease_of(raw: Any, path: str, warn: Say) -> LeaseRecord | None:
-    """A parsed lease file as a record; a damaged one is warned about and counts as none."""
-    problem = _lease_problem(raw)
-    if problem:
-        warn(f"Warning: {path} is damaged ({problem}); treating the workdir as free")
-        return None
-    return LeaseRecord(raw["owner"], raw["host"], raw["pid"], float(raw["heartbeat"]), float(raw["expires_after"]))
-
-
-_MAX_PID = 2**31 - 1  # pid_t
-_LAST_HEARTBEAT = 253_402_300_799  # 9999-12-31 23:59:59 UTC: later is no clock reading, only damage
-_LONGEST_EXPIRY = 10**7
-
-
-def _one_line(value: Any) -> bool:
-    """A short one-line string: it is echoed in an error line."""
-    return isinstance(value, str) and len(value) <= 255 and value.splitlines() == [value]
-
-
-# Each field of a lease and what a trainer could have written there. A pid outside pid_t
-# made os.kill raise OverflowError, and pid 0 or -1 would signal a whole process group.
-_LEASE_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "owner": ("a run id", _one_line),
-    "host": ("a host name", _one_line),
-    "pid": ("a process id", lambda value: files.integer_in(value, 1, _MAX_PID)),
-    "heartbeat": ("a time before the year 10000", lambda value: files.number_in(value, 0, _LAST_HEARTBEAT)),
-    "expires_after": ("a number of seconds", lambda value: files.number_in(value, 1e-3, _LONGEST_EXPIRY)),
-}
-
-
-def _lease_problem(raw: Any) -> str | None:
-    """Which field of a parsed lease is not what a trainer writes, or None."""
-    if not isinstance(raw, dict):
-        return "not a JSON object"
-    for key, (meaning, valid) in _LEASE_FIELDS.items():
-        if key not in raw:
-            return f"no {key}"
-        if not valid(raw[key]):
-            return f"{key} is not {meaning}: {files.short(json.dumps(raw[key]), 40)}"
-    return None
-
-
-def busy_error(root: str, record: LeaseRecord, now: float) -> WorkdirBusyError:
-    if record.is_ahead(now):
-        return _clock_skew_error(root, record, now)
-    wait = max(record.expires_after - record.age(now), 0)
-    return WorkdirBusyError(
-        f"{root} is in use by another trainer ({record.describe(now)}); wait for it to finish, stop it, or pick "
-        f"another --workdir (if that trainer is dead, its lease expires in {duration(wait)})"
-    )
-
-
-def _clock_skew_error(root: str, record: LeaseRecord, now: float) -> WorkdirBusyError:
-    """A heartbeat from the future: the holder's clock (or this one) is wrong, and waiting
-    for "expiry" could take years. Say so, and how to get out, instead of a countdown."""
-    wait = record.expires_after - record.age(now)
-    return WorkdirBusyError(
-        f"{root} is held by pid {record.pid} on host {record.host}, whose last heartbeat ({_utc(record.heartbeat)}) "
-        f"is {duration(-record.age(now))} ahead of this host's clock ({_utc(now)}): the two clocks disagree. "
-        f"Check the clock of this host and of {record.host}; the lease counts as live for {duration(wait)} more. "
-        f"If no trainer runs on {record.host}, delete {root}/{LEASE}, or pick another --workdir"
-    )
-
-
-def duration(seconds: float) -> str:
-    """Seconds as a person reads them, capped: a damaged clock must not print 998204150770s."""
-    if seconds < 100_000:
-        return f"{max(seconds, 0):.0f}s"
-    if seconds < 365 * 86_400:
-        return f"{seconds / 86_400:.0f} days"
-    return "more than a year"
-
-
-def _utc(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
-
-
-def check_free(root: str, warn: Say, clock: Clock = time.time) -> None:
-    """Refuse, without writing anything, while another trainer's lease is live."""
-    record = read_lease(storage.join(root, LEASE), warn)
-    if record is not None and record.is_live(clock()):
-        raise busy_error(root, record, clock())
-
-
-class Lease:
+class Lease(Ownership):
     """This trainer's claim on a workdir: `with Lease(...).held(): ...`."""
 
     def __init__(self, root: str, expires_after: float, warn: Say = print, clock: Clock = time.time) -> None:
-        self.root = root
+        super().__init__(root)
         self.path = storage.join(root, LEASE)
         self.expires_after = expires_after
         self.warn = warn
         self.clock = clock
         self.owner = uuid.uuid4().hex
-        self.lost = False
         self._stop = threading.Event()
         # gs:// with the `gcs` extra: the object under generation preconditions, and the
         # generation of our last write (chosen in acquire, which warns if it falls back).
@@ -207,7 +139,9 @@ class Lease:
         self._generation = 0
 
     def _record(self) -> LeaseRecord:
-        return LeaseRecord(self.owner, socket.gethostname(), os.getpid(), self.clock(), self.expires_after)
+        return LeaseRecord(
+            self.owner, socket.gethostname(), os.getpid(), self.clock(), self.expires_after, this_machine()
+        )
 
     def _text(self) -> str:
         return json.dumps(asdict(self._record()), indent=2) + "\n"
@@ -278,7 +212,7 @@ class Lease:
 
     def renew(self) -> None:
         """Rewrite the heartbeat, unless someone else holds the lease now (then say so once)."""
-        if self.lost:
+        if self.lost or self._stop.is_set():
             return
         if self._guarded is not None:
             self._renew_guarded(self._guarded)
@@ -300,21 +234,42 @@ class Lease:
             self._lose(self._decoded(written.version.data, lambda _: None))
 
     def _lose(self, record: LeaseRecord | None) -> None:
-        self.lost = True
+        """Someone else's lease is there now: say so once and stop the run. Not while letting
+        go: the lease is being deleted by us, and a renewal that crossed the delete saw that."""
+        if self._stop.is_set():
+            return
         holder = f"taken over ({record.describe(self.clock())})" if record else "deleted or replaced by another file"
-        self.warn(f"Warning: the lease of {self.root} was {holder}; this trainer no longer owns the workdir: stop it")
+        self.warn(
+            f"Warning: the lease of {self.root} was {holder}; this trainer no longer owns the workdir: it stops "
+            "after the current step, without saving"
+        )
+        self._mark_lost(holder)
 
     def release(self) -> None:
+        """Delete the lease if it is still ours (bounded by _RELEASE_DEADLINE_S)."""
+        if self.lost:
+            return
         if self._guarded is not None:
-            if not self.lost and self._generation:
-                self._guarded.delete_if(self._generation, _STORE_DEADLINE_S)
+            if self._generation:
+                self._guarded.delete_if(self._generation, _RELEASE_DEADLINE_S, self._is_ours)
             return
         record = read_lease(self.path, lambda _: None)
         if record is not None and record.owner == self.owner:
             storage.remove(self.path)
 
+    def _release_or_warn(self) -> None:
+        """Release; a store that does not answer is a warning (the lease expires by itself),
+        never an exception out of `held`'s `finally`, where it would hide how the run ended."""
+        try:
+            self.release()
+        except (OSError, TrainerError) as err:
+            self.warn(
+                f"Warning: could not delete the lease of {self.root} ({files.short(str(err))}); it expires "
+                f"{duration(self.expires_after)} after its last renewal, and the next trainer takes it over then"
+            )
+
     def _renew_until_stopped(self) -> None:
-        while not self._stop.wait(self.expires_after / 4):
+        while not self._stop.wait(self.expires_after / 4) and not self.lost:
             try:
                 self.renew()
             # A store that failed once may answer next time; WorkdirWriteError and the like:
@@ -331,6 +286,6 @@ class Lease:
         try:
             yield self
         finally:
-            self._stop.set()
-            thread.join(timeout=30)
-            self.release()
+            self._stop.set()  # also cancels a renewal in flight (its retries)
+            thread.join(timeout=_JOIN_S)
+            self._release_or_warn()

@@ -29,6 +29,7 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 
 from trainer import files, storage
 from trainer.checkpoint_files import INDEX_SUFFIX, checkpoint_file_names, checkpoint_steps, remove_checkpoint
@@ -37,9 +38,13 @@ from trainer.checkpoint_files import INDEX_SUFFIX, checkpoint_file_names, checkp
 class CheckpointUploads:
     """A local staging folder for a CheckpointManager, and the thread that uploads from it."""
 
-    def __init__(self, remote: str, keep: int) -> None:
+    def __init__(self, remote: str, keep: int, require_held: Callable[[str], None] | None = None) -> None:
+        """`require_held`: called before each upload writes the workdir; raises if the
+        workdir's lease was lost (its new holder's checkpoints must not be overwritten or
+        deleted), and the error reaches the training thread like any upload's."""
         self.remote = remote
         self.keep = keep
+        self._require_held = require_held or (lambda _doing: None)
         self.local = tempfile.mkdtemp(prefix="trainer-checkpoints-")
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -103,6 +108,7 @@ class CheckpointUploads:
         self._queue.task_done()
 
     def _upload(self, step: int) -> None:
+        self._require_held(f"uploading the checkpoint of step {step}")
         storage.makedirs(self.remote)
         names = checkpoint_file_names(self.local, step)
         for name in sorted(names, key=lambda name: name.endswith(INDEX_SUFFIX)):  # the index last
@@ -112,6 +118,7 @@ class CheckpointUploads:
         state = f'model_checkpoint_path: "{newest_first[0]}"\n' + "".join(
             f'all_model_checkpoint_paths: "{name}"\n' for name in reversed(newest_first)
         )
+        self._require_held(f"naming the checkpoint of step {step} the latest")
         files.write_text(storage.join(self.remote, "checkpoint"), state)
         for old in steps[self.keep :]:
             remove_checkpoint(self.remote, old)

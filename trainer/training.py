@@ -28,7 +28,6 @@ import tensorflow as tf
 
 from trainer import storage
 from trainer.backbones import FreezePlan, set_backbone_frozen
-from trainer.checkpoints import CheckpointStore
 from trainer.config import Config
 from trainer.console import Console
 from trainer.data import Dataset, RecordSplit, Split, load_dataset
@@ -42,10 +41,11 @@ from trainer.data.skips import FILE_NAME as UNREADABLE_FILE
 from trainer.data.skips import SkipMemo
 from trainer.errors import CheckpointMismatchError, DivergedError
 from trainer.files import describe_write_error, is_write_failure
+from trainer.lease import Ownership
 from trainer.loop import actions as act
 from trainer.loop.build import build_controller
 from trainer.loop.controller import TrainResult
-from trainer.loop.run import Run, RunParts
+from trainer.loop.run import Run, RunParts, checkpoint_store
 from trainer.models import build_for_dataset, init_from_data, load_initial_weights, model_summary
 from trainer.monitoring import Monitor
 from trainer.optim import build_lookahead, build_optimizer
@@ -53,7 +53,6 @@ from trainer.run_report import announce_resume, nothing_to_do, stopped, summary
 from trainer.runs import check_still_free, record_config
 from trainer.runtime import Runtime, environment, setup_runtime
 from trainer.say import Say
-from trainer.staging import CheckpointUploads
 from trainer.summaries import drop_events_after
 from trainer.tpu import short_loop_warning
 from trainer.user_code import resolve_each
@@ -210,39 +209,16 @@ def _train(
     parts = prepare_parts(config, wd, runtime, console, started, warm)
     # Only the chief writes the workdir; the other workers read its checkpoints.
     holding = wd.locked(config.checkpoint.lease_seconds, console.warning) if runtime.is_chief else None
-    with holding or contextlib.nullcontext():
+    with holding or contextlib.nullcontext(Ownership()) as held:
         # Made once the workdir is held: for a remote workdir the store starts its uploader
         # (a thread and a local staging folder) here, so a workdir that cannot be taken
         # leaves nothing running; its last uploads finish before the workdir is let go.
-        store = checkpoint_store(config, wd, runtime, parts, console)
+        store = checkpoint_store(config, wd, runtime, parts, console, held=held)
         try:
-            run = Run(config, wd, runtime, parts, store, console)
+            run = Run(config, wd, runtime, parts, store, console, held)
             return _claim_and_run(run, fresh, resume_command, started, warm, chosen_workdir)
         finally:
             store.close()
-
-
-def checkpoint_store(
-    config: Config, wd: Workdir, runtime: Runtime, parts: RunParts, console: Console, *, read_only: bool = False
-) -> CheckpointStore:
-    """The run's store; `read_only` (the dry run): no uploader, so nothing is started or staged."""
-    return CheckpointStore(
-        wd.checkpoints,
-        model=parts.model,
-        optimizer=parts.optimizer,
-        keep=config.checkpoint.keep,
-        num_replicas=runtime.num_replicas,
-        # TF needs every worker to save; the others write to a scratch folder.
-        save_directory=None if runtime.is_chief else storage.join(wd.worker_temp(runtime.worker_index), "checkpoints"),
-        # What the loop needs back on resume, and the lookahead's slow weights, by checkpoint name.
-        extra={**act.checkpointed_state(), **({"lookahead": parts.lookahead.state} if parts.lookahead else {})},
-        optional=act.ADDED_LATER,
-        warn=console.warning,
-        # A remote workdir: saves land on local disk and are uploaded behind training.
-        uploads=CheckpointUploads(wd.checkpoints, config.checkpoint.keep)
-        if runtime.is_chief and storage.is_url(wd.root) and not read_only
-        else None,
-    )
 
 
 def _claim_and_run(

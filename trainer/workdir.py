@@ -41,7 +41,7 @@ from trainer.errors import (
     WorkdirNotOursError,
     WorkdirWriteError,
 )
-from trainer.lease import LEASE, Lease, check_free
+from trainer.lease import LEASE, Lease, Ownership, check_free
 from trainer.say import Say
 
 MARKER = ".trainer-workdir"
@@ -242,8 +242,9 @@ class Workdir:
         )
 
     @contextmanager
-    def locked(self, lease_seconds: float, warn: Say = print) -> Iterator[None]:
-        """Hold the workdir so that two trainers never write it at once.
+    def locked(self, lease_seconds: float, warn: Say = print) -> Iterator[Ownership]:
+        """Hold the workdir so that two trainers never write it at once; yields the hold,
+        which the run asks before each write (`require`) and tells it when it is lost.
 
         Local disk: an OS file lock (flock) on WORKDIR/.lock, which the kernel releases
         when its process dies, so a killed trainer never leaves a stale lock behind.
@@ -251,11 +252,11 @@ class Workdir:
         `lease_seconds` after its holder died (trainer.lease).
         """
         if storage.is_url(self.root):
-            with Lease(self.root, lease_seconds, warn).held():
-                yield
+            with Lease(self.root, lease_seconds, warn).held() as lease:
+                yield lease
             return
         with self._flocked():
-            yield
+            yield Ownership(self.root)  # a file lock is never lost while this process lives
 
     @contextmanager
     def _flocked(self) -> Iterator[None]:

@@ -43,6 +43,8 @@ def build_controller(
         iterator: the host pipeline's distributed iterator when there is no device feed.
     """
     votes = Votes.create()
+    # A lost lease stops the call at the next step, as a signal would; nothing is saved after.
+    run.held.when_lost(lambda: votes.stop.assign(True))
     schedule = _schedule(run)
     clock = SaveClock(run.config.checkpoint.every_minutes, run.runtime.is_chief)
     progress, profiler = act.Progress(run.console, schedule), act.Profiler(monitor)
@@ -68,6 +70,7 @@ def build_controller(
         save_on_stop=act.SaveCheckpoint(run.store, run.parts.per_epoch, clock, always=True),
         announce=run.console.every_worker,
         stall_after_s=run.config.data.service_timeout_s if run.config.data.service else None,
+        require_held=run.held.require,
     )
     eval_logdir = storage.join(run.wd.tensorboard, "eval")
     return controller, act.resumed_state(run.store, start_step, eval_logdir, run.console.warning)

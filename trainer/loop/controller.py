@@ -82,6 +82,9 @@ class Controller:
         profiler: also called before the first call and after the last one.
         stall_after_s: with data.service, a call that waits longer than this for batches
             ends the run (InputStalledError); None: calls are waited for as long as they take.
+        require_held: asked once the calls end, before the stop's checkpoint and whatever
+            the run writes after the loop: raises WorkdirLostError when the workdir's lease
+            was taken over (which also voted the stop; trainer.loop.build).
     """
 
     loop_for: Callable[[int], Callable]
@@ -97,6 +100,7 @@ class Controller:
     save_on_stop: Action
     announce: Say = print
     stall_after_s: float | None = None
+    require_held: Callable[[str], None] = lambda _doing: None
 
     def run(self, state: LoopState) -> Outcome:
         stop = StopRequest(self.votes.stop, announce=self.announce)
@@ -111,6 +115,7 @@ class Controller:
                 while state.step < self.schedule.total_steps and not stopped:
                     stopped = self._one_call(worker, state, speed, stop_at)
                 self.profiler(state.step, state)
+                self.require_held(f"writing anything after step {state.step}")
                 if stopped and state.step != state.saved_step:
                     self.save_on_stop(state.step, state)  # a second signal here still exits at once
         finally:
