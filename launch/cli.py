@@ -22,7 +22,7 @@ import click
 
 from launch.version import version_line
 from trainer import export_formats
-from trainer.errors import ConfigError, DataError, InputStalledError, RuntimeSetupError, TrainerError
+from trainer.errors import ConfigError, DataError, RuntimeSetupError, TrainerError
 from trainer.storage import is_url, workdir_spelling
 
 _INSTALL_HINT = (
@@ -83,7 +83,7 @@ class _Group(_NamesItsCommand, click.Group):
                 return super().invoke(ctx)
         except TrainerError as err:
             click.echo(f"Error: {err}", err=True)
-            if isinstance(err, InputStalledError):  # its call's thread is stuck in TensorFlow for good
+            if err.leaves_thread_blocked:  # its call's thread is stuck in TensorFlow for good
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(err.exit_code)
@@ -492,21 +492,27 @@ def data_convert(obj, source: str, out: str, shard_size: float, validation_split
 @click.option("--worker", "dispatcher", default=None, metavar="DISPATCHER", help="Start a worker for host:port.")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @click.option("--host", default="", help="Worker: the name trainers reach it by (a pod's DNS name); default localhost.")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600, min_open=True),
+    help="Worker: seconds for its dispatcher to answer, else one Error line and exit 2.",
+)
 @click.pass_obj
-def data_serve(obj, is_dispatcher: bool, dispatcher: str | None, port: int, host: str) -> None:
+def data_serve(obj, is_dispatcher: bool, dispatcher: str | None, port: int, host: str, timeout: float) -> None:
     """Serve training batches for data.service: a dispatcher, or a worker of one, until
-    SIGTERM or SIGINT (exit 0). Prints one line with the server's address."""
+    SIGTERM, SIGINT or SIGHUP (exit 0). Prints one line with the server's address. A worker
+    whose dispatcher does not answer within --timeout: one Error line, exit 2; a signal
+    before the server serves: exit 128+N (trainer.data.service.serve_worker)."""
     if is_dispatcher == (dispatcher is not None):
         raise ConfigError("launch data serve: give --dispatcher or --worker DISPATCHER (one of them)")
     service = _load("trainer.data.service", obj["verbose"])
+    say = lambda line: click.echo(line) or sys.stdout.flush()
     if is_dispatcher:
-        server = service.start_dispatcher(port)
-        address = service.server_address(server)
-        line = f"tf.data service dispatcher at {address}; train with --set data.service={address}"
+        service.serve_dispatcher(port, say)
     else:
-        server = service.start_worker(dispatcher, port, host)
-        line = f"tf.data service worker at {service.server_address(server)} for dispatcher {dispatcher}"
-    service.serve_until_signal(server, lambda: click.echo(line) or sys.stdout.flush())  # exit 0 on a signal
+        service.serve_worker(dispatcher, port, host, say, timeout)
 
 
 @cli.command()

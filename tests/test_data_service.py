@@ -6,15 +6,20 @@ straight run; with two workers every step's batch is still made, once, exactly a
 local pipeline makes it, only their order may differ.
 """
 
+import contextlib
+import http.server
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -24,7 +29,8 @@ from trainer.data import service
 from trainer.data.device import resolve_placement
 from trainer.data.pipeline import train_dataset_fn
 from trainer.data.prepare import prepare_for_inference
-from trainer.errors import ConfigError, DataError, InputStalledError
+from trainer.dry_run import plan_run
+from trainer.errors import ConfigError, DataError, InputStalledError, StoppedWaitingError
 from trainer.loop.controller import Controller
 from trainer.training import train
 
@@ -223,3 +229,242 @@ def test_a_server_on_a_taken_port_is_one_config_error():
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot start a tf.data service server on port {port}"):
             service.start_dispatcher(port)
+
+
+# --- what answers at a data.service or --worker address that is not a dispatcher -----------
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[tuple[int, threading.Event]]:
+    """A TCP port that accepts connections and never says a byte (its port, and an event
+    set at the first connection: whoever connects is past its start-up)."""
+    accepted, connections = threading.Event(), []
+    with socket.socket() as listener:
+        listener.bind(("localhost", 0))
+        listener.listen()
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connections.append(listener.accept()[0])
+                    accepted.set()
+
+        threading.Thread(target=accept, daemon=True).start()
+        try:
+            yield listener.getsockname()[1], accepted
+        finally:
+            for connection in connections:
+                connection.close()
+            listener.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def http_listener() -> Iterator[int]:
+    server = http.server.HTTPServer(("localhost", 0), http.server.BaseHTTPRequestHandler)
+    server.RequestHandlerClass.log_message = lambda *_: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _AnswersOnlyItsVersion(grpc.GenericRpcHandler):
+    """A dispatcher that answers GetVersion (so the probe passes) and holds every other call:
+    one that never takes a worker or a pipeline. `held` is set once a call is held."""
+
+    def __init__(self) -> None:
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def service(self, details):
+        if details.method.endswith("/GetVersion"):
+            return grpc.unary_unary_rpc_method_handler(lambda _request, _context: b"\x08\x09")  # version 9
+        return grpc.unary_unary_rpc_method_handler(self._held)
+
+    def _held(self, _request, context):
+        self.held.set()
+        self.release.wait()
+        context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+
+@contextlib.contextmanager
+def stuck_dispatcher() -> Iterator[tuple[int, threading.Event]]:
+    """Its port, and the event set once it holds a call."""
+    handler = _AnswersOnlyItsVersion()
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("localhost:0")
+    server.start()
+    try:
+        yield port, handler.held
+    finally:
+        handler.release.set()
+        server.stop(0)
+
+
+def _serve(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([LAUNCH, "data", "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.mark.timeout(60, method="thread")  # a hang in TensorFlow: the signal method could not end it
+def test_a_worker_pointed_at_a_listener_that_never_answers_stops_at_its_deadline():
+    """Not a dispatcher at --worker: TensorFlow's worker start would retry it for ever, deaf
+    to Ctrl-C. The probe ends it within the deadline with a DataError naming the address."""
+    with silent_listener() as (port, _accepted), http_listener() as web:
+        started = time.monotonic()
+        with pytest.raises(DataError, match=f"--worker='localhost:{port}': no tf.data service dispatcher answers"):
+            service.start_worker(f"localhost:{port}", timeout_s=0.5)
+        assert time.monotonic() - started < 3
+        with pytest.raises(DataError, match=f"localhost:{web}.*HTTP/2.*launch data serve --dispatcher. there first"):
+            service.start_worker(f"localhost:{web}")
+
+
+@pytest.mark.timeout(60, method="thread")  # a hang in TensorFlow: the signal method could not end it
+def test_a_signal_ends_a_worker_still_waiting_for_its_dispatcher_at_once():
+    """SIGTERM while the worker's probe waits on a listener that never answers: one line and
+    exit 143 within seconds (the handlers are in place before the probe)."""
+    with silent_listener() as (port, accepted):
+        worker = _serve("--worker", f"localhost:{port}", "--timeout", "60")
+        try:
+            assert accepted.wait(30), "the worker never connected"
+            signalled = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            out, err = worker.communicate(timeout=10)
+        finally:
+            worker.kill()
+    assert time.monotonic() - signalled < 5
+    assert worker.returncode == 128 + signal.SIGTERM, out + err
+    assert _one_error_line(err) == "Error: SIGTERM received while waiting for the tf.data service dispatcher"
+
+
+@pytest.mark.timeout(60, method="thread")  # a hang in TensorFlow: the signal method could not end it
+def test_ctrl_c_ends_a_worker_whose_registration_its_dispatcher_holds():
+    """The dispatcher answers the probe, then holds the worker's registration: TensorFlow
+    waits in a call that holds Python's lock, where no Python handler runs. SIGINT still
+    ends the process at once, by its default action."""
+    with stuck_dispatcher() as (port, held):
+        worker = _serve("--worker", f"localhost:{port}")
+        try:
+            assert held.wait(30), "the worker never registered"
+            signalled = time.monotonic()
+            worker.send_signal(signal.SIGINT)
+            worker.communicate(timeout=10)
+        finally:
+            worker.kill()
+    assert time.monotonic() - signalled < 5 and worker.returncode == -signal.SIGINT
+
+
+def test_serve_exits_0_on_sighup_as_on_sigterm():
+    """A dropped ssh session (SIGHUP) stops a server as cleanly as SIGTERM does."""
+    process = _serve("--dispatcher")
+    assert process.stdout.readline().startswith("tf.data service dispatcher at localhost:")
+    process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(60, method="thread")  # a hang in TensorFlow: the signal method could not end it
+def test_a_service_address_where_no_dispatcher_answers_stops_the_run_within_the_probe(tmp_path, monkeypatch):
+    """data.service at a listener that never answers: the run would hang before its first
+    step. The gRPC probe stops it with one DataError naming the address; an HTTP server and
+    a gRPC server of another kind (a tf.data worker's address) are named as such."""
+    monkeypatch.setattr(service, "PROBE_SECONDS", 0.5)
+    with silent_listener() as (port, _accepted):
+        started = time.monotonic()
+        with pytest.raises(DataError, match=f"data.service='localhost:{port}': no tf.data service dispatcher answers"):
+            train(smoke_config(*RUN, f"data.service=localhost:{port}"), tmp_path / "run", echo=quiet)
+        assert time.monotonic() - started < 20  # the run's own start-up, then 0.5 s
+    with http_listener() as web, pytest.raises(DataError, match="HTTP/2.*data.service=''"):
+        service.check_reachable(f"localhost:{web}")
+    worker = service.start_worker(service.server_address(dispatcher := service.start_dispatcher()))
+    try:
+        with pytest.raises(DataError, match="answers, but not as a dispatcher: a tf.data service worker's address"):
+            service.check_reachable(service.server_address(worker))
+    finally:
+        worker.stop()
+        dispatcher.stop()
+
+
+def test_the_training_stream_of_a_service_starts_within_the_deadline_or_the_run_stops(monkeypatch):
+    """Making the first iterator waits on the dispatcher (TensorFlow retries without end);
+    it is bounded by data.service_timeout_s (InputStalledError, exit 75), a signal ends the
+    wait at once (StoppedWaitingError, exit 75), and without a service nothing changes."""
+    blocked = threading.Event()
+    config = smoke_config("data.service=localhost:5050", "data.service_timeout_s=0.3").data
+    started = time.monotonic()
+    with pytest.raises(InputStalledError, match=r"data.service='localhost:5050'.* within 0.3 s") as stalled:
+        service.first_iterator(blocked.wait, config)
+    assert time.monotonic() - started < 3 and stalled.value.exit_code == 75 and stalled.value.leaves_thread_blocked
+
+    received = []
+    ours = lambda signum, _frame: received.append(signum)  # the test's own handler: a stray signal kills nothing
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        waiting = smoke_config("data.service=localhost:5050", "data.service_timeout_s=60").data
+        threading.Timer(0.3, signal.raise_signal, (signal.SIGTERM,)).start()
+        started = time.monotonic()
+        with pytest.raises(StoppedWaitingError, match="SIGTERM received while waiting for the tf.data service") as info:
+            service.first_iterator(blocked.wait, waiting)
+        assert time.monotonic() - started < 5 and info.value.exit_code == 75 and not received
+        assert signal.getsignal(signal.SIGTERM) is ours  # put back after the wait
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        blocked.set()
+    assert service.first_iterator(threading.current_thread, smoke_config().data) is threading.current_thread()
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("localhost:99999", "its port 99999 is not in 1-65535"),
+        ("localhost:0", "its port 0 is not in 1-65535"),
+        ("localhost:１２３", "its port '１２３' is not a number"),
+        ("http://localhost:5050", "http:// is not how a tf.data service is reached"),
+        ("::1:5050", "an IPv6 address needs brackets"),
+        ("[::1:5050", "it is not host:port"),
+        ("localhost", "it is not host:port"),
+    ],
+)
+def test_a_malformed_service_address_is_a_data_error_naming_it_and_a_valid_one(address, reason):
+    with pytest.raises(DataError) as info:
+        service.check_reachable(address)
+    assert str(info.value).startswith(f"data.service={address!r}: {reason}")
+    assert "e.g. localhost:5050, grpc://data-dispatcher:5050 or [::1]:5050" in str(info.value)
+
+
+def test_valid_service_addresses_parse():
+    assert service._host_port("grpc://data-dispatcher:5050") == ("data-dispatcher", 5050)
+    assert service._host_port("[::1]:65535") == ("::1", 65535)
+    assert service._host_port("10.0.0.7:1") == ("10.0.0.7", 1)
+
+
+def test_the_hint_for_an_unreachable_dispatcher_fits_who_asked():
+    with socket_closed_port() as port:
+        with pytest.raises(DataError) as worker:
+            service.check_reachable(f"localhost:{port}", what="--worker")
+        with pytest.raises(DataError) as trainer:
+            service.check_reachable(f"localhost:{port}")
+    assert "data.service=''" not in str(worker.value)
+    assert str(worker.value).endswith(
+        "start `launch data serve --dispatcher` there first (--worker takes the address it prints)"
+    )
+    assert str(trainer.value).endswith("or set data.service='' to feed from this process")
+
+
+def test_a_dry_run_names_the_service_and_probes_it(tmp_path):
+    dispatcher = service.start_dispatcher()
+    address = service.server_address(dispatcher)
+    try:
+        lines = plan_run(smoke_config(f"data.service={address}"), tmp_path / "run", echo=quiet).lines()
+    finally:
+        dispatcher.stop()
+    assert f"Input:    the tf.data service at {address} (its dispatcher answers)" in lines
+    assert not (tmp_path / "run").exists()
+    with socket_closed_port() as port, pytest.raises(DataError, match=f"data.service='localhost:{port}'"):
+        plan_run(smoke_config(f"data.service=localhost:{port}"), tmp_path / "run", echo=quiet)

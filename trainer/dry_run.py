@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from trainer.checkpoint_files import checkpoint_steps
 from trainer.config import Config
 from trainer.console import Console
+from trainer.data.service import check_reachable
 from trainer.errors import WorkdirBusyError
 from trainer.loop.run import Run, RunParts, checkpoint_store
 from trainer.models import model_summary
@@ -57,6 +58,7 @@ class RunPlan:
     fresh: bool
     busy: str | None = None  # why a real run would be refused now (another trainer holds it)
     started_from: str | None = None  # --from: whose weights, at which step
+    service: str = ""  # data.service: the dispatcher that answered the probe
 
     def lines(self) -> list[str]:
         """The plan as the CLI prints it."""
@@ -67,6 +69,7 @@ class RunPlan:
             f"Steps:    {self._steps()}",
             f"Data:     {self.data_origin}: {self.train_size} train / {self.test_size} test images, "
             f"{self.classes} classes, at {size}x{size}",
+            *([f"Input:    the tf.data service at {self.service} (its dispatcher answers)"] if self.service else []),
             f"Model:    {self.model_summary}",
             f"Workdir:  {self.workdir}: {self._start()}",
             *([f"Weights:  {self.started_from} (a new run: step 0, its own optimizer)"] if self.started_from else []),
@@ -117,6 +120,8 @@ def plan_run(
     check_workdir(wd, fresh, console, warm)
     busy = _busy(wd, console)
     parts = prepare_parts(config, wd, runtime, console, started, warm)
+    if config.data.service:  # the run's probe (trainer.data.service): a dispatcher must answer there
+        check_reachable(config.data.service)
     steps = checkpoint_steps(wd.checkpoints)
     newest = steps[0] if steps else None
     start = 0
@@ -143,6 +148,7 @@ def plan_run(
         fresh=fresh,
         busy=busy,
         started_from=f"the weights of {warm.source.root} at step {warm.step}" if warm else None,
+        service=config.data.service,
     )
 
 

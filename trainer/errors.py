@@ -12,6 +12,10 @@ class TrainerError(Exception):
     """A mistake the user can fix (bad value, missing file, missing checkpoint)."""
 
     exit_code = 2
+    # True when a thread of the failed call is still blocked inside TensorFlow (a wait on a
+    # tf.data service, which cannot be interrupted): the CLI ends the process at once after
+    # the error line, as a normal exit could wait on that thread for ever.
+    leaves_thread_blocked = False
 
 
 class ConfigError(TrainerError):
@@ -98,6 +102,7 @@ class InputStalledError(TrainerError):
     """
 
     exit_code = 75
+    leaves_thread_blocked = True
 
 
 class WorkdirLostError(TrainerError):

@@ -37,6 +37,7 @@ from trainer.data.info import DatasetInfo
 from trainer.data.pipeline import first_views, train_dataset_fn
 from trainer.data.plan import InputSpec, check_batch_divides, input_spec, steps_per_epoch
 from trainer.data.prepare import prepare_dataset, training_info
+from trainer.data.service import first_iterator
 from trainer.data.skips import FILE_NAME as UNREADABLE_FILE
 from trainer.data.skips import SkipMemo
 from trainer.errors import CheckpointMismatchError, DivergedError
@@ -366,7 +367,7 @@ def _device_feed(run: Run) -> DeviceFeed | None:
 
 def _host_iterator(run: Run, start_step: int):
     fn = train_dataset_fn(run.parts.dataset.train, run.parts.spec, start_step, run.parts.total_steps)
-    return iter(run.runtime.strategy.distribute_datasets_from_function(fn))
+    return first_iterator(lambda: iter(run.runtime.strategy.distribute_datasets_from_function(fn)), run.config.data)
 
 
 def _start_monitor(run: Run, monitor: Monitor, step: int) -> None:

@@ -16,47 +16,131 @@ step and are read with ShardingPolicy.OFF: exact with one service worker only (e
 worker would produce the whole stream). A worker lost mid-run: DYNAMIC is at-most-once,
 so its in-flight steps never come and the consumer waits for them; the controller bounds
 that wait (data.service_timeout_s, trainer.loop.controller) and the run stops with exit 75.
+
+Start-up: TensorFlow retries a dispatcher that does not answer without end, so nothing
+here trusts it to: `check_reachable` asks the address with one gRPC call with a deadline
+(a TCP listener of another kind is told from a dispatcher), the trainer makes its first
+iterator within data.service_timeout_s (`first_iterator`), and `launch data serve` waits
+for its dispatcher with the signal handlers in place (`serve_worker`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
-import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+from typing import TypeVar
 
+import grpc
 import tensorflow as tf
 
-from trainer.errors import ConfigError, DataError
+from trainer.config import DataConfig
+from trainer.errors import (
+    ConfigError,
+    DataError,
+    InputStalledError,
+    StoppedBySignalError,
+    StoppedWaitingError,
+    TrainerError,
+)
+from trainer.say import Say
+
+T = TypeVar("T")
 
 PROBE_SECONDS = 10.0
+# How long `launch data serve --worker` waits for its dispatcher to answer (its --timeout).
+START_SECONDS = 30.0
+# The dispatcher's own gRPC method (tensorflow/core/data/service/dispatcher.proto): its
+# request message is empty, so b"" is one, and the probe needs no generated classes.
+_GET_VERSION = "/tensorflow.data.DispatcherService/GetVersion"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _SERVE_HINT = "start one with `launch data serve --dispatcher` (and workers with `launch data serve --worker`)"
+_EXAMPLES = "e.g. localhost:5050, grpc://data-dispatcher:5050 or [::1]:5050"
 
 
 def _host_port(address: str, what: str = "data.service") -> tuple[str, int]:
-    """`grpc://host:port` or `host:port` as (host, port); anything else is a typed error."""
-    bare = address.split("://", 1)[-1]
-    host, _, port = bare.rpartition(":")
-    if not host or not port.isdigit():
-        raise DataError(f"{what}={address!r} is not host:port; name a dispatcher, e.g. localhost:5050")
-    return host.strip("[]"), int(port)
+    """`grpc://host:port`, `host:port` or `[IPv6]:port` as (host, port); anything else is a
+    DataError naming the value: TensorFlow would retry a malformed address as if it were
+    only unreachable, without a word."""
+    scheme, sep, bare = address.rpartition("://")
+    if sep and scheme != "grpc":
+        raise _malformed(address, what, f"{scheme}:// is not how a tf.data service is reached (grpc:// or none)")
+    host, port = _split_port(bare, address, what)
+    if not (port.isascii() and port.isdigit()):  # str.isdigit alone takes '１２３' and '²'
+        raise _malformed(address, what, f"its port {port!r} is not a number")
+    if not 0 < int(port) <= 65_535:
+        raise _malformed(address, what, f"its port {int(port)} is not in 1-65535")
+    return host, int(port)
 
 
-def check_reachable(address: str, timeout_s: float = PROBE_SECONDS, what: str = "data.service") -> None:
-    """Fail fast when nothing listens at the dispatcher address.
+def _split_port(bare: str, address: str, what: str) -> tuple[str, str]:
+    """(host, port) as written; an IPv6 host needs its brackets (`::1:5050` is ambiguous)."""
+    if bare.startswith("["):
+        host, sep, port = bare[1:].partition("]:")
+    else:
+        host, sep, port = bare.rpartition(":")
+        if ":" in host:
+            raise _malformed(address, what, "an IPv6 address needs brackets, as in [::1]:5050")
+    if not (sep and host) or "[" in host or "]" in host:
+        raise _malformed(address, what, "it is not host:port")
+    return host, port
 
-    tf.data service clients retry an unreachable dispatcher for a long time (minutes, then
-    an opaque UNAVAILABLE); a TCP connect bounded by `timeout_s` turns that into one line.
+
+def _malformed(address: str, what: str, reason: str) -> DataError:
+    return DataError(f"{what}={address!r}: {reason}; name a tf.data service dispatcher as host:port, {_EXAMPLES}")
+
+
+def _bare(address: str) -> str:
+    return address.rpartition("://")[2]
+
+
+def check_reachable(address: str, timeout_s: float | None = None, what: str = "data.service") -> None:
+    """Fail fast unless a tf.data service dispatcher answers at `address`.
+
+    TensorFlow's clients and workers retry a dispatcher that does not answer without end
+    (a closed port for minutes; a listener that accepts and never answers, or an HTTP
+    server, for ever), and a worker's start ignores SIGINT meanwhile. One call of the
+    dispatcher's own gRPC method with a deadline (`timeout_s`, default PROBE_SECONDS) tells a
+    dispatcher from nothing, from another kind of server and from a tf.data worker.
     """
-    host, port = _host_port(address, what)
+    _host_port(address, what)
+    seconds = PROBE_SECONDS if timeout_s is None else timeout_s
+    why = _unanswered(_bare(address), seconds)
+    if why is not None:
+        raise DataError(f"{what}={address!r}: no tf.data service dispatcher answers there ({why}); {_hint(what)}")
+
+
+def _unanswered(target: str, seconds: float) -> str | None:
+    """None when a dispatcher answered GetVersion at `target` within `seconds`, else why not."""
+    channel = grpc.insecure_channel(target)
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as err:
-        raise DataError(
-            f"{what}={address!r}: no tf.data service dispatcher answers there within {timeout_s:g}s "
-            f"({err.strerror or err}); {_SERVE_HINT}, or set data.service='' to feed from this process"
-        ) from None
+        channel.unary_unary(_GET_VERSION)(b"", timeout=seconds)
+    except grpc.RpcError as err:
+        return _why(err, seconds)
+    finally:
+        channel.close()
+    return None
+
+
+def _why(err: grpc.RpcError, seconds: float) -> str:
+    code = err.code()
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return "a gRPC server answers, but not as a dispatcher: a tf.data service worker's address?"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # A listener of another kind that accepts and stays silent, or a firewall that drops the connection.
+        return f"nothing answered there as a gRPC server within {seconds:g} s"
+    # gRPC's details end with the cause: "...: Connection refused", "...: Failed parsing HTTP/2 (...)".
+    return (err.details() or code.name).rsplit(": ", 1)[-1].strip(" ]")
+
+
+def _hint(what: str) -> str:
+    if what == "--worker":
+        return "start `launch data serve --dispatcher` there first (--worker takes the address it prints)"
+    return f"{_SERVE_HINT}, or set data.service='' to feed from this process"
 
 
 def _grpc(address: str) -> str:
@@ -94,13 +178,22 @@ def start_dispatcher(port: int = 0) -> tf.data.experimental.service.DispatchServ
     return _started(tf.data.experimental.service.DispatchServer, config, port)
 
 
-def start_worker(dispatcher: str, port: int = 0, host: str = "") -> tf.data.experimental.service.WorkerServer:
+def start_worker(
+    dispatcher: str, port: int = 0, host: str = "", timeout_s: float = PROBE_SECONDS
+) -> tf.data.experimental.service.WorkerServer:
     """A worker on `port` that registers with `dispatcher`; `host`: the name the trainer
-    reaches it by (a pod's DNS name), default this machine's `localhost`."""
-    check_reachable(dispatcher, what="--worker")  # nothing listening: one line now, not retried for ever
+    reaches it by (a pod's DNS name), default this machine's `localhost`. A dispatcher that
+    does not answer within `timeout_s` is one DataError, not TensorFlow's endless retry."""
+    check_reachable(dispatcher, timeout_s, what="--worker")
+    return _new_worker(dispatcher, port, host)
+
+
+def _new_worker(dispatcher: str, port: int, host: str) -> tf.data.experimental.service.WorkerServer:
+    """The worker, registered with `dispatcher`: TensorFlow blocks in that until the dispatcher
+    takes it, holding Python's lock (no other thread and no signal handler runs meanwhile)."""
     worker_address = f"{host}:%port%" if host else "localhost:%port%"
     config = tf.data.experimental.service.WorkerConfig(
-        dispatcher_address=dispatcher.split("://", 1)[-1],
+        dispatcher_address=_bare(dispatcher),
         worker_address=worker_address,
         port=port,
         heartbeat_interval_ms=WORKER_TIMEOUT_MS // 5,
@@ -124,15 +217,155 @@ def server_address(server) -> str:
     return server._address  # noqa: SLF001
 
 
-def serve_until_signal(server, announce: Callable[[], None]) -> int:
-    """Block until SIGTERM or SIGINT, then stop `server`: 0, as a clean stop is not a failure.
-    `announce` runs once the handlers are in place: whoever reads the address line may
-    signal at once."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    announce()
-    while not stop.wait(1.0):
-        pass
-    server.stop()
+# --- waits on TensorFlow calls that may never return ---------------------------------------
+
+
+class _Stop:
+    """The first SIGTERM, SIGINT or SIGHUP (a dropped ssh session), recorded: a handler that
+    only records runs at once in the main thread, whatever the other threads are blocked in."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.event = threading.Event()
+
+    def handle(self, signum: int, _frame) -> None:
+        self.signum = self.signum or signum
+        self.event.set()
+
+
+@contextlib.contextmanager
+def _handling(handler) -> Iterator[None]:
+    """`handler` for SIGTERM, SIGINT and SIGHUP while the block runs, the previous ones after
+    (in the main thread: Python delivers signals nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _result_within(
+    call: Callable[[], T],
+    stop: _Stop,
+    seconds: float,
+    timed_out: Callable[[], TrainerError],
+    stopped: Callable[[int], TrainerError],
+) -> T:
+    """`call()`'s result (or its error), called in a daemon thread while this one waits.
+
+    TensorFlow's waits on a tf.data service are in C++ and cannot be interrupted: past
+    `seconds`, or once `stop` records a signal, this raises `timed_out()` or
+    `stopped(signum)` and leaves the call's thread blocked. The error says so
+    (`leaves_thread_blocked`): the CLI then ends the process at once after its line.
+    """
+    future: Future = Future()
+    threading.Thread(target=_settle, args=(future, call), name="tf-data-service-wait", daemon=True).start()
+    deadline = time.monotonic() + seconds
+    while not wait_for([future], timeout=min(0.1, max(0.0, deadline - time.monotonic()))).done:
+        if stop.signum is not None:
+            raise _blocking(stopped(stop.signum))
+        if time.monotonic() >= deadline:
+            raise _blocking(timed_out())
+    return future.result()
+
+
+def _settle(future: Future, call: Callable[[], object]) -> None:
+    try:
+        future.set_result(call())
+    except BaseException as err:  # handed to the waiting thread, which raises it
+        future.set_exception(err)
+
+
+def _blocking(err: TrainerError) -> TrainerError:
+    err.leaves_thread_blocked = True
+    return err
+
+
+def first_iterator(make: Callable[[], T], data: DataConfig) -> T:
+    """`make()`, the training stream's iterator; with data.service, made within
+    data.service_timeout_s, and a signal meanwhile ends the run.
+
+    Making it registers the pipeline with the dispatcher and starts a job: calls that
+    TensorFlow retries without end while the dispatcher does not answer, before the
+    controller's deadline on each compiled call (trainer.loop.controller) applies. Past the
+    deadline: InputStalledError (exit 75, as a stalled call); on SIGTERM, SIGINT or SIGHUP:
+    StoppedWaitingError (exit 75: nothing was trained yet, the same command starts again).
+    """
+    if not data.service:
+        return make()
+    address, seconds = data.service, data.service_timeout_s
+    stalled = lambda: InputStalledError(
+        f"the tf.data service at data.service={address!r} did not start the training stream within {seconds:g} s "
+        "(data.service_timeout_s): its dispatcher does not take the pipeline. Restart the dispatcher and its "
+        "workers (launch data serve), then run the same command"
+    )
+    stopped = lambda signum: StoppedWaitingError(
+        f"{signal.Signals(signum).name} received while waiting for the tf.data service at data.service="
+        f"{address!r} to start the training stream; nothing was trained, run the same command to start again"
+    )
+    stop = _Stop()
+    with _handling(stop.handle):
+        return _result_within(_in_callers_scope(make), stop, seconds, stalled, stopped)
+
+
+def _in_callers_scope(make: Callable[[], T]) -> Callable[[], T]:
+    """`make` under the caller's distribution strategy scope, which TensorFlow keeps per thread."""
+    scope = tf.distribute.get_strategy().scope if tf.distribute.has_strategy() else contextlib.nullcontext
+
+    def made() -> T:
+        with scope():
+            return make()
+
+    return made
+
+
+# --- `launch data serve` -------------------------------------------------------------------
+
+
+def serve_dispatcher(port: int, say: Say) -> int:
+    """Start a dispatcher on `port`, `say` its address line, serve until a signal: 0."""
+    with _handling(signal.SIG_DFL):
+        server = start_dispatcher(port)
+    address = server_address(server)
+    return _serve(server, f"tf.data service dispatcher at {address}; train with --set data.service={address}", say)
+
+
+def serve_worker(dispatcher: str, port: int, host: str, say: Say, timeout_s: float = START_SECONDS) -> int:
+    """Start a worker of `dispatcher`, `say` its address line, serve until a signal: 0.
+
+    The dispatcher is asked first, in a daemon thread while this one waits with the signal
+    handlers in place: nothing answering there as a dispatcher within `timeout_s` is a
+    DataError naming the address (exit 2), a signal meanwhile StoppedBySignalError (exit
+    128+N: nothing was served). Then TensorFlow registers the worker, a call that holds
+    Python's lock: the signals' default actions are in place for it, so one still ends the
+    process at once (killed by it, 128+N to the shell).
+    """
+    stop = _Stop()
+    late = lambda: DataError(f"--worker={dispatcher!r}: no answer within {timeout_s:g} s; {_hint('--worker')}")
+    with _handling(stop.handle):  # `late` is a backstop: the probe's own deadline comes first
+        _result_within(lambda: check_reachable(dispatcher, timeout_s, "--worker"), stop, timeout_s + 1, late, _stopped)
+    with _handling(signal.SIG_DFL):
+        server = _new_worker(dispatcher, port, host)
+    return _serve(server, f"tf.data service worker at {server_address(server)} for dispatcher {dispatcher}", say)
+
+
+def _serve(server, line: str, say: Say) -> int:
+    """Block until SIGTERM, SIGINT or SIGHUP (a dropped ssh session), then stop `server`: 0,
+    as a clean stop is not a failure. `line` is said once the handlers are in place:
+    whoever reads the address may signal at once."""
+    stop = _Stop()
+    with _handling(stop.handle):
+        say(line)
+        while not stop.event.wait(1.0):
+            pass
+        server.stop()
     return 0
+
+
+def _stopped(signum: int) -> StoppedBySignalError:
+    name = signal.Signals(signum).name
+    return StoppedBySignalError(f"{name} received while waiting for the tf.data service dispatcher", signum)
