@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import socket
@@ -25,14 +26,15 @@ import pytest
 from tests import test_safety
 from tests.test_hostile_data import image_folder
 from tests.test_safety import SMOKE, assert_one_error, run_cli
-from trainer import storage
+from trainer import cluster, files, storage
 from trainer.backbones import BACKBONES, _application, build_backbone_model, load_weights_file
 from trainer.checkpoints import _parse_step
+from trainer.cluster import tf_config_workers
 from trainer.config import DataConfig
 from trainer.data.convert import convert_folder
 from trainer.data.sources.cifar10 import _download_cifar10
 from trainer.data.sources.folder import read_image_folder
-from trainer.errors import CheckpointError, ConfigError, DataError
+from trainer.errors import CheckpointError, ConfigError, DataError, RuntimeSetupError
 from trainer.files import describe_write_error
 
 trained_once = test_safety.trained_once
@@ -220,6 +222,22 @@ def test_a_5000_digit_checkpoint_is_a_short_line():
         _parse_step("9" * 5000)
     assert len(str(caught.value)) < 200 and "5000 characters" in str(caught.value)
     assert _parse_step("16") == 16
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\uff11\uff12", "\u0663"])  # superscript two, full-width 12, Arabic-Indic 3
+def test_digits_that_are_not_ascii_are_no_step_port_or_pid(text):
+    """str.isdigit takes them; int() then raised ValueError (a traceback) or read '１２' as
+    12: a step, a port (TF_CONFIG, the rendezvous, SLURM_STEP_RESV_PORTS) and a --from
+    step are ASCII digits only."""
+    assert text.isdigit() and not files.digits(text)
+    with pytest.raises(CheckpointError, match="must be latest, best or a step number"):
+        _parse_step(text)
+    with pytest.raises(RuntimeSetupError, match="is not a port range"):
+        cluster._port_base({"SLURM_STEP_RESV_PORTS": f"{text}-{text}"})
+    tf_config = {"cluster": {"worker": [f"a:{text}", "b:2"]}, "task": {"type": "worker", "index": 0}}
+    with pytest.raises(RuntimeSetupError):
+        tf_config_workers({"TF_CONFIG": json.dumps(tf_config)})
+    assert files.digits("0123") and not files.digits("")
 
 
 def test_an_empty_workdir_is_refused(tmp_path, monkeypatch):

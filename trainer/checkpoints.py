@@ -304,7 +304,7 @@ def _names_a_best_checkpoint(record: Any, steps: list[int]) -> bool:
 def _parse_step(which: str) -> int:
     """A step number; anything else (a 5,000-digit number included) is one short line."""
     text = which.strip()
-    if text.isdigit() and len(text) <= 19:  # up to 2**63 - 1: what a step variable holds
+    if files.digits(text) and len(text) <= 19:  # up to 2**63 - 1: what a step variable holds
         return int(text)
     shown = which if len(which) <= 40 else f"{which[:20]}...({len(which)} characters)"
     raise CheckpointError(f"--checkpoint must be latest, best or a step number, got {shown!r}")

@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Mapping, MutableMapping
 
+from trainer import files
 from trainer.errors import RuntimeSetupError
 
 _TF_CONFIG_HINT = (
@@ -73,7 +74,7 @@ def _check_job_addresses(job: str, addresses) -> None:
         )
     for address in addresses:
         host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
-        if not host or not port.isdigit() or not 1 <= int(port[:6]) <= 65535:
+        if not host or not files.digits(port) or not 1 <= int(port[:6]) <= 65535:
             raise RuntimeSetupError(
                 f'TF_CONFIG cluster job "{job}" has {str(address)[:60]!r}, which is not "host:port" with a port '
                 f"from 1 to 65535; {_TF_CONFIG_HINT}"
@@ -174,7 +175,7 @@ def _port_base(environ: Mapping[str, str]) -> int:
     reserved = environ.get("SLURM_STEP_RESV_PORTS")
     if reserved:
         first = reserved.split(",")[0].split("-")[0]
-        if not first.isdigit():
+        if not files.digits(first):
             raise RuntimeSetupError(f"SLURM_STEP_RESV_PORTS={reserved!r} is not a port range like 12000-12015")
         return int(first)
     if PORT_BASE_VARIABLE in environ:

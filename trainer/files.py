@@ -218,7 +218,7 @@ def lock_owner(handle) -> str:
     """The pid a lock file names; anyone can write the file, so only digits are echoed."""
     handle.seek(0)
     owner = handle.read(32).strip()
-    return owner if owner.isdigit() else "unknown"
+    return owner if digits(owner) else "unknown"
 
 
 def number_in(value: Any, low: float, high: float) -> bool:
@@ -230,6 +230,13 @@ def number_in(value: Any, low: float, high: float) -> bool:
 def integer_in(value: Any, low: int, high: int) -> bool:
     """A JSON integer (not a float, not a bool) within [low, high]."""
     return isinstance(value, int) and number_in(value, low, high)
+
+
+def digits(text: str) -> bool:
+    """Only ASCII digits 0-9 (at least one). `str.isdigit` also takes '²' (which int()
+    refuses: a traceback) and full-width digits (which int() reads): untrusted text such as
+    a port, a step or a pid is checked with this."""
+    return text.isascii() and text.isdigit()
 
 
 def short(text: str, limit: int = 160) -> str:

@@ -53,9 +53,9 @@ class WarmStart:
         if not text.strip():
             raise ConfigError("--from is empty (an unset shell variable?); name a workdir, e.g. --from runs/smoke")
         head, colon, which = text.rpartition(":")
-        if colon and head and (which in ("latest", "best") or (which.isdigit() and len(which) <= 19)):
+        if colon and head and (which in ("latest", "best") or (files.digits(which) and len(which) <= 19)):
             return cls(Workdir(head), which)
-        if colon and head and which.isdigit():  # no step has that many digits: said, not taken for a path
+        if colon and head and files.digits(which):  # no step has that many digits: said, not taken for a path
             raise ConfigError(
                 f"--from {files.short(head, 100)}:STEP: a step of {len(which):,} digits is no checkpoint's "
                 "(at most 19: 2**63 - 1)"
