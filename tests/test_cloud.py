@@ -288,6 +288,80 @@ def test_a_lease_from_another_machine_with_this_host_name_is_not_presumed_dead()
     assert twin.is_live(now) and older.is_live(now)
 
 
+def test_a_lease_deleted_or_damaged_while_held_is_lost_not_written_back():
+    """Without compare-and-swap (ram://, s3://, gs:// without the extra): the trainer that
+    took the workdir over finished and deleted its lease, or an operator deleted it, or it
+    was damaged. Writing ours back would take the workdir from whoever is there now: the
+    holder counts it as lost, says so once, and leaves it alone."""
+    for damage in ("deleted", "damaged"):
+        workdir = _ram_workdir()
+        warnings: list[str] = []
+        lease = Lease(workdir, expires_after=0.4, warn=warnings.append)  # renewed every 0.1 s
+        with lease.held():
+            if damage == "deleted":
+                tf.io.gfile.remove(f"{workdir}/{LEASE}")
+            else:
+                with tf.io.gfile.GFile(f"{workdir}/.damage.tmp", "w") as handle:  # ram:// never truncates
+                    handle.write("{not json")
+                tf.io.gfile.rename(f"{workdir}/.damage.tmp", f"{workdir}/{LEASE}", overwrite=True)
+            _wait_until(lambda lease=lease: lease.lost)
+            time.sleep(0.3)  # more renewals would have come by now
+            with pytest.raises(WorkdirLostError, match="was deleted or replaced by another file"):
+                lease.require("saving")
+        assert [line for line in warnings if "no longer owns" in line] == [warnings[-1]], warnings
+        if damage == "deleted":
+            assert not tf.io.gfile.exists(f"{workdir}/{LEASE}")  # not written back
+        else:
+            assert tf.io.gfile.GFile(f"{workdir}/{LEASE}").read() == "{not json"
+
+
+def test_a_holder_that_could_not_renew_for_its_expiry_stops_writing():
+    """Renewals that fail (no answer, a 403 on the lease object alone) for `expires_after`:
+    others may take the workdir over by then and nothing tells this holder, so it counts
+    the lease as lost itself: the next save is refused, as after a takeover."""
+    workdir = _ram_workdir()
+    warnings: list[str] = []
+    lease = Lease(workdir, expires_after=600, warn=warnings.append)
+    lease.acquire()
+    lease.require("saving the checkpoint of step 8")  # renewed just now: held
+    lease._renewed_at -= 601  # as if every renewal of the last 601 s had failed
+    with pytest.raises(WorkdirLostError, match=r"was not renewed for 601s, its expiry, so this trainer stopped"):
+        lease.require("saving the checkpoint of step 9")
+    assert lease.lost and "the store did not answer" in warnings[-1]
+    lease.release()  # lost: deletes nothing
+    assert tf.io.gfile.exists(f"{workdir}/{LEASE}")
+
+
+def test_an_upload_in_flight_stops_at_the_next_file_once_the_lease_is_lost():
+    """The loss noticed while a checkpoint's data is copied: its index (and the state file,
+    and the old checkpoints' removal) are not written, so the new holder's ckpt-N, which
+    has the same name, is not overwritten."""
+    from trainer import staging
+
+    remote = f"{_ram_workdir()}/checkpoints"
+    held = Ownership(remote)
+    copied: list[str] = []
+
+    def copy_then_lose(source: str, target: str) -> None:
+        copied.append(target.rsplit("/", 1)[-1])
+        held._mark_lost("taken over (pid 1 on host h)")
+
+    uploads = staging.CheckpointUploads(remote, keep=2, require_held=held.require)
+    checkpoint = tf.train.Checkpoint(v=tf.Variable(np.arange(4.0)))
+    tf.train.CheckpointManager(checkpoint, uploads.local, max_to_keep=2).save(checkpoint_number=1)
+    original = staging.storage.copy_file
+    staging.storage.copy_file = copy_then_lose
+    try:
+        uploads.submit(1)
+        with pytest.raises(WorkdirLostError, match="before uploading ckpt-1.index"):
+            uploads.wait()
+    finally:
+        staging.storage.copy_file = original
+        uploads.close()
+    assert copied == ["ckpt-1.data-00000-of-00001"]  # the data only: no index, no state file
+    assert not tf.io.gfile.exists(f"{remote}/checkpoint")
+
+
 def test_a_damaged_lease_is_warned_about_and_treated_as_free():
     workdir = _ram_workdir()
     tf.io.gfile.makedirs(workdir)

@@ -424,7 +424,7 @@ def test_the_training_stream_of_a_service_starts_within_the_deadline_or_the_run_
     [
         ("localhost:99999", "its port 99999 is not in 1-65535"),
         ("localhost:0", "its port 0 is not in 1-65535"),
-        ("localhost:１２３", "its port '１２３' is not a number"),
+        ("localhost:１２３", "its port '１２３' is not a number from 1 to 65535"),
         ("http://localhost:5050", "http:// is not how a tf.data service is reached"),
         ("::1:5050", "an IPv6 address needs brackets"),
         ("[::1:5050", "it is not host:port"),
@@ -436,6 +436,36 @@ def test_a_malformed_service_address_is_a_data_error_naming_it_and_a_valid_one(a
         service.check_reachable(address)
     assert str(info.value).startswith(f"data.service={address!r}: {reason}")
     assert "e.g. localhost:5050, grpc://data-dispatcher:5050 or [::1]:5050" in str(info.value)
+
+
+def test_a_huge_address_is_one_short_line_not_a_traceback():
+    """A port of 5,000 digits made int() raise ValueError (Python's 4,300-digit limit): a
+    traceback; a 100,000-character host came back as a 100,000-character error line."""
+    with pytest.raises(DataError, match="is not a number from 1 to 65535") as port:
+        service.check_reachable("h:" + "9" * 5000)
+    with pytest.raises(DataError) as host:
+        service.check_reachable("h" * 100_000)
+    assert len(str(port.value)) < 400 and len(str(host.value)) < 400
+
+
+@pytest.mark.timeout(60, method="thread")  # a hang in gRPC: the signal method could not end it
+def test_ctrl_c_during_the_trainers_probe_stops_it_at_once(monkeypatch):
+    """The probe waits in gRPC, where Python runs no signal handler: Ctrl-C was lost for its
+    10 s. Now the main thread takes it while the probe waits: StoppedWaitingError, exit 75."""
+    monkeypatch.setattr(service, "PROBE_SECONDS", 30.0)
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        with silent_listener() as (port, _accepted):
+            threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,)).start()
+            started = time.monotonic()
+            with pytest.raises(
+                StoppedWaitingError, match=f"SIGINT received while asking data.service='localhost:{port}'"
+            ) as info:
+                service.check_reachable(f"localhost:{port}")
+            assert time.monotonic() - started < 5 and info.value.exit_code == 75 and not received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_valid_service_addresses_parse():

@@ -28,6 +28,7 @@ from tests.test_hostile_data import image_folder
 from tests.test_safety import SMOKE, assert_one_error, run_cli
 from trainer import cluster, files, storage
 from trainer.backbones import BACKBONES, _application, build_backbone_model, load_weights_file
+from trainer.checkpoint_files import checkpoint_steps
 from trainer.checkpoints import _parse_step
 from trainer.cluster import tf_config_workers
 from trainer.config import DataConfig
@@ -36,6 +37,7 @@ from trainer.data.sources.cifar10 import _download_cifar10
 from trainer.data.sources.folder import read_image_folder
 from trainer.errors import CheckpointError, ConfigError, DataError, RuntimeSetupError
 from trainer.files import describe_write_error
+from trainer.loop.controller import STOP_AT_STEP_VARIABLE, _stop_at_step
 
 trained_once = test_safety.trained_once
 pytestmark = pytest.mark.timeout(180)  # a safety net: each test bounds its own waits (see above)
@@ -225,7 +227,7 @@ def test_a_5000_digit_checkpoint_is_a_short_line():
 
 
 @pytest.mark.parametrize("text", ["\u00b2", "\uff11\uff12", "\u0663"])  # superscript two, full-width 12, Arabic-Indic 3
-def test_digits_that_are_not_ascii_are_no_step_port_or_pid(text):
+def test_digits_that_are_not_ascii_are_no_step_port_or_pid(text, tmp_path, monkeypatch):
     """str.isdigit takes them; int() then raised ValueError (a traceback) or read '１２' as
     12: a step, a port (TF_CONFIG, the rendezvous, SLURM_STEP_RESV_PORTS) and a --from
     step are ASCII digits only."""
@@ -238,6 +240,13 @@ def test_digits_that_are_not_ascii_are_no_step_port_or_pid(text):
     with pytest.raises(RuntimeSetupError):
         tf_config_workers({"TF_CONFIG": json.dumps(tf_config)})
     assert files.digits("0123") and not files.digits("")
+    (tmp_path / f"ckpt-{text}.index").write_text("")  # no step: a phantom "ckpt-99" was warned about at every resume
+    (tmp_path / "ckpt-7.index").write_text("")
+    assert checkpoint_steps(str(tmp_path)) == [7]
+    monkeypatch.setenv(STOP_AT_STEP_VARIABLE, text)  # the test seam: ignored, not a traceback
+    assert _stop_at_step() == -1
+    monkeypatch.setenv(STOP_AT_STEP_VARIABLE, "9" * 5000)
+    assert _stop_at_step() == -1
 
 
 def test_an_empty_workdir_is_refused(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import re
 from trainer import storage
 
 INDEX_SUFFIX = ".index"
-_INDEX_FILE = re.compile(r"^ckpt-(\d+)\.index$")
+_INDEX_FILE = re.compile(r"^ckpt-([0-9]+)\.index$")  # [0-9], not \d: '٩٩' is no step
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:

@@ -31,8 +31,14 @@ so; a write whose answer was lost is read back, not mistaken for a rival's.
 Letting go is bounded (a spot VM's grace period is about 30 s): the heartbeat thread is
 cancelled and waited for `_JOIN_S`, the delete retried for `_RELEASE_DEADLINE_S`; a delete
 that fails is a warning (the lease expires by itself), never an error that would hide how
-the run ended. A renewal still in flight when the lease is deleted cannot resurrect it:
-it is conditional on the generation the delete removed.
+the run ended. On gs:// a renewal still in flight when the lease is deleted cannot
+resurrect it: it is conditional on the generation the delete removed. Without
+compare-and-swap a renewal checks that letting go has not begun just before it writes (a
+window of one write remains).
+
+The holder also counts its lease as lost when it finds it deleted or damaged at a renewal
+(writing it back would take the workdir from whoever is there now), or when no renewal
+landed for `expires_after` (others may have taken it over by then, unannounced).
 
 Elsewhere (s3://, ram://, and gs:// without the package, which warns once) the lease goes
 through tf.io.gfile, which offers no compare-and-swap: two trainers started within the
@@ -78,6 +84,13 @@ _ACQUIRE_ROUNDS = 3
 # Letting go, within a spot VM's ~30 s grace period together with the last checkpoint.
 _JOIN_S = 10.0
 _RELEASE_DEADLINE_S = 10.0
+
+
+def _elapsed() -> float:
+    """Seconds on a clock that counts a suspended or frozen VM's pause (CLOCK_BOOTTIME where
+    there is one) and never jumps with NTP: how long since the lease was last renewed."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 class Ownership:
@@ -137,6 +150,7 @@ class Lease(Ownership):
         # generation of our last write (chosen in acquire, which warns if it falls back).
         self._guarded: gcs_lease.GuardedObject | None = None
         self._generation = 0
+        self._renewed_at: float | None = None  # _elapsed() at the last write that landed
 
     def _record(self) -> LeaseRecord:
         return LeaseRecord(
@@ -162,6 +176,7 @@ class Lease(Ownership):
             raise WorkdirBusyError(f"{self.root}: the lease just written cannot be read back; try again")
         if written.owner != self.owner:  # another trainer wrote it at the same moment, and won
             raise busy_error(self.root, written, self.clock())
+        self._renewed_at = _elapsed()
 
     def _refuse_if_live(self, record: LeaseRecord | None) -> None:
         """Refuse while someone else's lease is live; warn when taking over a dead one's."""
@@ -183,6 +198,7 @@ class Lease(Ownership):
             written = guarded.write_if(self._text().encode(), current.generation, self._is_ours, _STORE_DEADLINE_S)
             if written.won:
                 self._generation = written.version.generation
+                self._renewed_at = _elapsed()
                 return
             rival = self._decoded(written.version.data, lambda _: None)
             if rival is not None and rival.is_live(self.clock()):
@@ -218,10 +234,15 @@ class Lease(Ownership):
             self._renew_guarded(self._guarded)
             return
         record = read_lease(self.path, lambda _: None)
-        if record is not None and record.owner != self.owner:
+        if record is None or record.owner != self.owner:
+            # Gone or unreadable: someone deleted it (a trainer that took over and ended, an
+            # operator); writing ours back would take the workdir from whoever is there.
             self._lose(record)
             return
+        if self._stop.is_set():  # letting go began while we read: a write now would outlive the delete
+            return
         self._write()
+        self._renewed_at = _elapsed()
 
     def _renew_guarded(self, guarded: gcs_lease.GuardedObject) -> None:
         """Replace our last version only: if anything else is there now, the lease was lost.
@@ -230,6 +251,7 @@ class Lease(Ownership):
         written = guarded.write_if(self._text().encode(), self._generation, self._is_ours, deadline, self._stop)
         if written.won:
             self._generation = written.version.generation
+            self._renewed_at = _elapsed()
         else:
             self._lose(self._decoded(written.version.data, lambda _: None))
 
@@ -257,16 +279,49 @@ class Lease(Ownership):
         if record is not None and record.owner == self.owner:
             storage.remove(self.path)
 
+    def require(self, doing: str) -> None:
+        """Also lost once no renewal landed for `expires_after` (the store did not answer the
+        heartbeat, or this VM was frozen): by then another trainer may have taken it over,
+        and nothing tells this one, so it stops writing as if it had been told."""
+        self._expire_if_stale()
+        super().require(doing)
+
+    def _expire_if_stale(self) -> None:
+        if self.lost or self._renewed_at is None or self._stop.is_set():
+            return
+        silent = _elapsed() - self._renewed_at
+        if silent < self.expires_after:
+            return
+        self.warn(
+            f"Warning: the lease of {self.root} was not renewed for {duration(silent)} (the store did not answer), "
+            "so another trainer may have taken the workdir over; this trainer no longer owns it: it stops after "
+            "the current step, without saving"
+        )
+        self._mark_lost(f"not renewed for {duration(silent)}, its expiry")
+
     def _release_or_warn(self) -> None:
-        """Release; a store that does not answer is a warning (the lease expires by itself),
+        """Release within _RELEASE_DEADLINE_S (in a thread: tf.io.gfile's own retries take
+        minutes); a store that does not answer is a warning (the lease expires by itself),
         never an exception out of `held`'s `finally`, where it would hide how the run ended."""
-        try:
-            self.release()
-        except (OSError, TrainerError) as err:
-            self.warn(
-                f"Warning: could not delete the lease of {self.root} ({files.short(str(err))}); it expires "
-                f"{duration(self.expires_after)} after its last renewal, and the next trainer takes it over then"
-            )
+        outcome: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                self.release()
+                outcome.append(None)
+            except (OSError, TrainerError) as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=attempt, name="lease-release", daemon=True)
+        thread.start()
+        thread.join(_RELEASE_DEADLINE_S + 1)
+        if outcome == [None]:
+            return
+        why = files.short(str(outcome[0])) if outcome else f"no answer within {_RELEASE_DEADLINE_S:.0f} s"
+        self.warn(
+            f"Warning: could not delete the lease of {self.root} ({why}); it expires "
+            f"{duration(self.expires_after)} after its last renewal, and the next trainer takes it over then"
+        )
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.expires_after / 4) and not self.lost:
@@ -277,6 +332,7 @@ class Lease(Ownership):
             except (OSError, TrainerError) as err:
                 if not self._stop.is_set():
                     self.warn(f"Warning: could not renew the lease of {self.root} ({files.short(str(err))})")
+                    self._expire_if_stale()  # the run's stop vote, before it writes again
 
     @contextmanager
     def held(self) -> Iterator[Lease]:

@@ -112,6 +112,7 @@ class CheckpointUploads:
         storage.makedirs(self.remote)
         names = checkpoint_file_names(self.local, step)
         for name in sorted(names, key=lambda name: name.endswith(INDEX_SUFFIX)):  # the index last
+            self._require_held(f"uploading {name}")  # asked per file: a checkpoint's data can take minutes
             storage.copy_file(storage.join(self.local, name), storage.join(self.remote, name))
         steps = checkpoint_steps(self.remote)
         newest_first = [f"ckpt-{kept}" for kept in steps[: self.keep]]
@@ -121,4 +122,5 @@ class CheckpointUploads:
         self._require_held(f"naming the checkpoint of step {step} the latest")
         files.write_text(storage.join(self.remote, "checkpoint"), state)
         for old in steps[self.keep :]:
+            self._require_held(f"deleting the checkpoint of step {old}")
             remove_checkpoint(self.remote, old)

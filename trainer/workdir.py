@@ -46,11 +46,12 @@ from trainer.say import Say
 
 MARKER = ".trainer-workdir"
 # Names the trainer gives the files it writes, per folder: what --fresh may delete.
-_CHECKPOINT_FILES = re.compile(r"^(ckpt-\d+(\.index|\.data-\d+-of-\d+)|checkpoint|best\.json|\..+\.tmp)$")
-_CHECKPOINT_TEMP_FOLDERS = re.compile(r"^ckpt-\d+_temp.*$")
-_KEPT_CONFIGS = re.compile(r"^config-\d+\.yaml$")
+# [0-9], not \d (which matches any script's digits): only names the trainer writes.
+_CHECKPOINT_FILES = re.compile(r"^(ckpt-[0-9]+(\.index|\.data-[0-9]+-of-[0-9]+)|checkpoint|best\.json|\..+\.tmp)$")
+_CHECKPOINT_TEMP_FOLDERS = re.compile(r"^ckpt-[0-9]+_temp.*$")
+_KEPT_CONFIGS = re.compile(r"^config-[0-9]+\.yaml$")
 _EVENT_FILES = re.compile(r"^(events\.out\.tfevents\..+|\..+\.tmp)$")
-_PROFILE_RUNS = re.compile(r"^\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}$")
+_PROFILE_RUNS = re.compile(r"^[0-9]{4}_[0-9]{2}_[0-9]{2}_[0-9]{2}_[0-9]{2}_[0-9]{2}$")
 _DATASET_INFO_KEYS = {"class_names", "image_shape", "mean", "std", "origin"}
 # What the trainer keeps in a local workdir, by kind: another kind of the same name is in its way.
 _FOLDERS = (

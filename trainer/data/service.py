@@ -38,6 +38,7 @@ from typing import TypeVar
 import grpc
 import tensorflow as tf
 
+from trainer import files
 from trainer.config import DataConfig
 from trainer.errors import (
     ConfigError,
@@ -70,8 +71,8 @@ def _host_port(address: str, what: str = "data.service") -> tuple[str, int]:
     if sep and scheme != "grpc":
         raise _malformed(address, what, f"{scheme}:// is not how a tf.data service is reached (grpc:// or none)")
     host, port = _split_port(bare, address, what)
-    if not (port.isascii() and port.isdigit()):  # str.isdigit alone takes '１２３' and '²'
-        raise _malformed(address, what, f"its port {port!r} is not a number")
+    if not files.digits(port) or len(port) > 5:  # str.isdigit alone takes '１２３' and '²'
+        raise _malformed(address, what, f"its port {files.short(repr(port), 40)} is not a number from 1 to 65535")
     if not 0 < int(port) <= 65_535:
         raise _malformed(address, what, f"its port {int(port)} is not in 1-65535")
     return host, int(port)
@@ -91,7 +92,12 @@ def _split_port(bare: str, address: str, what: str) -> tuple[str, str]:
 
 
 def _malformed(address: str, what: str, reason: str) -> DataError:
-    return DataError(f"{what}={address!r}: {reason}; name a tf.data service dispatcher as host:port, {_EXAMPLES}")
+    return DataError(f"{what}={_shown(address)}: {reason}; name a tf.data service dispatcher as host:port, {_EXAMPLES}")
+
+
+def _shown(address: str) -> str:
+    """The address as an error line quotes it: escaped, and cut if long (it may be anything)."""
+    return files.short(repr(address), 120)
 
 
 def _bare(address: str) -> str:
@@ -109,9 +115,25 @@ def check_reachable(address: str, timeout_s: float | None = None, what: str = "d
     """
     _host_port(address, what)
     seconds = PROBE_SECONDS if timeout_s is None else timeout_s
-    why = _unanswered(_bare(address), seconds)
+    why = _asked(lambda: _unanswered(_bare(address), seconds), address, what, seconds)
     if why is not None:
-        raise DataError(f"{what}={address!r}: no tf.data service dispatcher answers there ({why}); {_hint(what)}")
+        raise DataError(f"{what}={_shown(address)}: no tf.data service dispatcher answers there ({why}); {_hint(what)}")
+
+
+def _asked(call: Callable[[], T], address: str, what: str, seconds: float) -> T:
+    """`call()` (the probe); in the main thread, in a daemon thread while this one takes
+    SIGTERM, SIGINT and SIGHUP: gRPC's wait does not let Python run a handler, and Ctrl-C
+    was lost for the probe's 10 s. A signal: StoppedWaitingError (exit 75, nothing started)."""
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    late = lambda: DataError(f"{what}={_shown(address)}: no answer within {seconds:g} s; {_hint(what)}")
+    stopped = lambda signum: StoppedWaitingError(
+        f"{signal.Signals(signum).name} received while asking {what}={_shown(address)} for a tf.data service "
+        "dispatcher; nothing was started: run the same command to start again"
+    )
+    stop = _Stop()
+    with _handling(stop.handle):
+        return _result_within(call, stop, seconds + 1, late, stopped)
 
 
 def _unanswered(target: str, seconds: float) -> str | None:
@@ -299,13 +321,13 @@ def first_iterator(make: Callable[[], T], data: DataConfig) -> T:
         return make()
     address, seconds = data.service, data.service_timeout_s
     stalled = lambda: InputStalledError(
-        f"the tf.data service at data.service={address!r} did not start the training stream within {seconds:g} s "
+        f"the tf.data service at data.service={_shown(address)} did not start the training stream within {seconds:g} s "
         "(data.service_timeout_s): its dispatcher does not take the pipeline. Restart the dispatcher and its "
         "workers (launch data serve), then run the same command"
     )
     stopped = lambda signum: StoppedWaitingError(
         f"{signal.Signals(signum).name} received while waiting for the tf.data service at data.service="
-        f"{address!r} to start the training stream; nothing was trained, run the same command to start again"
+        f"{_shown(address)} to start the training stream; nothing was trained, run the same command to start again"
     )
     stop = _Stop()
     with _handling(stop.handle):
@@ -345,7 +367,7 @@ def serve_worker(dispatcher: str, port: int, host: str, say: Say, timeout_s: flo
     process at once (killed by it, 128+N to the shell).
     """
     stop = _Stop()
-    late = lambda: DataError(f"--worker={dispatcher!r}: no answer within {timeout_s:g} s; {_hint('--worker')}")
+    late = lambda: DataError(f"--worker={_shown(dispatcher)}: no answer within {timeout_s:g} s; {_hint('--worker')}")
     with _handling(stop.handle):  # `late` is a backstop: the probe's own deadline comes first
         _result_within(lambda: check_reachable(dispatcher, timeout_s, "--worker"), stop, timeout_s + 1, late, _stopped)
     with _handling(signal.SIG_DFL):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from trainer import files
 from trainer.console import Speed
 from trainer.errors import DivergedError, InputStalledError
 from trainer.evaluation import EvalMetrics
@@ -212,4 +213,5 @@ def stop_on_nonfinite(policy: str, checkpoints: str, warn: Say):
 
 def _stop_at_step() -> int:
     value = os.environ.get(STOP_AT_STEP_VARIABLE, "")
-    return int(value) if value.strip().lstrip("-").isdigit() else -1
+    number = value.strip().removeprefix("-")
+    return int(value) if files.digits(number) and len(number) <= 18 else -1
