@@ -95,6 +95,11 @@ def write_mixed_folder(root: str, per_class: int = 24, layout: str = "split", se
     return root
 
 
+# For runs whose tests look at the final evaluation or the weights only: no evaluation but
+# the one every run makes at its end (an interval past the run's epochs), no TensorBoard images.
+FINAL_EVAL_ONLY = ("train.eval_every_epochs=100", "tensorboard.images=false")
+
+
 def _config(path: str, *overrides: str):
     return smoke_config(
         "data.source=folder",
@@ -110,7 +115,7 @@ def _config(path: str, *overrides: str):
 
 def test_a_folder_of_mixed_sizes_formats_and_modes_trains_evaluates_and_predicts(tmp_path):
     root = write_mixed_folder(str(tmp_path / "photos"))
-    config = _config(root, "train.epochs=4", "data.cache=none")
+    config = _config(root, "train.epochs=4", "data.cache=none", "train.eval_every_epochs=4")  # the final one counts
     result = train(config, tmp_path / "run", echo=quiet)
     assert result.step == 4 * (72 // 16) and result.final_eval.examples == 72
     assert result.final_eval.accuracy > 0.6  # three learnable classes, from every kind of file
@@ -210,7 +215,14 @@ def test_a_streamed_source_resumes_exactly_mid_epoch(tmp_path, source):
     if source == "tfrecord":
         convert(root, str(tmp_path / "shards"), shard_size_mb=0.02, progress=quiet)  # several shards
         root = str(tmp_path / "shards")
-    config = _config(root, f"data.source={source}", "data.cache=none", "data.crop=random_resized", "train.epochs=2")
+    config = _config(
+        root,
+        f"data.source={source}",
+        "data.cache=none",
+        "data.crop=random_resized",
+        "train.epochs=2",
+        *FINAL_EVAL_ONLY,
+    )
     straight = train(config, tmp_path / "straight", echo=quiet)
     total = straight.step
     resumed = _stop_and_resume(tmp_path, config, 5, "resumed")  # step 5 of 6 per epoch
@@ -231,16 +243,14 @@ def test_tfrecord_from_convert_matches_the_folder_it_came_from(tmp_path):
     assert "Wrote 48 train records in" in result.output
     again = CliRunner().invoke(cli, ["data", "convert", "--from", root, "--to", str(tmp_path / "shards")])
     assert again.exit_code == 2 and "not empty" in again.output  # never writes over shards
-    common = ("train.epochs=3", "data.cache=memory")
-    folder = train(_config(root, *common), tmp_path / "folder", echo=quiet)
-    records = train(_config(str(tmp_path / "shards"), "data.source=tfrecord", *common), tmp_path / "rec", echo=quiet)
+    shards, common = str(tmp_path / "shards"), ("train.epochs=3", *FINAL_EVAL_ONLY)
+    folder = train(_config(root, *common, "data.cache=memory"), tmp_path / "folder", echo=quiet)
+    records = train(_config(shards, "data.source=tfrecord", *common, "data.cache=memory"), tmp_path / "rec", echo=quiet)
     # Cached, the records are the folder's files in the same order: the very same run.
     assert records.final_eval.accuracy == folder.final_eval.accuracy
     assert records.final_eval.loss == pytest.approx(folder.final_eval.loss, rel=1e-6)
     streamed = train(
-        _config(str(tmp_path / "shards"), "data.source=tfrecord", "train.epochs=3", "data.cache=none"),
-        tmp_path / "streamed",
-        echo=quiet,
+        _config(shards, "data.source=tfrecord", *common, "data.cache=none"), tmp_path / "streamed", echo=quiet
     )
     assert abs(streamed.final_eval.accuracy - folder.final_eval.accuracy) < 0.2  # another order: within noise
 
@@ -301,7 +311,7 @@ def test_skipped_images_are_counted_and_the_same_after_a_resume(tmp_path):
     root = write_mixed_folder(str(tmp_path / "photos"), per_class=16)
     bad = _plant_bad_files(root)
     lines: list[str] = []
-    config = _config(root, "train.epochs=2", "data.cache=none", "data.on_bad_image=skip")
+    config = _config(root, "train.epochs=2", "data.cache=none", "data.on_bad_image=skip", *FINAL_EVAL_ONLY)
     straight = train(config, tmp_path / "straight", echo=lines.append)
     warning = next(line for line in lines if "skipping" in line)
     assert "skipping 2 unreadable train image(s)" in warning and all(path in warning for path in bad)
