@@ -56,8 +56,9 @@ class Monitor:
 
     # --- once per run ------------------------------------------------------------------
 
-    def start(self, step: int, environment: dict[str, str], sample_images: np.ndarray, sample_labels) -> None:
-        """Config, environment and hyperparameters; the augmented input grid on a fresh run."""
+    def start(self, step: int, environment: dict[str, str], sample_images: np.ndarray | None, sample_labels) -> None:
+        """Config, environment and hyperparameters; the augmented input grid on a fresh run
+        (`sample_images`: None when it is not shown)."""
         if not self.enabled:
             return
         with self.train.as_default(step=step):
