@@ -1,6 +1,10 @@
 """Keras Applications backbones: building, training, starting weights, freeze/unfreeze, resume."""
 
+import json
+import shutil
 import socket
+from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -9,13 +13,14 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from launch.cli import cli
-from tests.conftest import REPO, smoke_config
+from tests.conftest import REPO, made_once, smoke_config
 from trainer.backbones import BACKBONES, FreezePlan
 from trainer.config import BACKBONE_NAMES, ModelConfig, load_config
 from trainer.errors import ConfigError
 from trainer.flops import forward_flops_per_example
 from trainer.inference import load_trained_model
 from trainer.models import build_model, model_names
+from trainer.runtime import set_op_determinism
 from trainer.training import train
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -101,18 +106,25 @@ def test_backbone_trains_two_steps_and_evaluates(tmp_path, name, size):
 
 
 def _starting_file(path) -> str:
-    """A MobileNetV3-Small model file with BatchNorm statistics of real activations.
+    """A MobileNetV3-Small weights file (`.weights.h5`, as Keras' ImageNet files are) with
+    BatchNorm statistics of real activations.
 
     A random backbone's features vanish in inference mode (moving variance 1): one forward
     pass in training mode with momentum 0 sets every layer's statistics from a batch, as a
-    pretrained file would have them.
+    pretrained file would have them. A weights file, not a `.keras` model: each run loads it
+    into the backbone it built instead of building a second model from the file (the
+    starting-weights test below starts from a `.keras` export). Seeded: unseeded, its
+    weights were whatever the process's RNG state made them, and 2 of 10 such files
+    (seeds 1 and 9) took the fine-tuning run's loss to NaN by step 12.
     """
+    keras.utils.set_random_seed(0)  # as every train() does before it builds its model
     model = build_model("mobilenet_v3_small", input_shape=(32, 32, 3), num_classes=3, mean=[0.0] * 3, std=[1.0] * 3)
-    for layer in model.get_layer("mobilenet_v3_small")._flatten_layers():
+    backbone = model.get_layer("mobilenet_v3_small")
+    for layer in backbone._flatten_layers():
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.0
     model(np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32), training=True)
-    model.save(path)
+    backbone.save_weights(path)
     return str(path)
 
 
@@ -140,6 +152,7 @@ FINE_TUNE = (
     "runtime.deterministic=true",
     "checkpoint.every_steps=4",
     "checkpoint.keep=10",
+    "train.eval_every_epochs=2",  # at the end only: it changes no weight, and costs a trace per run
 )
 
 
@@ -158,14 +171,42 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_freeze_then_unfreeze_trains_what_it_says_and_resumes_bit_for_bit_on_both_sides(tmp_path, monkeypatch):
+class FineTuned(NamedTuple):
+    workdir: Path  # read only: copy it first to write (an export goes into the workdir)
+    weights: str  # the run's model.weights override
+    lines: list[str]  # what the run said
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory) -> FineTuned:
+    """The straight FINE_TUNE run from `_starting_file` (~10 CPU-s), made once per test run
+    (conftest.made_once) for the freeze test, which resumes runs to compare with it, and the
+    starting-weights test, which exports a copy of it."""
+
+    def make(folder: Path) -> None:
+        lines: list[str] = []
+        weights = f"model.weights={_starting_file(folder / 'start.weights.h5')}"
+        policy = keras.mixed_precision.global_policy().name
+        try:
+            _train(folder / "straight", *FINE_TUNE, weights, echo=lines.append)
+        finally:  # the requesting test starts from TensorFlow's defaults, as conftest promises
+            keras.mixed_precision.set_global_policy(policy)
+            set_op_determinism(False)
+        (folder / "run.json").write_text(json.dumps({"weights": weights, "lines": lines}))
+
+    folder = made_once(tmp_path_factory, "backbone-fine-tuned", make)
+    run = json.loads((folder / "run.json").read_text())
+    return FineTuned(folder / "straight", run["weights"], run["lines"])
+
+
+def test_freeze_then_unfreeze_trains_what_it_says_and_resumes_bit_for_bit_on_both_sides(
+    tmp_path, monkeypatch, fine_tuned
+):
     """Epoch 1: head only, backbone and its BatchNorm statistics untouched; epoch 2: the
     backbone trains, BatchNorm statistics stay. Stops one step before and one after the
-    unfreeze step (8) resume to the same weights and optimizer state as a straight run."""
-    straight = tmp_path / "straight"
-    lines: list[str] = []
-    weights = f"model.weights={_starting_file(tmp_path / 'start.keras')}"
-    _train(straight, *FINE_TUNE, weights, echo=lines.append)
+    unfreeze step (8) resume to the same weights and optimizer state as a straight run
+    (the `fine_tuned` fixture's)."""
+    straight, weights, lines = fine_tuned
     assert any(line.startswith("Fine-tuning: the head trains alone for 1 epoch(s)") for line in lines)
     assert "Step 8: the backbone is unfrozen and trains from here on" in lines
     start, frozen_end, end = (_parts(straight, step) for step in (4, 8, 16))
@@ -194,13 +235,15 @@ def test_freeze_plan_steps():
     assert not FreezePlan.of(ModelConfig(name="resnet50"), 10).frozen_at(0)
 
 
-def test_starting_weights_from_our_own_export_and_one_line_errors(tmp_path):
-    """Run A (10 classes) is exported; run B (5 classes) starts from it with a frozen
+def test_starting_weights_from_our_own_export_and_one_line_errors(tmp_path, fine_tuned):
+    """Run A (10 classes: the `fine_tuned` run, whose backbone trained in its second epoch,
+    ending at step 16) is exported; run B (5 classes) starts from it with a frozen
     backbone: B's backbone is A's, its head is new. A weights file of another backbone and
     imagenet without a network are one error line each, before the workdir exists."""
     source = tmp_path / "a"
-    _train(source, "model.name=mobilenet_v3_small", "train.max_steps=4")
-    assert CliRunner().invoke(cli, ["export", "--workdir", str(source)]).exit_code == 0
+    shutil.copytree(fine_tuned.workdir, source)  # `launch export` writes into the workdir
+    # model.keras only: the SavedModel that `launch export` also writes by default is not read here.
+    assert CliRunner().invoke(cli, ["export", "--workdir", str(source), "--format", "keras"]).exit_code == 0
     exported = source / "export" / "model.keras"
     lines: list[str] = []
     target = tmp_path / "b"
@@ -214,8 +257,9 @@ def test_starting_weights_from_our_own_export_and_one_line_errors(tmp_path):
         echo=lines.append,
     )
     assert f"Starting weights: mobilenet_v3_small weights from {exported}" in lines
-    assert _same(_parts(source, 4)["kernels"], _parts(target, 4)["kernels"])
-    assert _parts(target, 4)["head"][0].shape[-1] == 5
+    b = _parts(target, 4)
+    assert _same(_parts(source, 16)["kernels"], b["kernels"])
+    assert b["head"][0].shape[-1] == 5
 
     other = tmp_path / "large.weights.h5"
     keras.applications.MobileNetV3Large(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(other)
@@ -264,7 +308,8 @@ def test_the_photos_config_trains_a_backbone_on_a_folder_at_its_resolution_and_p
     from trainer.inference import predict
 
     photos = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
-    overrides = [f"data.path={photos}", "data.batch_size=8", "train.max_steps=2", "tensorboard.images=false"]
+    # 12 training photos in batches of 4: both steps fall in the first epoch, so it evaluates once.
+    overrides = [f"data.path={photos}", "data.batch_size=4", "train.max_steps=2", "tensorboard.images=false"]
     config = load_config(REPO / "configs" / "photos_mobilenet.yaml", overrides)
     assert (config.model.name, config.data.image_size) == ("mobilenet_v3_large", 128)
     result = train(config, tmp_path / "run", echo=quiet)

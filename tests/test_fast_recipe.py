@@ -205,9 +205,17 @@ def test_lookahead_copies_averages_and_resets_the_live_weights(replicas):
     ids=["ema", "lookahead"],
 )
 def test_fast_recipe_trains_and_reports_accuracy_with_and_without_tta(tmp_path, averaging):
+    # Batches of 16 of 256 images: 16 steps an epoch, as in the smoke run, so lookahead's beats
+    # (from step 10, every 5) and the epoch ends fall on the same steps. Checkpoints at epoch
+    # ends only, no TensorBoard images: nothing here reads them.
     workdir = tmp_path / "run"
     args = ["train", "--config", SMOKE, "--workdir", str(workdir)]
     for override in (
+        "data.batch_size=16",
+        "data.synthetic_train_size=256",
+        "data.synthetic_test_size=64",
+        "checkpoint.every_steps=0",
+        "tensorboard.images=false",
         "model.name=airbench",
         "model.width=8",
         "train.epochs=2",
@@ -223,12 +231,15 @@ def test_fast_recipe_trains_and_reports_accuracy_with_and_without_tta(tmp_path, 
     assert result.exit_code == 0, result.output
     assert "Whitening layer initialised" in result.output
     assert "Eval at step 32 with eval.tta=flip_translate" in result.output
-    tta_accuracy = json.loads((workdir / "metrics.json").read_text())["accuracy"]
+    final = json.loads((workdir / "metrics.json").read_text())
+    tta_accuracy = final["accuracy"]
     assert f"final test accuracy  {tta_accuracy:.2%} with eval.tta=flip_translate" in result.output
-    # `launch evaluate` gives the same two numbers from the final (averaged) checkpoint.
+    # `launch evaluate` gives the same two numbers from the final (averaged) checkpoint (with
+    # the TTA loss too: 64 test images, so the accuracy alone would match by chance more often).
     with_tta = CliRunner().invoke(cli, ["evaluate", "--workdir", str(workdir)])
     single = CliRunner().invoke(cli, ["evaluate", "--workdir", str(workdir), "--set", "eval.tta=none"])
-    assert f"Test accuracy {tta_accuracy:.2%}" in with_tta.output
+    assert f"Test accuracy {tta_accuracy:.2%}  loss " in with_tta.output, with_tta.output
+    assert float(with_tta.output.split("  loss ")[1].split()[0]) == pytest.approx(final["loss"], abs=1e-4)
     single_view = single.output.split("Test accuracy ")[1].split("%")[0]
     assert f"{single_view}% single view" in result.output
 
@@ -259,7 +270,11 @@ def test_the_gpu_settings_of_the_recipe_run_together_on_a_cpu(tmp_path):
     # float16 with loss scaling, XLA) with the recipe's TTA, plus lookahead, all at once: checked
     # here so that a session with a GPU does not spend it on debugging.
     lines: list[str] = []
+    # 16 steps an epoch of batches of 32 (float16 is emulated on a CPU, each op slow), 64 test images.
     config = smoke_config(
+        "data.batch_size=32",
+        "data.synthetic_train_size=512",
+        "data.synthetic_test_size=64",
         "model.name=airbench",
         "train.epochs=2",
         "data.placement=device",
