@@ -37,9 +37,6 @@ def raising(signals: tuple[int, ...], second_exits: bool = False) -> Iterator[No
     The previous handlers are put back on leaving. Outside the main thread, where Python
     delivers no signals, nothing changes.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     raised: list[int] = []
 
     def handler(signum: int, _frame) -> None:
@@ -48,6 +45,17 @@ def raising(signals: tuple[int, ...], second_exits: bool = False) -> Iterator[No
         raised.append(signum)
         raise SignalRaised(signum)
 
+    with handled(signals, handler):
+        yield
+
+
+@contextmanager
+def handled(signals: tuple[int, ...], handler) -> Iterator[None]:
+    """`handler` for `signals` while the block runs, the previous handlers after. Outside
+    the main thread, where Python delivers no signals, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield

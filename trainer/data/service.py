@@ -30,7 +30,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for
 from typing import TypeVar
@@ -38,7 +38,7 @@ from typing import TypeVar
 import grpc
 import tensorflow as tf
 
-from trainer import files
+from trainer import files, signals
 from trainer.config import DataConfig
 from trainer.errors import (
     ConfigError,
@@ -255,19 +255,9 @@ class _Stop:
         self.event.set()
 
 
-@contextlib.contextmanager
-def _handling(handler) -> Iterator[None]:
-    """`handler` for SIGTERM, SIGINT and SIGHUP while the block runs, the previous ones after
-    (in the main thread: Python delivers signals nowhere else)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+def _handling(handler) -> contextlib.AbstractContextManager[None]:
+    """`handler` for SIGTERM, SIGINT and SIGHUP while the block runs, the previous ones after."""
+    return signals.handled(_STOP_SIGNALS, handler)
 
 
 def _result_within(
