@@ -242,6 +242,7 @@ def _views(split: FileSplit | RecordSplit, size: int, crop: str) -> tf.data.Data
     """(view, label, index) of every example, in the split's order, decoded in parallel."""
     if isinstance(split, RecordSplit):
 
+        @tf.autograph.experimental.do_not_convert  # tensor-only (tf.cond, tf.where): tracing needs no AutoGraph
         def view(ordinal, raw):
             encoded, name, label = parse_record(raw)
             return decode_view(encoded, name, size, crop), label, ordinal
@@ -250,6 +251,7 @@ def _views(split: FileSplit | RecordSplit, size: int, crop: str) -> tf.data.Data
     else:
         paths, labels = split.paths(), tf.constant(split.labels, tf.int32)
 
+        @tf.autograph.experimental.do_not_convert  # AutoGraph converted ~50 decode functions per pipeline built
         def view(index):
             return decode_view(tf.io.read_file(paths[index]), paths[index], size, crop), labels[index], index
 
