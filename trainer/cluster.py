@@ -74,7 +74,7 @@ def _check_job_addresses(job: str, addresses) -> None:
         )
     for address in addresses:
         host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
-        if not host or not files.digits(port) or not 1 <= int(port[:6]) <= 65535:
+        if not host or not files.is_port(port):
             raise RuntimeSetupError(
                 f'TF_CONFIG cluster job "{job}" has {str(address)[:60]!r}, which is not "host:port" with a port '
                 f"from 1 to 65535; {_TF_CONFIG_HINT}"

@@ -239,6 +239,12 @@ def digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def is_port(text: str) -> bool:
+    """A TCP port as written in "host:port": ASCII digits whose value (its first 6, so a
+    5,000-digit one never reaches int()) is 1-65535."""
+    return digits(text) and 1 <= int(text[:6]) <= 65535
+
+
 def short(text: str, limit: int = 160) -> str:
     """The first line of `text`, cut to `limit` characters: safe to echo in one line."""
     line = text.strip().splitlines()[0] if text.strip() else ""

@@ -309,7 +309,7 @@ class _Arrival:
 def wait_for_address(url: str, deadline_s: float, announce: Say) -> None:
     """Wait until something accepts TCP connections at a grpc://host:port URL."""
     host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
-    if not host or not files.digits(port) or not 1 <= int(port[:6]) <= 65535:
+    if not host or not files.is_port(port):
         raise RuntimeSetupError(f"{url[:80]!r} is not grpc://host:port with a port from 1 to 65535")
     probe = _Probe((host.strip("[]"), int(port)))
     wait_until(
