@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -21,7 +22,7 @@ from launch.cli import cli
 from tests import test_safety
 from tests.conftest import REPO
 from tests.test_safety import assert_one_error
-from trainer import rendezvous
+from trainer import rendezvous, signals
 from trainer.errors import RuntimeSetupError, StoppedWaitingError
 from trainer.launcher import free_ports
 from trainer.preemption import EXIT_PREEMPTED
@@ -221,3 +222,26 @@ def test_a_signal_during_a_wait_raises_a_typed_error_and_restores_the_handlers()
     assert signal.getsignal(signal.SIGTERM) is previous
     with pytest.raises(RuntimeSetupError, match="gave up after 0.2 s waiting for the moon; look up"):
         rendezvous.wait_until(lambda: time.sleep(0.05), 0.2, print, lambda: "the moon", lambda: "look up")
+
+
+def test_a_wait_on_a_call_gives_its_result_or_error_and_marks_the_thread_it_leaves_blocked():
+    """The other form of the same wait (trainer.data.service's): the call runs in a daemon
+    thread; its result and its own error come back, the deadline's error says it left the
+    call's thread blocked, and a signal is only recorded, then ends the wait as `stopped`."""
+    wait = signals.Wait(0.2, lambda: RuntimeSetupError("late"), lambda signum: StoppedWaitingError(str(signum)))
+    assert wait.result(lambda: 42) == 42
+    with pytest.raises(ZeroDivisionError):
+        wait.result(lambda: 1 / 0)
+    blocked, ours = threading.Event(), lambda _signum, _frame: None  # a stray signal kills nothing
+    previous = signal.signal(signal.SIGHUP, ours)
+    try:
+        with pytest.raises(RuntimeSetupError, match="late") as late:
+            wait.result(blocked.wait)
+        assert late.value.leaves_thread_blocked
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGHUP)).start()
+        with pytest.raises(StoppedWaitingError, match=str(int(signal.SIGHUP))) as stopped:
+            replace(wait, seconds=30).result(blocked.wait)
+        assert stopped.value.leaves_thread_blocked and signal.getsignal(signal.SIGHUP) is ours
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        blocked.set()

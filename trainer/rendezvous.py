@@ -21,8 +21,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from trainer import files, signals
@@ -107,32 +107,35 @@ def wait_until(
     nothing had started, so running the same command again starts over); the deadline
     ends it with one line saying what was missing and what to check.
     """
-    started = time.monotonic()
-    next_announce = started + _FIRST_ANNOUNCE_S
-    with _signals_stop_the_wait():
-        while not ready():
-            now = time.monotonic()
-            if now - started > deadline_s:
-                raise RuntimeSetupError(
-                    f"gave up after {deadline_s:g} s waiting for {waiting_for()}; {hint()} "
-                    "(runtime.connect_timeout_s sets how long to wait)"
-                )
-            if now >= next_announce:
-                announce(f"Waiting for {waiting_for()} ({now - started:.0f} s of {deadline_s:g} s; Ctrl-C stops)")
-                next_announce = now + _ANNOUNCE_EVERY_S
+    gave_up = lambda: RuntimeSetupError(
+        f"gave up after {deadline_s:g} s waiting for {waiting_for()}; {hint()} "
+        "(runtime.connect_timeout_s sets how long to wait)"
+    )
+    wait = signals.Wait(deadline_s, gave_up, _stopped_waiting, _SIGNALS)
+    wait.until(ready, _Announcements(announce, waiting_for, deadline_s).after)
 
 
-@contextmanager
-def _signals_stop_the_wait() -> Iterator[None]:
-    """Signals raise inside the wait (a blocking accept or recv returns at once)."""
-    try:
-        with signals.raising(_SIGNALS):
-            yield
-    except signals.SignalRaised as stopped:
-        raise StoppedWaitingError(
-            f"{stopped.name} received while waiting for the cluster or TPU: nothing had started, nothing was "
-            "written; run the same command to start again"
-        ) from None
+def _stopped_waiting(signum: int) -> StoppedWaitingError:
+    return StoppedWaitingError(
+        f"{signal.Signals(signum).name} received while waiting for the cluster or TPU: nothing had started, nothing "
+        "was written; run the same command to start again"
+    )
+
+
+@dataclass
+class _Announcements:
+    """What a wait says while it lasts: a first line after _FIRST_ANNOUNCE_S (a healthy start
+    says nothing), then one every _ANNOUNCE_EVERY_S."""
+
+    announce: Say
+    waiting_for: Callable[[], str]
+    deadline_s: float
+    next_s: float = _FIRST_ANNOUNCE_S
+
+    def after(self, elapsed: float) -> None:
+        if elapsed >= self.next_s:
+            self.announce(f"Waiting for {self.waiting_for()} ({elapsed:.0f} s of {self.deadline_s:g} s; Ctrl-C stops)")
+            self.next_s = elapsed + _ANNOUNCE_EVERY_S
 
 
 def _check_own_port_free(cluster: Cluster) -> None:

@@ -29,10 +29,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_for
 from typing import TypeVar
 
 import grpc
@@ -46,7 +43,6 @@ from trainer.errors import (
     InputStalledError,
     StoppedBySignalError,
     StoppedWaitingError,
-    TrainerError,
 )
 from trainer.say import Say
 
@@ -58,7 +54,7 @@ START_SECONDS = 30.0
 # The dispatcher's own gRPC method (tensorflow/core/data/service/dispatcher.proto): its
 # request message is empty, so b"" is one, and the probe needs no generated classes.
 _GET_VERSION = "/tensorflow.data.DispatcherService/GetVersion"
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_THREAD = "tf-data-service-wait"  # the thread a call that may never return runs in
 _SERVE_HINT = "start one with `launch data serve --dispatcher` (and workers with `launch data serve --worker`)"
 _EXAMPLES = "e.g. localhost:5050, grpc://data-dispatcher:5050 or [::1]:5050"
 
@@ -131,9 +127,7 @@ def _asked(call: Callable[[], T], address: str, what: str, seconds: float) -> T:
         f"{signal.Signals(signum).name} received while asking {what}={_shown(address)} for a tf.data service "
         "dispatcher; nothing was started: run the same command to start again"
     )
-    stop = _Stop()
-    with _handling(stop.handle):
-        return _result_within(call, stop, seconds + 1, late, stopped)
+    return signals.Wait(seconds + 1, late, stopped).result(call, _THREAD)
 
 
 def _unanswered(target: str, seconds: float) -> str | None:
@@ -242,59 +236,10 @@ def server_address(server) -> str:
 # --- waits on TensorFlow calls that may never return ---------------------------------------
 
 
-class _Stop:
-    """The first SIGTERM, SIGINT or SIGHUP (a dropped ssh session), recorded: a handler that
-    only records runs at once in the main thread, whatever the other threads are blocked in."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.event = threading.Event()
-
-    def handle(self, signum: int, _frame) -> None:
-        self.signum = self.signum or signum
-        self.event.set()
-
-
-def _handling(handler) -> contextlib.AbstractContextManager[None]:
-    """`handler` for SIGTERM, SIGINT and SIGHUP while the block runs, the previous ones after."""
-    return signals.handled(_STOP_SIGNALS, handler)
-
-
-def _result_within(
-    call: Callable[[], T],
-    stop: _Stop,
-    seconds: float,
-    timed_out: Callable[[], TrainerError],
-    stopped: Callable[[int], TrainerError],
-) -> T:
-    """`call()`'s result (or its error), called in a daemon thread while this one waits.
-
-    TensorFlow's waits on a tf.data service are in C++ and cannot be interrupted: past
-    `seconds`, or once `stop` records a signal, this raises `timed_out()` or
-    `stopped(signum)` and leaves the call's thread blocked. The error says so
-    (`leaves_thread_blocked`): the CLI then ends the process at once after its line.
-    """
-    future: Future = Future()
-    threading.Thread(target=_settle, args=(future, call), name="tf-data-service-wait", daemon=True).start()
-    deadline = time.monotonic() + seconds
-    while not wait_for([future], timeout=min(0.1, max(0.0, deadline - time.monotonic()))).done:
-        if stop.signum is not None:
-            raise _blocking(stopped(stop.signum))
-        if time.monotonic() >= deadline:
-            raise _blocking(timed_out())
-    return future.result()
-
-
-def _settle(future: Future, call: Callable[[], object]) -> None:
-    try:
-        future.set_result(call())
-    except BaseException as err:  # handed to the waiting thread, which raises it
-        future.set_exception(err)
-
-
-def _blocking(err: TrainerError) -> TrainerError:
-    err.leaves_thread_blocked = True
-    return err
+def _default_actions() -> contextlib.AbstractContextManager[None]:
+    """The signals' default actions while the block runs (a call that holds Python's lock, where
+    no Python handler would run): one still ends the process at once. The previous ones after."""
+    return signals.handled(signals.STOP_SIGNALS, signal.SIG_DFL)
 
 
 def first_iterator(make: Callable[[], T], data: DataConfig) -> T:
@@ -319,9 +264,7 @@ def first_iterator(make: Callable[[], T], data: DataConfig) -> T:
         f"{signal.Signals(signum).name} received while waiting for the tf.data service at data.service="
         f"{_shown(address)} to start the training stream; nothing was trained, run the same command to start again"
     )
-    stop = _Stop()
-    with _handling(stop.handle):
-        return _result_within(_in_callers_scope(make), stop, seconds, stalled, stopped)
+    return signals.Wait(seconds, stalled, stopped).result(_in_callers_scope(make), _THREAD)
 
 
 def _in_callers_scope(make: Callable[[], T]) -> Callable[[], T]:
@@ -340,7 +283,7 @@ def _in_callers_scope(make: Callable[[], T]) -> Callable[[], T]:
 
 def serve_dispatcher(port: int, say: Say) -> int:
     """Start a dispatcher on `port`, `say` its address line, serve until a signal: 0."""
-    with _handling(signal.SIG_DFL):
+    with _default_actions():
         server = start_dispatcher(port)
     address = server_address(server)
     return _serve(server, f"tf.data service dispatcher at {address}; train with --set data.service={address}", say)
@@ -356,11 +299,10 @@ def serve_worker(dispatcher: str, port: int, host: str, say: Say, timeout_s: flo
     Python's lock: the signals' default actions are in place for it, so one still ends the
     process at once (killed by it, 128+N to the shell).
     """
-    stop = _Stop()
     late = lambda: DataError(f"--worker={_shown(dispatcher)}: no answer within {timeout_s:g} s; {_hint('--worker')}")
-    with _handling(stop.handle):  # `late` is a backstop: the probe's own deadline comes first
-        _result_within(lambda: check_reachable(dispatcher, timeout_s, "--worker"), stop, timeout_s + 1, late, _stopped)
-    with _handling(signal.SIG_DFL):
+    probe = signals.Wait(timeout_s + 1, late, _stopped)  # `late` is a backstop: the probe's own comes first
+    probe.result(lambda: check_reachable(dispatcher, timeout_s, "--worker"), _THREAD)
+    with _default_actions():
         server = _new_worker(dispatcher, port, host)
     return _serve(server, f"tf.data service worker at {server_address(server)} for dispatcher {dispatcher}", say)
 
@@ -369,10 +311,9 @@ def _serve(server, line: str, say: Say) -> int:
     """Block until SIGTERM, SIGINT or SIGHUP (a dropped ssh session), then stop `server`: 0,
     as a clean stop is not a failure. `line` is said once the handlers are in place:
     whoever reads the address may signal at once."""
-    stop = _Stop()
-    with _handling(stop.handle):
+    with signals.recorded(signals.STOP_SIGNALS) as received:
         say(line)
-        while not stop.event.wait(1.0):
+        while not received.event.wait(1.0):
             pass
         server.stop()
     return 0
