@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -78,6 +79,21 @@ def test_airbench_convs_start_by_passing_their_inputs_through():
     wide = model.get_layer("group2_conv1").kernel.numpy()  # 16 in, 64 out: 16 identities, 48 random
     np.testing.assert_array_equal(wide[1, 1, :, :16], np.eye(16))
     assert 0 < np.abs(wide[..., 16:]).max() <= 1 / np.sqrt(9 * 16)  # PyTorch's U(+/- 1/sqrt(fan_in))
+
+
+def test_airbench_starting_weights_follow_the_run_seed():
+    """The quickstart's promise (same command, same figures) needs the kernels drawn from
+    the run's seed, not from a seed fixed when trainer.models was imported."""
+
+    def kernels(seed: int) -> dict[str, np.ndarray]:
+        keras.utils.set_random_seed(seed)
+        model = build_model("airbench", input_shape=(32, 32, 3), num_classes=10, mean=[0] * 3, std=[1] * 3, width=4)
+        return {layer.name: layer.kernel.numpy() for layer in model.layers if "conv" in layer.name}
+
+    first, again, other = kernels(0), kernels(0), kernels(1)
+    assert all(np.array_equal(first[name], again[name]) for name in first)
+    # group2_conv1 (4 -> 16 channels) is the one conv with random filters beyond its 4 identities.
+    assert not np.array_equal(first["group2_conv1"], other["group2_conv1"])
 
 
 def test_bias_lr_multiplier_scales_only_batchnorm_shift_updates_on_two_replicas():

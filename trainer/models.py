@@ -269,8 +269,12 @@ WHITEN_LAYER = "whiten"
 WHITEN_FILTERS = 24  # 12 eigen-directions of 2x2x3 patches, each with both signs
 
 
-# PyTorch's default conv initialisation, U(+/- 1/sqrt(fan_in)), which airbench was tuned with.
-_TORCH_DEFAULT = keras.initializers.VarianceScaling(1 / 3, mode="fan_in", distribution="uniform")
+def _torch_default() -> keras.initializers.Initializer:
+    """PyTorch's default conv initialisation, U(+/- 1/sqrt(fan_in)), which airbench was
+    tuned with. A new one per layer, made when the model is built: an unseeded Keras
+    initializer draws its seed when it is made, so one made at import would ignore the
+    run's `seed`: two runs of one command would start from different weights."""
+    return keras.initializers.VarianceScaling(1 / 3, mode="fan_in", distribution="uniform")
 
 
 def _pass_inputs_through(conv: layers.Conv2D) -> None:
@@ -288,7 +292,7 @@ def _conv_group(x, filters: int, name: str):
     """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU; BN learns a bias only."""
     for index in (1, 2):
         conv = layers.Conv2D(
-            filters, 3, padding="same", use_bias=False, kernel_initializer=_TORCH_DEFAULT, name=f"{name}_conv{index}"
+            filters, 3, padding="same", use_bias=False, kernel_initializer=_torch_default(), name=f"{name}_conv{index}"
         )
         x = conv(x)
         _pass_inputs_through(conv)
