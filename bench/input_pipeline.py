@@ -106,14 +106,14 @@ def decode(args) -> dict:
 def _train_speed(overrides: list[str], workdir: str) -> dict:
     from trainer.training import train
 
-    config = load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    config = load_config(REPO / "configs" / "quickstart_paper_cnn.yaml", overrides)
     tick = time.perf_counter()
     outcome = train(config, workdir, fresh=True, echo=quiet)
     return {"img_per_s": round(outcome.images_per_second, 1), "wall_s": round(time.perf_counter() - tick, 1)}
 
 
 def cache(args) -> dict:
-    """2. configs/quickstart.yaml, data.cache=none vs memory, alternating runs of N steps."""
+    """2. configs/quickstart_paper_cnn.yaml, data.cache=none vs memory, alternating runs of N steps."""
     result: dict = {"none": [], "memory": []}
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(args.repeats):
@@ -176,7 +176,7 @@ def scale(args) -> dict:
             ]
             child = _SCALE_CHILD.format(
                 repo=str(REPO),
-                config=str(REPO / "configs/quickstart.yaml"),
+                config=str(REPO / "configs/quickstart_paper_cnn.yaml"),
                 overrides=overrides,
                 workdir=str(scratch / f"w{copies}"),
             )

@@ -26,7 +26,7 @@ from trainer.training import train  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--config", default="configs/quickstart_paper_cnn.yaml")
     parser.add_argument("--examples", type=int, default=10000, help="training examples used")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)

@@ -37,7 +37,7 @@ from trainer.sums import NUM_SUMS  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--config", default="configs/quickstart_paper_cnn.yaml")
     parser.add_argument("--examples", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=50, help="steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)

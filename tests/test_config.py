@@ -19,7 +19,9 @@ from trainer.tpu import short_loop_warning
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "paper_cnn", "smoke", "cifar10_tpu", "photos_mobilenet"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "quickstart_paper_cnn", "paper_cnn", "smoke", "cifar10_tpu", "photos_mobilenet"]
+)
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert isinstance(config, Config)
