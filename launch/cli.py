@@ -502,7 +502,7 @@ def data_convert(obj, source: str, out: str, shard_size: float, validation_split
 @click.pass_obj
 def data_serve(obj, is_dispatcher: bool, dispatcher: str | None, port: int, host: str, timeout: float) -> None:
     """Serve training batches for data.service: a dispatcher, or a worker of one, until
-    SIGTERM, SIGINT or SIGHUP (exit 0). Prints one line with the server's address. A worker
+    SIGTERM, SIGINT, SIGHUP or SIGUSR1 (exit 0). Prints one line with the server's address. A worker
     whose dispatcher does not answer within --timeout: one Error line, exit 2; a signal
     before the server serves: exit 128+N (trainer.data.service.serve_worker)."""
     if is_dispatcher == (dispatcher is not None):

@@ -245,3 +245,37 @@ def test_a_wait_on_a_call_gives_its_result_or_error_and_marks_the_thread_it_leav
     finally:
         signal.signal(signal.SIGHUP, previous)
         blocked.set()
+
+
+def _send(signum: int):
+    """A call that signals this process as it runs, then returns at once."""
+    return lambda: os.kill(os.getpid(), signum) or "done"
+
+
+def test_signals_at_the_edges_of_a_wait_still_stop_it_and_an_ignored_one_stays_ignored():
+    """Found by session 14's review: a signal as the call starts (before, the old handler
+    took it: Ctrl-C was a KeyboardInterrupt), one as the call finishes (lost: a preemption
+    SIGTERM swallowed), SIGUSR1 (Slurm's warning killed the process without a line), a NaN
+    deadline (never ended), a second signal during cleanup (replaced the first), and
+    `nohup` (SIGHUP stopped the wait all the same)."""
+    wait = signals.Wait(30, lambda: RuntimeSetupError("late"), lambda signum: StoppedWaitingError(str(signum)))
+    ours = lambda _signum, _frame: None  # noqa: E731 - a stray signal kills nothing
+    previous = {sig: signal.signal(sig, ours) for sig in (signal.SIGUSR1, signal.SIGHUP)}
+    try:
+        for form in (wait.result, lambda call: wait.until(lambda: bool(call()))):
+            with pytest.raises(StoppedWaitingError, match=str(int(signal.SIGUSR1))):
+                form(_send(signal.SIGUSR1))
+        with pytest.raises(RuntimeSetupError, match="late"):
+            replace(wait, seconds=float("nan")).result(threading.Event().wait)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        assert wait.result(_send(signal.SIGHUP)) == "done"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGUSR1) is ours
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    with pytest.raises(signals.SignalRaised) as first, signals.raising((signal.SIGTERM, signal.SIGINT)):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # during the cleanup: not a second exception
+    assert first.value.signum == signal.SIGTERM

@@ -31,7 +31,7 @@ from trainer.say import Say
 
 _HELLO = b"trainer-hello "
 _GO = b"go\n"
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+_SIGNALS = signals.STOP_SIGNALS  # SIGUSR1 too: Slurm warns a job with it
 # The first line comes after this long (a healthy start says nothing), then every minute.
 _FIRST_ANNOUNCE_S = 3.0
 _ANNOUNCE_EVERY_S = 60.0

@@ -27,8 +27,9 @@ from typing import TypeVar
 from trainer.errors import TrainerError
 
 T = TypeVar("T")
-# The signals that stop a wait: SIGHUP too, as a dropped ssh session is someone gone.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The signals that stop a wait: SIGHUP too, as a dropped ssh session is someone gone, and
+# SIGUSR1, Slurm's warning before the end of a job's time (`launch train --help` promises it).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # How often a wait on another thread's call looks for a recorded signal.
 _LOOK_S = 0.1
 
@@ -59,6 +60,8 @@ def raising(signals: tuple[int, ...], second_exits: bool = False) -> Iterator[No
     def handler(signum: int, _frame) -> None:
         if raised and second_exits:
             os._exit(128 + signum)  # the cleanup itself is being interrupted: the user will not wait
+        if raised:  # already stopping: a second signal must not break the cleanup or the handlers' restore
+            return
         raised.append(signum)
         raise SignalRaised(signum)
 
@@ -100,7 +103,9 @@ def handled(signals: tuple[int, ...], handler) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    # An ignored signal stays ignored: `nohup launch ...` means SIGHUP is no one leaving.
+    chosen = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, handler) for sig in chosen}
     try:
         yield
     finally:
@@ -149,10 +154,12 @@ class Wait:
         (`leaves_thread_blocked`): the CLI then ends the process at once after its line.
         """
         future: Future = Future()
-        threading.Thread(target=_settle, args=(future, call), name=thread, daemon=True).start()
         try:
             with self._stopped_by(recorded(self.signals)) as received:
+                # Started once the handlers record: a signal as the call begins is not the old handler's.
+                threading.Thread(target=_settle, args=(future, call), name=thread, daemon=True).start()
                 self._poll(lambda left: _settled(future, left, received), _nothing)
+                received.raise_if_any()  # one that came as the call finished still stops the run
         except TrainerError as err:  # timed_out() or stopped(): nothing else raises in there
             err.leaves_thread_blocked = True
             raise
@@ -172,7 +179,7 @@ class Wait:
         started = time.monotonic()
         while not ready(started + self.seconds - time.monotonic()):
             elapsed = time.monotonic() - started
-            if elapsed >= self.seconds:
+            if not elapsed < self.seconds:  # a NaN deadline ends at once instead of never
                 raise self.timed_out()
             each(elapsed)
 

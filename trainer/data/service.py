@@ -118,7 +118,7 @@ def check_reachable(address: str, timeout_s: float | None = None, what: str = "d
 
 def _asked(call: Callable[[], T], address: str, what: str, seconds: float) -> T:
     """`call()` (the probe); in the main thread, in a daemon thread while this one takes
-    SIGTERM, SIGINT and SIGHUP: gRPC's wait does not let Python run a handler, and Ctrl-C
+    SIGTERM, SIGINT, SIGHUP and SIGUSR1: gRPC's wait does not let Python run a handler, and Ctrl-C
     was lost for the probe's 10 s. A signal: StoppedWaitingError (exit 75, nothing started)."""
     if threading.current_thread() is not threading.main_thread():
         return call()
@@ -249,7 +249,7 @@ def first_iterator(make: Callable[[], T], data: DataConfig) -> T:
     Making it registers the pipeline with the dispatcher and starts a job: calls that
     TensorFlow retries without end while the dispatcher does not answer, before the
     controller's deadline on each compiled call (trainer.loop.controller) applies. Past the
-    deadline: InputStalledError (exit 75, as a stalled call); on SIGTERM, SIGINT or SIGHUP:
+    deadline: InputStalledError (exit 75, as a stalled call); on SIGTERM, SIGINT, SIGHUP or SIGUSR1:
     StoppedWaitingError (exit 75: nothing was trained yet, the same command starts again).
     """
     if not data.service:
@@ -308,7 +308,7 @@ def serve_worker(dispatcher: str, port: int, host: str, say: Say, timeout_s: flo
 
 
 def _serve(server, line: str, say: Say) -> int:
-    """Block until SIGTERM, SIGINT or SIGHUP (a dropped ssh session), then stop `server`: 0,
+    """Block until SIGTERM, SIGINT, SIGHUP (a dropped ssh session) or SIGUSR1, then stop `server`: 0,
     as a clean stop is not a failure. `line` is said once the handlers are in place:
     whoever reads the address may signal at once."""
     with signals.recorded(signals.STOP_SIGNALS) as received:
