@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import onnxruntime
 import pytest
+import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 from PIL import Image
 
@@ -121,7 +122,7 @@ def test_each_format_in_its_own_runtime_agrees_with_launch_predict(exported, ima
         # a mixed-precision run's checkpoint is rebuilt in float32 for export, as for predict
         ("paper_cnn", "mixed_bfloat16", 32, "tflite,onnx"),
         ("resnet_small", "float32", 32, "tflite,onnx"),  # BatchNorm, residual adds
-        ("airbench", "float32", 32, "tflite"),  # its exact GELU has no ONNX conversion (test below)
+        ("airbench", "float32", 32, "tflite,onnx"),  # exact GELU: Erfc, written as 1 - Erf for onnx
         # a Keras Applications backbone at its own size (~40 s: make test-slow)
         pytest.param("mobilenet_v3_small", "mixed_bfloat16", 64, "tflite,onnx", marks=pytest.mark.slow),
     ],
@@ -147,15 +148,28 @@ def test_other_models_export_float32_files_that_agree_with_predict(images, tmp_p
 
 
 def test_an_op_onnx_cannot_express_is_refused_by_name(tmp_path):
-    """tf2onnx keeps exact GELU's Erfc unconverted, and onnxruntime would refuse that file:
-    the export refuses it first, in one line, and writes nothing."""
+    """tf2onnx keeps an op it cannot convert (Lgamma) unconverted, and onnxruntime would
+    refuse that file: the export refuses it first, in one line, and writes nothing."""
+    inputs = keras.Input((4, 4, 3), name="pixels")
+    hidden = keras.layers.Lambda(tf.math.lgamma)(keras.layers.Dense(2)(inputs))
+    model = keras.Model(inputs, keras.layers.Softmax()(hidden), name="lgamma_net_inference")
+    with pytest.raises(ConfigError, match=r"cannot export model lgamma_net: tf2onnx \S+ has no ONNX conversion") as err:
+        export_formats.write_formats(model, tmp_path, ["onnx"])
+    assert "op(s) Lgamma; export it as tflite or saved_model instead" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exact_gelu_exports_to_onnx_as_one_minus_erf(tmp_path):
+    """Exact GELU (airbench, the quickstart's net) is Erfc in TensorFlow, which tf2onnx
+    cannot convert: written as 1 - Erf, the file loads in onnxruntime and agrees with Keras."""
     inputs = keras.Input((4, 4, 3), name="pixels")
     hidden = keras.layers.Activation("gelu")(keras.layers.Dense(2)(inputs))
     model = keras.Model(inputs, keras.layers.Softmax()(hidden), name="gelu_net_inference")
-    with pytest.raises(ConfigError, match=r"cannot export model gelu_net: tf2onnx \S+ has no ONNX conversion") as err:
-        export_formats.write_formats(model, tmp_path, ["onnx"])
-    assert "op(s) Erfc; export it as tflite or saved_model instead" in str(err.value)
-    assert list(tmp_path.iterdir()) == []
+    export_formats.write_formats(model, tmp_path, ["onnx"])
+    pixels = np.random.default_rng(0).normal(0, 3, (5, 4, 4, 3)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    (got,) = session.run(None, {session.get_inputs()[0].name: pixels})
+    assert float(np.abs(got - model.predict(pixels, verbose=0)).max()) <= TOLERANCE
 
 
 def test_an_unknown_format_is_one_line_naming_the_valid_ones(tmp_path):
