@@ -38,8 +38,10 @@ test: lint
 test-slow: setup
 	$(PYTEST) -m slow
 
+# No --workdir: the run goes to runs/quickstart, or to runs/quickstart-2, -3, ... when that
+# folder holds a run of another config (an older quickstart's), which is left as it is.
 quickstart: setup
-	$(BIN)/launch train --config configs/quickstart.yaml --workdir runs/quickstart
+	$(BIN)/launch train --config configs/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -158,7 +158,7 @@ def test_devices_suggests_bfloat16_only_on_cpus_that_have_it(monkeypatch, native
     monkeypatch.setattr("trainer.runtime.cpu_has_bfloat16", lambda: native)
     result = _run("devices")
     assert "precision float32 (auto: CPU" in result.output
-    assert ("runtime.precision=mixed_bfloat16 trains faster" in result.output) is native
+    assert ("runtime.precision=mixed_bfloat16 trains larger nets faster" in result.output) is native
 
 
 def test_devices_warns_that_float16_is_slow_on_a_cpu():
