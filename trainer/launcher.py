@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+from trainer import signals
 from trainer.say import Say
 
 # Exit codes that mean "the worker did what it was asked": done, or stopped to resume later.
@@ -193,7 +194,7 @@ class _forward_signals:  # noqa: N801 - used like a function
         self.processes, self.count, self.previous, self.echo = processes, 0, {}, echo
         self.first_signal: signal.Signals | None = None
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            for sig in signals.STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:

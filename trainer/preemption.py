@@ -26,7 +26,6 @@ from trainer.errors import StoppedBySignalError
 
 # "Temporary failure; try again" (sysexits.h): run the same command to resume.
 EXIT_PREEMPTED = 75
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
 class StopRequest:
@@ -54,7 +53,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for sig in _SIGNALS:
+            for sig in signals.STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -31,7 +31,6 @@ from trainer.say import Say
 
 _HELLO = b"trainer-hello "
 _GO = b"go\n"
-_SIGNALS = signals.STOP_SIGNALS  # SIGUSR1 too: Slurm warns a job with it
 # The first line comes after this long (a healthy start says nothing), then every minute.
 _FIRST_ANNOUNCE_S = 3.0
 _ANNOUNCE_EVERY_S = 60.0
@@ -111,7 +110,7 @@ def wait_until(
         f"gave up after {deadline_s:g} s waiting for {waiting_for()}; {hint()} "
         "(runtime.connect_timeout_s sets how long to wait)"
     )
-    wait = signals.Wait(deadline_s, gave_up, _stopped_waiting, _SIGNALS)
+    wait = signals.Wait(deadline_s, gave_up, _stopped_waiting)
     wait.until(ready, _Announcements(announce, waiting_for, deadline_s).after)
 
 

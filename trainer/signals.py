@@ -27,8 +27,9 @@ from typing import TypeVar
 from trainer.errors import TrainerError
 
 T = TypeVar("T")
-# The signals that stop a wait: SIGHUP too, as a dropped ssh session is someone gone, and
-# SIGUSR1, Slurm's warning before the end of a job's time (`launch train --help` promises it).
+# The signals that stop a run (trainer.preemption), its workers (trainer.launcher), a user's
+# action and a wait: SIGHUP too, as a dropped ssh session is someone gone, and SIGUSR1,
+# Slurm's warning before the end of a job's time (`launch train --help` promises it).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # How often a wait on another thread's call looks for a recorded signal.
 _LOOK_S = 0.1

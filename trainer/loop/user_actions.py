@@ -31,7 +31,7 @@ from trainer.config import Config
 from trainer.errors import ConfigError, TrainerError
 from trainer.loop.actions import LoopState
 from trainer.optim import current_learning_rate
-from trainer.signals import SignalRaised
+from trainer.signals import STOP_SIGNALS, SignalRaised
 from trainer.sums import StepSums
 from trainer.user_code import failure, resolve
 
@@ -64,8 +64,6 @@ class StepMetrics:
 
 
 Action = Callable[[int, StepMetrics], None]
-# The run's stop signals (trainer.preemption): while an action runs, each also ends the action.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # What user code raises that is not an Exception: its own sys.exit() or KeyboardInterrupt (a
 # real Ctrl-C is the run's stop signal while actions run, and reaches them as SignalRaised).
 _USER_EXITS = (Exception, SystemExit, KeyboardInterrupt)
@@ -147,7 +145,7 @@ def _signals_end_actions() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: handler for sig in _STOP_SIGNALS if callable(handler := signal.getsignal(sig))}
+    previous = {sig: handler for sig in STOP_SIGNALS if callable(handler := signal.getsignal(sig))}
 
     def handler(signum: int, frame) -> None:
         previous[signum](signum, frame)
