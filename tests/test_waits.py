@@ -263,8 +263,9 @@ def test_signals_at_the_edges_of_a_wait_still_stop_it_and_an_ignored_one_stays_i
     previous = {sig: signal.signal(sig, ours) for sig in (signal.SIGUSR1, signal.SIGHUP)}
     try:
         for form in (wait.result, lambda call: wait.until(lambda: bool(call()))):
-            with pytest.raises(StoppedWaitingError, match=str(int(signal.SIGUSR1))):
+            with pytest.raises(StoppedWaitingError, match=str(int(signal.SIGUSR1))) as stopped:
                 form(_send(signal.SIGUSR1))
+            assert not stopped.value.leaves_thread_blocked  # the call had ended: no thread left behind
         with pytest.raises(RuntimeSetupError, match="late"):
             replace(wait, seconds=float("nan")).result(threading.Event().wait)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -162,7 +162,7 @@ class Wait:
                 self._poll(lambda left: _settled(future, left, received), _nothing)
                 received.raise_if_any()  # one that came as the call finished still stops the run
         except TrainerError as err:  # timed_out() or stopped(): nothing else raises in there
-            err.leaves_thread_blocked = True
+            err.leaves_thread_blocked = not future.done()  # a call that ended as a signal came left nothing
             raise
         return future.result()
 
