@@ -56,16 +56,21 @@ class Monitor:
 
     # --- once per run ------------------------------------------------------------------
 
+    def shows_input_grid(self, step: int) -> bool:
+        """Whether `start(step, ...)` draws the augmented input grid (a fresh run with images
+        on): its caller decodes the sample images only then."""
+        return self.enabled and step == 0 and self.config.tensorboard.images
+
     def start(self, step: int, environment: dict[str, str], sample_images: np.ndarray | None, sample_labels) -> None:
         """Config, environment and hyperparameters; the augmented input grid on a fresh run
-        (`sample_images`: None when it is not shown)."""
+        (`sample_images`: None when `shows_input_grid(step)` is not)."""
         if not self.enabled:
             return
         with self.train.as_default(step=step):
             tf.summary.text("config", "```\n" + to_yaml(self.config) + "```")
             rows = "\n".join(f"| {key} | {value} |" for key, value in environment.items())
             tf.summary.text("environment", "| | |\n|---|---|\n" + rows)
-            if step == 0 and self.config.tensorboard.images:
+            if self.shows_input_grid(step):
                 names = [self.class_names[label] for label in sample_labels]
                 tf.summary.image("inputs/augmented_batch", _image_tensor(sample_grid(sample_images, names)))
         with self.root.as_default(step=step):

@@ -374,6 +374,6 @@ def _start_monitor(run: Run, monitor: Monitor, step: int) -> None:
     if not run.runtime.is_chief:
         return
     # Decoded only for the grid a fresh run shows: a resume paid 0.4-0.8 s for nothing.
-    shown = step == 0 and monitor.enabled and run.config.tensorboard.images
+    shown = monitor.shows_input_grid(step)
     images, labels = first_views(run.parts.dataset.train, run.parts.spec, 32, training=True) if shown else (None, None)
     monitor.start(step, environment(run.runtime), images, labels)
