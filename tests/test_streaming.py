@@ -520,10 +520,60 @@ def test_fresh_deletes_the_kept_findings_so_every_image_is_checked_again(tmp_pat
     assert str(findings) in Workdir(tmp_path / "run").clear_training_state() and not findings.exists()
 
 
-def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, cache):
     root = write_mixed_folder(str(tmp_path / "photos"), per_class=4)
     huge = tmp_path / "photos" / "train" / "ant" / "zz-huge.png"
     Image.new("1", (12000, 12000)).save(huge)  # 144 MP, a few KB on disk
-    config = _config(root, "train.epochs=1", "data.cache=memory")
-    with pytest.raises(DataError, match=r"zz-huge.png.*over the 64 MP limit"):
+    config = _config(root, "train.epochs=1", f"data.cache={cache}", *FINAL_EVAL_ONLY)
+    with pytest.raises(DataError, match=r"zz-huge.png.*12000x12000 pixels.*over the 64 MP limit"):
         train(config, tmp_path / "run", echo=quiet)
+
+
+def _encoded_as(fmt: str, width: int, height: int, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 90)).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+HEADER_CASES = [
+    (fmt, options, size)
+    for fmt, options in [
+        ("JPEG", {}),
+        ("PNG", {}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("WEBP", {"lossless": True}),  # VP8L
+        ("WEBP", {"lossless": False}),  # VP8
+        ("WEBP", {"lossless": False, "exif": b"Exif\0\0MM"}),  # VP8X
+    ]
+    for size in [(1, 1), (33, 17), (300, 5000)]
+]
+
+
+@pytest.mark.parametrize("fmt, options, size", HEADER_CASES)
+def test_the_header_gives_every_formats_size_and_decoding_agrees(fmt, options, size):
+    from trainer.data.decode import decode, header_size
+
+    raw = tf.constant(_encoded_as(fmt, *size, **options))
+    width, height = size
+    assert [int(value) for value in header_size(raw)] == [height, width]
+    assert decode(raw).shape == (height, width, 3)
+
+
+def test_a_bottom_up_and_a_top_down_bmp_give_the_same_size():
+    from trainer.data.decode import header_size
+
+    bottom_up = bytearray(_encoded_as("BMP", 7, 5))
+    top_down = bytearray(bottom_up)
+    top_down[22:26] = (-5).to_bytes(4, "little", signed=True)  # a negative height: rows stored top-down
+    for raw in (bottom_up, top_down):
+        assert [int(value) for value in header_size(tf.constant(bytes(raw)))] == [5, 7]
+
+
+def test_an_unknown_format_has_no_size_and_is_named_as_no_image():
+    from trainer.data.decode import header_size, image_problem
+
+    raw = b"II*\0" + bytes(60)  # a TIFF header: not a format TensorFlow decodes
+    assert [int(value) for value in header_size(tf.constant(raw))] == [0, 0]
+    assert "are no JPEG, PNG, GIF, BMP or WebP header" in image_problem(raw)

@@ -17,6 +17,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import tensorflow as tf
 
 # Largest image decoded (width x height). 64 MP is a large camera photo.
@@ -28,50 +29,88 @@ _ASPECT_RANGE = (3 / 4, 4 / 3)
 _HEADER_BYTES = 32
 
 
+def _fields(*places: tuple[int, int, bool]) -> np.ndarray:
+    """Rows of weights that read unsigned integers (offset, byte count, big-endian) out of
+    the header bytes in one matrix product."""
+    rows = np.zeros([len(places), _HEADER_BYTES])
+    for row, (offset, count, big_endian) in zip(rows, places):
+        weights = [256.0**i for i in range(count)]
+        row[offset : offset + count] = weights[::-1] if big_endian else weights
+    return rows
+
+
+def _magics(*places: tuple[int, bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(expected bytes, mask) rows: a format's magic bytes at their offset."""
+    expected, mask = np.zeros([len(places), _HEADER_BYTES], np.int64), np.zeros([len(places), _HEADER_BYTES])
+    for row, (offset, magic) in enumerate(places):
+        expected[row, offset : offset + len(magic)] = list(magic)
+        mask[row, offset : offset + len(magic)] = 1.0
+    return expected, mask
+
+
+# The formats besides JPEG whose size sits at fixed offsets, in the order they are tried:
+# PNG, GIF, BMP, then WebP's three kinds (VP8, VP8L, VP8X). Heights, then widths.
+_SIZE_FIELDS = _fields(
+    *[(20, 4, True), (8, 2, False), (22, 4, False), (28, 2, False), (21, 4, False), (27, 3, False)],
+    *[(16, 4, True), (6, 2, False), (18, 4, False), (26, 2, False), (21, 4, False), (24, 3, False)],
+)
+# VP8 keeps 14 bits of each; VP8L packs (width - 1, height - 1) in 14 bits each; VP8X stores
+# (width - 1, height - 1) in 3 bytes each.
+_SIZE_DIVISOR = np.array([[1, 1, 1, 1, 16384, 1], [1] * 6], np.int64)
+_SIZE_MODULUS = np.array([[2**40, 2**40, 2**40, 16384, 16384, 2**40]] * 2, np.int64)
+_SIZE_PLUS = np.array([[0, 0, 0, 0, 1, 1]] * 2, np.int64)
+_BMP_HEIGHT = np.array([[False, False, True, False, False, False], [False] * 6])  # signed: negative is top-down
+_MAGIC, _MAGIC_MASK = _magics((0, b"\x89PNG"), (0, b"GIF"), (0, b"BM"), (8, b"WEBP"), (12, b"VP8 "), (12, b"VP8L"))
+# Which magics each kind needs (rows: the six kinds above; columns: the magics).
+_KIND_NEEDS = np.array(
+    [
+        [1, 0, 0, 0, 0, 0],  # PNG
+        [0, 1, 0, 0, 0, 0],  # GIF
+        [0, 0, 1, 0, 0, 0],  # BMP
+        [0, 0, 0, 1, 1, 0],  # WebP, VP8
+        [0, 0, 0, 1, 0, 1],  # WebP, VP8L
+        [0, 0, 0, 1, 0, 0],  # WebP, anything else: VP8X (tried last, so VP8 and VP8L win)
+    ],
+    np.float64,
+)
+
+
+def _called_not_inlined(fn: Callable) -> Callable:
+    """`fn` as a function that stays one call node in the graphs that use it.
+
+    For the branches of a tf.cond that almost every image skips (another format than
+    JPEG, a size to resize from): TensorFlow inlines a branch into the calling graph, and
+    its executor then visits every node of the skipped branch (as dead) for every image;
+    for a 32x32 JPEG those visits cost more than its decode (issue #26).
+    """
+    return tf.function(fn, autograph=False, reduce_retracing=True, experimental_attributes={"_noinline": True})
+
+
 def _header_bytes(raw: tf.Tensor) -> tf.Tensor:
     """The first bytes of `raw` as int64 [_HEADER_BYTES], zero-padded if the file is shorter."""
     header = tf.strings.substr(raw + tf.constant(b"\0" * _HEADER_BYTES), 0, _HEADER_BYTES)
     return tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int64)
 
 
-def _number(data: tf.Tensor, start: int, count: int, big_endian: bool = False) -> tf.Tensor:
-    """`count` bytes from `start` as an unsigned integer."""
-    weights = [256**i for i in range(count)]
-    return tf.reduce_sum(data[start : start + count] * tf.constant(weights[::-1] if big_endian else weights, tf.int64))
+@_called_not_inlined
+def _other_size(raw: tf.Tensor) -> tf.Tensor:
+    """(height, width) of a PNG, GIF, BMP or WebP from its header bytes; unknown: (0, 0).
 
-
-def _is(data: tf.Tensor, start: int, magic: bytes) -> tf.Tensor:
-    return tf.reduce_all(tf.equal(data[start : start + len(magic)], tf.constant(list(magic), tf.int64)))
-
-
-def _other_size(data: tf.Tensor) -> tf.Tensor:
-    """(height, width) of a PNG, GIF, BMP or WebP from its header bytes, branch-free (every
-    format's formula is a few integer ops; the magic bytes pick one). Unknown: (0, 0)."""
-    bmp_height = _number(data, 22, 4)
-    webp_lossless = _number(data, 21, 4)
-    webp = tf.where(
-        _is(data, 12, b"VP8 "),
-        tf.stack([_number(data, 28, 2) % 16384, _number(data, 26, 2) % 16384]),
-        tf.where(
-            _is(data, 12, b"VP8L"),
-            tf.stack([(webp_lossless // 16384) % 16384 + 1, webp_lossless % 16384 + 1]),
-            tf.stack([_number(data, 27, 3) + 1, _number(data, 24, 3) + 1]),  # VP8X
-        ),
-    )
-    candidates = [
-        (_is(data, 0, b"\x89PNG"), tf.stack([_number(data, 20, 4, True), _number(data, 16, 4, True)])),
-        (_is(data, 0, b"GIF"), tf.stack([_number(data, 8, 2), _number(data, 6, 2)])),
-        # BMP height is signed (negative: rows stored top-down).
-        (
-            _is(data, 0, b"BM"),
-            tf.stack([tf.where(bmp_height >= 2**31, 2**32 - bmp_height, bmp_height), _number(data, 18, 4)]),
-        ),
-        (_is(data, 8, b"WEBP"), webp),
-    ]
-    size = tf.zeros([2], tf.int64)
-    for matches, value in reversed(candidates):
-        size = tf.where(matches, value, size)
-    return size
+    A few matrix ops, not a graph per format: tf.data runs this for every image file (in
+    a tf.cond's branch that JPEGs skip, but whose every node the executor still visits),
+    and node count is what a 32x32 image's decode costs (issue #26: the previous form, ~200
+    nodes, took 12% of the streamed pipeline's time). Values stay exact: float64 holds
+    4-byte integers.
+    """
+    data = _header_bytes(raw)
+    fields = tf.cast(tf.linalg.matvec(_SIZE_FIELDS, tf.cast(data, tf.float64)), tf.int64)
+    sizes = tf.reshape(fields, [2, 6]) // _SIZE_DIVISOR % _SIZE_MODULUS + _SIZE_PLUS
+    sizes = tf.where(_BMP_HEIGHT & (sizes >= 2**31), 2**32 - sizes, sizes)
+    wrong_bytes = tf.reduce_sum(tf.cast(tf.not_equal(data, _MAGIC), tf.float64) * _MAGIC_MASK, axis=1)
+    matched = tf.cast(tf.equal(wrong_bytes, 0.0), tf.float64)
+    kinds = tf.equal(tf.linalg.matvec(_KIND_NEEDS, matched), _KIND_NEEDS.sum(axis=1))
+    first = tf.argmax(tf.cast(kinds, tf.int32), output_type=tf.int32)
+    return tf.where(tf.reduce_any(kinds), sizes[:, first], tf.zeros([2], tf.int64))
 
 
 def header_size(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -81,19 +120,23 @@ def header_size(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     finds it); the other formats' at fixed offsets. Unknown formats give (0, 0): decoding
     them fails next, with TensorFlow's message.
     """
-    is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
-    size = tf.cond(
-        is_jpeg, lambda: tf.io.extract_jpeg_shape(raw, tf.int64)[:2], lambda: _other_size(_header_bytes(raw))
-    )
+    size = _header_size(raw)
     return size[0], size[1]
 
 
-def _check_pixels(height: tf.Tensor, width: tf.Tensor, name: tf.Tensor) -> tf.Operation:
-    return tf.debugging.Assert(
-        height * width <= MAX_IMAGE_PIXELS,
-        [name, "is", width, "x", height, f"pixels, over the {MAX_IMAGE_PIXELS // 2**20} MP limit for one image"],
-        name="pixel_limit",
-    )
+def _header_size(raw: tf.Tensor) -> tf.Tensor:
+    """header_size as one int64 [2] tensor (fewer nodes in every image's decode)."""
+    is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
+    return tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(raw, tf.int64)[:2], lambda: _other_size(raw))
+
+
+def _within_limit(raw: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """`raw`, or no bytes at all if its header's size (height, width) is over the pixel
+    limit: decoding then fails at once, allocating nothing, and the failure is explained
+    the way every failed decode is (trainer.data.diagnose decodes the file again in
+    Python, and `image_problem` names the limit). A tf.debugging.Assert here cost ~10% of
+    a streamed 32x32 image's decode."""
+    return tf.where(tf.reduce_prod(size) <= MAX_IMAGE_PIXELS, raw, "")
 
 
 def _decode_all(raw: tf.Tensor) -> tf.Tensor:
@@ -101,39 +144,29 @@ def _decode_all(raw: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def decode(raw: tf.Tensor, name: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes -> uint8 [H, W, 3], refusing images over the pixel limit before decoding.
-
-    `name` (the file) goes into the error message of an image over the limit.
-    """
-    height, width = header_size(raw)
-    with tf.control_dependencies([_check_pixels(height, width, name)]):
-        return _decode_all(raw)
+def decode(raw: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> uint8 [H, W, 3], refusing images over the pixel limit before decoding."""
+    return _decode_all(_within_limit(raw, _header_size(raw)))
 
 
-def decode_window(raw: tf.Tensor, name: tf.Tensor, window: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> tf.Tensor:
+def decode_window(raw: tf.Tensor, window: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> tf.Tensor:
     """Only the part of an encoded image that `window(height, width)` -> [top, left, h, w]
     (int32) picks. A JPEG decodes just that part (decode_and_crop_jpeg: a random crop of a
     photo costs a fraction of a full decode); other formats are decoded whole, then cut."""
     height, width = header_size(raw)
-    with tf.control_dependencies([_check_pixels(height, width, name)]):
-        is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
+    raw = _within_limit(raw, tf.stack([height, width]))
+    is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
 
-        def jpeg() -> tf.Tensor:
-            return tf.image.decode_and_crop_jpeg(raw, window(height, width), channels=3)
+    def jpeg() -> tf.Tensor:
+        return tf.image.decode_and_crop_jpeg(raw, window(height, width), channels=3)
 
-        def other() -> tf.Tensor:
-            image = _decode_all(raw)
-            shape = tf.shape(image, out_type=tf.int64)
-            top, left, crop_height, crop_width = tf.unstack(window(shape[0], shape[1]))
-            return image[top : top + crop_height, left : left + crop_width]
+    def other() -> tf.Tensor:
+        image = _decode_all(raw)
+        shape = tf.shape(image, out_type=tf.int64)
+        top, left, crop_height, crop_width = tf.unstack(window(shape[0], shape[1]))
+        return image[top : top + crop_height, left : left + crop_width]
 
-        return tf.ensure_shape(tf.cond(is_jpeg, jpeg, other), [None, None, 3])
-
-
-def read_and_decode(path: tf.Tensor) -> tf.Tensor:
-    """One image file (any tf.io.gfile path) -> uint8 [H, W, 3]."""
-    return decode(tf.io.read_file(path), path)
+    return tf.ensure_shape(tf.cond(is_jpeg, jpeg, other), [None, None, 3])
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -146,13 +179,13 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     Images already that size pass through untouched, so a dataset stored at its training
     size (CIFAR-10) is bit-identical whether it is cached or streamed.
     """
-    shape = tf.shape(image)
+    same = tf.reduce_all(tf.equal(tf.shape(image), [size, size, 3]))
+    return tf.ensure_shape(tf.cond(same, lambda: image, lambda: _resized(image, size)), [size, size, 3])
 
-    def resized() -> tf.Tensor:
-        return to_uint8(tf.image.resize(image, [size, size], method="bilinear", antialias=True))
 
-    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
-    return tf.ensure_shape(tf.cond(same, lambda: image, resized), [size, size, 3])
+@_called_not_inlined
+def _resized(image: tf.Tensor, size: int) -> tf.Tensor:
+    return to_uint8(tf.image.resize(image, [size, size], method="bilinear", antialias=True))
 
 
 def center_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
@@ -204,16 +237,16 @@ def random_resized_crop(image: tf.Tensor, size: int, draws: tf.Tensor, min_area:
     return resized_crop(_cut(image, random_window(shape[0], shape[1], draws, min_area)), size)
 
 
-def decode_random_resized(raw: tf.Tensor, name: tf.Tensor, size: int, draws: tf.Tensor, min_area: float) -> tf.Tensor:
+def decode_random_resized(raw: tf.Tensor, size: int, draws: tf.Tensor, min_area: float) -> tf.Tensor:
     """A random-resized crop straight from the encoded bytes (JPEG: only the crop is decoded)."""
-    return resized_crop(decode_window(raw, name, lambda h, w: random_window(h, w, draws, min_area)), size)
+    return resized_crop(decode_window(raw, lambda h, w: random_window(h, w, draws, min_area)), size)
 
 
-def decode_view(raw: tf.Tensor, name: tf.Tensor, size: int, crop: str) -> tf.Tensor:
+def decode_view(raw: tf.Tensor, size: int, crop: str) -> tf.Tensor:
     """Evaluation's view straight from the encoded bytes."""
     if crop == "random_resized":
-        return resized_crop(decode_window(raw, name, center_window), size)
-    return resize(decode(raw, name), size)
+        return resized_crop(decode_window(raw, center_window), size)
+    return resize(decode(raw), size)
 
 
 def eval_view(image: tf.Tensor, size: int, crop: str) -> tf.Tensor:
@@ -250,9 +283,9 @@ def native_stderr_quiet() -> Iterator[None]:
         os.close(saved)
 
 
-def image_problem(raw: bytes, name: str) -> str | None:
-    """Why encoded bytes do not decode, in words ("not a whole JPEG (200 bytes)"), or None
-    if they do. `name` names the image in a pixel-limit refusal."""
+def image_problem(raw: bytes) -> str | None:
+    """Why encoded bytes do not decode, in words ("not a whole JPEG (200 bytes)", "over
+    the 64 MP limit"), or None if they do. The pipeline's own decode only fails; this says why."""
     encoded = tf.constant(raw)
     try:
         with native_stderr_quiet():
@@ -262,7 +295,7 @@ def image_problem(raw: bytes, name: str) -> str | None:
                     f"{width}x{height} pixels ({height * width / 2**20:.0f} MP), over the "
                     f"{MAX_IMAGE_PIXELS // 2**20} MP limit for one image; shrink it first"
                 )
-            decode(encoded, tf.constant(name))
+            decode(encoded)
     except tf.errors.OpError as err:
         return _why_not(raw, err.message)
     return None

@@ -36,13 +36,13 @@ _SINCE_CHECKED = (
 
 
 def _decoding(items: tf.data.Dataset, encoded: Callable[..., tuple[tf.Tensor, tf.Tensor]]) -> dict[int, int]:
-    """{index: label} of the items that decode; `encoded(*item)` -> (bytes, name, label),
+    """{index: label} of the items that decode; `encoded(*item)` -> (bytes, label),
     item[0] is the index. Failures are dropped (ignore_errors), quietly: libjpeg prints its
     own complaint about each bad file on stderr."""
 
     def check(*item):
-        data, name, label = encoded(*item)
-        return item[0], label, tf.shape(decode(data, name))[0]
+        data, label = encoded(*item)
+        return item[0], label, tf.shape(decode(data))[0]
 
     checked = items.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     found: dict[int, int] = {}
@@ -55,11 +55,12 @@ def _decoding(items: tf.data.Dataset, encoded: Callable[..., tuple[tf.Tensor, tf
 def _file_items(split: FileSplit, indices: Iterable[int]) -> tuple[tf.data.Dataset, Callable]:
     paths, labels = split.paths(), tf.constant(split.labels, tf.int32)
     items = tf.data.Dataset.from_tensor_slices(np.asarray(list(indices), np.int64))
-    return items, lambda i: (tf.io.read_file(paths[i]), paths[i], labels[i])
+    return items, lambda i: (tf.io.read_file(paths[i]), labels[i])
 
 
-def _record_item(ordinal: tf.Tensor, raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    return parse_record(raw)
+def _record_item(ordinal: tf.Tensor, raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    encoded, _, label = parse_record(raw)
+    return encoded, label
 
 
 def readable_indices(split: FileSplit, indices: Iterable[int]) -> set[int]:
@@ -98,9 +99,7 @@ def describe_unreadable(path: str) -> str:
         raw = tf.io.read_file(path_bytes(path)).numpy()
     except tf.errors.OpError as err:  # gone since it was listed, or no permission
         return f"cannot read image {shown(path)}: {tf_reason(err.message)}"
-    return (
-        f"cannot read image {shown(path)}: {image_problem(raw, shown(path)) or 'it decodes now (a passing failure?)'}"
-    )
+    return f"cannot read image {shown(path)}: {image_problem(raw) or 'it decodes now (a passing failure?)'}"
 
 
 def first_unreadable(split: FileSplit, indices: Iterable[int]) -> DataError | None:
@@ -133,7 +132,7 @@ def undecodable(split: RecordSplit, ordinal: int, raw: bytes) -> str:
     except tf.errors.OpError:
         return f"{split.place(int(ordinal))} is not a tf.train.Example with {IMAGE_KEY} and {LABEL_KEY}"
     named = name.decode("utf-8", "backslashreplace")
-    problem = image_problem(encoded, named) or "it decodes on its own (a passing failure?)"
+    problem = image_problem(encoded) or "it decodes on its own (a passing failure?)"
     return f"{split.place(int(ordinal))} ({named}) is not a decodable image: {problem}"
 
 

@@ -66,13 +66,13 @@ class ExampleLoader:
         return tf.gather(self.images, safe), tf.gather(self.labels, safe), tf.cast(mask, tf.float32)
 
     # One example at a time.
-    def _source(self, index: tf.Tensor, raw: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(encoded image, its name for errors, label) of a file or TFRecord example."""
+    def _source(self, index: tf.Tensor, raw: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(encoded image, label) of a file or TFRecord example. A failed decode is named
+        afterwards (trainer.data.diagnose), so nothing here carries the file's name."""
         if raw is not None:
-            encoded, name, label = parse_record(raw)
-            return encoded, name, checked_label(label, index, self.num_classes)
-        path = self.paths[index]
-        return tf.io.read_file(path), path, self.labels[index]
+            encoded, _, label = parse_record(raw)
+            return encoded, checked_label(label, index, self.num_classes)
+        return tf.io.read_file(tf.gather(self.paths, index)), tf.gather(self.labels, index)
 
     def _train_example(self, epoch, index, raw=None):
         spec = self.spec
@@ -82,11 +82,11 @@ class ExampleLoader:
             if self.random_resized:
                 image = random_resized_crop(image, self.size, draws, spec.crop_min_area)
         else:
-            encoded, name, label = self._source(index, raw)
+            encoded, label = self._source(index, raw)
             if self.random_resized:  # a JPEG decodes only the crop
-                image = decode_random_resized(encoded, name, self.size, draws, spec.crop_min_area)
+                image = decode_random_resized(encoded, self.size, draws, spec.crop_min_area)
             else:
-                image = resize(decode(encoded, name), self.size)
+                image = resize(decode(encoded), self.size)
         return epoch, index, image, label
 
     def _finish_train(self, epochs, indices, images, labels):
@@ -110,8 +110,8 @@ class ExampleLoader:
         return image, label, tf.cast(mask, tf.float32)
 
     def _viewed(self, index, raw):
-        encoded, name, label = self._source(index, raw)
-        return decode_view(encoded, name, self.size, self.spec.crop), label
+        encoded, label = self._source(index, raw)
+        return decode_view(encoded, self.size, self.spec.crop), label
 
     def _finish_eval(self, images, labels, mask):
         return images, labels, mask

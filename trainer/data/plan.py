@@ -154,17 +154,16 @@ def replica_slices(batches: tf.data.Dataset, context: tf.distribute.InputContext
     per_replica = global_batch // context.num_replicas_in_sync
     local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
     first = context.input_pipeline_id * local_replicas
+    mine = slice(first * per_replica, (first + local_replicas) * per_replica)
 
     @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
-    def split(epoch: tf.Tensor, *columns: tf.Tensor) -> tf.data.Dataset:
-        # columns: the indices, and for TFRecord the raw records beside them.
-        def replica_slice(replica: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            pieces = [column[replica * per_replica : (replica + 1) * per_replica] for column in columns]
-            return (epoch, *[tf.ensure_shape(piece, [per_replica]) for piece in pieces])  # static shapes for XLA/TPU
+    def split(epoch: tf.Tensor, *columns: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        # columns: the indices, and for TFRecord the raw records beside them. One reshape
+        # and an unbatch, not a flat_map: a flat_map opens a dataset per step (~0.5 ms).
+        pieces = [tf.reshape(column[mine], [local_replicas, per_replica]) for column in columns]
+        return (tf.fill([local_replicas], epoch), *pieces)
 
-        return tf.data.Dataset.range(first, first + local_replicas).map(replica_slice)
-
-    return batches.flat_map(split)
+    return batches.map(split).unbatch()  # static [per_replica] shapes, as XLA/TPU need
 
 
 def epoch_records(split: RecordSplit, seed: int, epoch: tf.Tensor, keep: int) -> tf.data.Dataset:

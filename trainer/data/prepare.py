@@ -244,8 +244,8 @@ def _views(split: FileSplit | RecordSplit, size: int, crop: str) -> tf.data.Data
 
         @tf.autograph.experimental.do_not_convert  # tensor-only (tf.cond, tf.where): tracing needs no AutoGraph
         def view(ordinal, raw):
-            encoded, name, label = parse_record(raw)
-            return decode_view(encoded, name, size, crop), label, ordinal
+            encoded, _, label = parse_record(raw)
+            return decode_view(encoded, size, crop), label, ordinal
 
         items = split.raw_records()
     else:
@@ -253,7 +253,7 @@ def _views(split: FileSplit | RecordSplit, size: int, crop: str) -> tf.data.Data
 
         @tf.autograph.experimental.do_not_convert  # AutoGraph converted ~50 decode functions per pipeline built
         def view(index):
-            return decode_view(tf.io.read_file(paths[index]), paths[index], size, crop), labels[index], index
+            return decode_view(tf.io.read_file(tf.gather(paths, index)), size, crop), tf.gather(labels, index), index
 
         items = tf.data.Dataset.range(len(split))
     return items.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from trainer.data.decode import decode
 from trainer.data.splits import RecordSplit
 from trainer.errors import DataError
 
@@ -39,12 +38,6 @@ def parse_record(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         },
     )
     return features[IMAGE_KEY], features[FILENAME_KEY], tf.cast(features[LABEL_KEY], tf.int32)
-
-
-def decode_record(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(uint8 image [H, W, 3], int32 label) of one serialized tf.train.Example."""
-    encoded, name, label = parse_record(raw)
-    return decode(encoded, name), label
 
 
 def label_of(raw: tf.Tensor) -> tf.Tensor:
