@@ -215,6 +215,15 @@ def test_an_undecodable_record_is_one_line_naming_its_shard_and_place(tmp_path):
     assert "skipping 2 unreadable train record(s)" in skipped.output
 
 
+def test_a_records_file_name_cannot_forge_a_second_line(tmp_path):
+    forged = "cut.jpg\nTraining finished: all images checked, nothing wrong"
+    shards = write_shards(tmp_path / "shards", good_records(2) + [(jpeg(99)[:200], 0, forged)], good_records())
+    line = assert_one_error(
+        show(tmp_path, "tfrecord", shards), "record 2 of", "(cut.jpg\\nTraining finished: all images checked"
+    )
+    assert "not a whole JPEG" in line
+
+
 def test_a_bad_record_met_by_the_training_stream_is_named(tmp_path):
     """The path a failure inside the training loop takes: the failed call's records are
     read again (not decoded) and checked."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -569,6 +570,45 @@ def test_a_bottom_up_and_a_top_down_bmp_give_the_same_size():
     top_down[22:26] = (-5).to_bytes(4, "little", signed=True)  # a negative height: rows stored top-down
     for raw in (bottom_up, top_down):
         assert [int(value) for value in header_size(tf.constant(bytes(raw)))] == [5, 7]
+
+
+def _gif(screen: tuple[int, int], frames: list[tuple[int, int]]) -> bytes:
+    """A GIF's blocks by hand: its screen (width, height), then each frame's descriptor
+    (width, height) with one data sub-block; far too little data to decode."""
+    blocks = b"GIF89a" + struct.pack("<HHBBB", *screen, 0, 0, 0)
+    for width, height in frames:
+        blocks += b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x4c\x01\x00"
+    return blocks + b"\x3b"
+
+
+def test_a_gif_is_sized_by_its_frames_and_refused_by_what_they_decode_to():
+    from trainer.data.decode import decode, header_size, image_problem
+
+    outside_screen = _gif((8, 8), [(10000, 10000)])  # 40 bytes; giflib would allocate a 10000x10000 frame
+    assert [int(value) for value in header_size(tf.constant(outside_screen))] == [10000, 10000]
+    assert "10000x10000 pixels (95 MP), over the 64 MP limit" in image_problem(outside_screen)
+    many_frames = _gif((4000, 4000), [(4000, 4000)] * 40)  # each frame within the limit, together 610 MP
+    assert "its frames hold 610 MP (every frame is decoded), over the 64 MP limit" in image_problem(many_frames)
+    for refused in (outside_screen, many_frames):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            decode(tf.constant(refused))
+    frames = [Image.new("RGB", (21, 13), color) for color in ("red", "green", "blue")]
+    animation = io.BytesIO()
+    frames[0].save(animation, "GIF", save_all=True, append_images=frames[1:], loop=0, duration=40)
+    raw = tf.constant(animation.getvalue())  # a global colour table, extensions, three frames
+    assert [int(value) for value in header_size(raw)] == [13, 21] and decode(raw).shape == (13, 21, 3)
+
+
+def test_a_webp_without_a_chunk_tag_has_no_size_and_is_not_decoded():
+    from trainer.data.decode import decode, header_size, image_problem
+
+    tagged = _encoded_as("WEBP", 5, 5, lossless=True)
+    body = b"WEBP" + tagged[20:]  # the bare VP8L stream, which libwebp decodes whatever its size
+    bare = b"RIFF" + struct.pack("<I", len(body)) + body
+    assert [int(value) for value in header_size(tf.constant(bare))] == [0, 0]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        decode(tf.constant(bare))
+    assert "its header gives no size (0x0)" in image_problem(bare)
 
 
 def test_an_unknown_format_has_no_size_and_is_named_as_no_image():

@@ -39,12 +39,13 @@ def _fields(*places: tuple[int, int, bool]) -> np.ndarray:
     return rows
 
 
-def _magics(*places: tuple[int, bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """(expected bytes, mask) rows: a format's magic bytes at their offset."""
-    expected, mask = np.zeros([len(places), _HEADER_BYTES], np.int64), np.zeros([len(places), _HEADER_BYTES])
-    for row, (offset, magic) in enumerate(places):
-        expected[row, offset : offset + len(magic)] = list(magic)
-        mask[row, offset : offset + len(magic)] = 1.0
+def _magics(*rows: tuple[tuple[int, bytes], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(expected bytes, mask) rows: each row's magic bytes at their offsets."""
+    expected, mask = np.zeros([len(rows), _HEADER_BYTES], np.int64), np.zeros([len(rows), _HEADER_BYTES])
+    for row, places in enumerate(rows):
+        for offset, magic in places:
+            expected[row, offset : offset + len(magic)] = list(magic)
+            mask[row, offset : offset + len(magic)] = 1.0
     return expected, mask
 
 
@@ -60,19 +61,31 @@ _SIZE_DIVISOR = np.array([[1, 1, 1, 1, 16384, 1], [1] * 6], np.int64)
 _SIZE_MODULUS = np.array([[2**40, 2**40, 2**40, 16384, 16384, 2**40]] * 2, np.int64)
 _SIZE_PLUS = np.array([[0, 0, 0, 0, 1, 1]] * 2, np.int64)
 _BMP_HEIGHT = np.array([[False, False, True, False, False, False], [False] * 6])  # signed: negative is top-down
-_MAGIC, _MAGIC_MASK = _magics((0, b"\x89PNG"), (0, b"GIF"), (0, b"BM"), (8, b"WEBP"), (12, b"VP8 "), (12, b"VP8L"))
-# Which magics each kind needs (rows: the six kinds above; columns: the magics).
+_MAGIC, _MAGIC_MASK = _magics(
+    ((0, b"\x89PNG"),),
+    ((0, b"GIF"),),
+    ((0, b"BM"),),
+    ((0, b"RIFF"), (8, b"WEBP")),
+    ((12, b"VP8 "),),
+    ((12, b"VP8L"),),
+    ((12, b"VP8X"),),
+)
+# Which magics each kind needs (rows: the six kinds above; columns: the magics). A WebP
+# without one of its three chunk tags has no size here, so it is refused: libwebp still
+# decodes a bare VP8L stream after "WEBP", whose size bytes sit elsewhere (a review found
+# a 26-byte file that decoded to 268 MP).
 _KIND_NEEDS = np.array(
     [
-        [1, 0, 0, 0, 0, 0],  # PNG
-        [0, 1, 0, 0, 0, 0],  # GIF
-        [0, 0, 1, 0, 0, 0],  # BMP
-        [0, 0, 0, 1, 1, 0],  # WebP, VP8
-        [0, 0, 0, 1, 0, 1],  # WebP, VP8L
-        [0, 0, 0, 1, 0, 0],  # WebP, anything else: VP8X (tried last, so VP8 and VP8L win)
+        [1, 0, 0, 0, 0, 0, 0],  # PNG
+        [0, 1, 0, 0, 0, 0, 0],  # GIF (its frames are walked: _gif_extent)
+        [0, 0, 1, 0, 0, 0, 0],  # BMP
+        [0, 0, 0, 1, 1, 0, 0],  # WebP, VP8
+        [0, 0, 0, 1, 0, 1, 0],  # WebP, VP8L
+        [0, 0, 0, 1, 0, 0, 1],  # WebP, VP8X
     ],
     np.float64,
 )
+_GIF = 1  # its row above
 
 
 def _called_not_inlined(fn: Callable) -> Callable:
@@ -94,7 +107,8 @@ def _header_bytes(raw: tf.Tensor) -> tf.Tensor:
 
 @_called_not_inlined
 def _other_size(raw: tf.Tensor) -> tf.Tensor:
-    """(height, width) of a PNG, GIF, BMP or WebP from its header bytes; unknown: (0, 0).
+    """(height, width, frame pixels) of a PNG, GIF, BMP or WebP from its header bytes
+    (frame pixels: a GIF's, see _gif_extent; 0 for the others); unknown: zeros.
 
     A few matrix ops, not a graph per format: tf.data runs this for every image file (in
     a tf.cond's branch that JPEGs skip, but whose every node the executor still visits),
@@ -110,7 +124,51 @@ def _other_size(raw: tf.Tensor) -> tf.Tensor:
     matched = tf.cast(tf.equal(wrong_bytes, 0.0), tf.float64)
     kinds = tf.equal(tf.linalg.matvec(_KIND_NEEDS, matched), _KIND_NEEDS.sum(axis=1))
     first = tf.argmax(tf.cast(kinds, tf.int32), output_type=tf.int32)
-    return tf.where(tf.reduce_any(kinds), sizes[:, first], tf.zeros([2], tf.int64))
+    size = tf.concat([tf.where(tf.reduce_any(kinds), sizes[:, first], tf.zeros([2], tf.int64)), [0]], axis=0)
+    return tf.cond(kinds[_GIF], lambda: _gif_extent(raw), lambda: size)
+
+
+@_called_not_inlined
+def _gif_extent(raw: tf.Tensor) -> tf.Tensor:
+    """(height, width, frame pixels) a GIF decodes to, from a walk over its blocks.
+
+    The logical screen in its header is not what the decoder allocates: giflib reads every
+    frame (one byte a pixel, even for the first frame alone) and TensorFlow's canvas holds
+    the largest frame, which may lie outside the screen (a review's 75 KB GIF with an 8x8
+    screen decoded to 10000x10000). So: the canvas covers the screen and every frame's
+    extent, and the frames' pixels are summed. One step per block or data sub-block (at
+    most 255 bytes each), only for GIFs (a call node for everything else).
+    """
+    data = tf.cast(tf.io.decode_raw(raw + tf.constant(b"\0" * 16), tf.uint8), tf.int64)
+    end = tf.cast(tf.strings.length(raw), tf.int64)
+
+    def byte(at: tf.Tensor) -> tf.Tensor:
+        return tf.gather(data, tf.minimum(tf.cast(at, tf.int64), end + 15))
+
+    def word(at) -> tf.Tensor:  # little-endian 16 bits
+        return byte(at) + 256 * byte(at + 1)
+
+    def color_table(flags: tf.Tensor) -> tf.Tensor:
+        return tf.where(flags >= 128, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), flags % 8), 0)
+
+    def step(at, in_data, height, width, pixels, _done):
+        mark, at_block = byte(at), tf.logical_not(in_data)
+        image, extension = at_block & tf.equal(mark, 0x2C), at_block & tf.equal(mark, 0x21)
+        frame_height, frame_width = word(at + 7), word(at + 5)
+        # A descriptor: 10 bytes, a local colour table, the LZW code size, then data sub-blocks.
+        after_block = tf.where(image, at + 11 + color_table(byte(at + 9)), at + 2)
+        following = tf.where(in_data, at + 1 + mark, after_block)
+        more = tf.where(in_data, tf.not_equal(mark, 0), image | extension)
+        height = tf.where(image, tf.maximum(height, word(at + 3) + frame_height), height)
+        width = tf.where(image, tf.maximum(width, word(at + 1) + frame_width), width)
+        pixels = tf.where(image, pixels + frame_height * frame_width, pixels)
+        done = (at_block & tf.logical_not(image | extension)) | (following >= end)
+        return following, more, height, width, pixels, done
+
+    start = 13 + color_table(byte(10))
+    state = (start, tf.constant(False), word(8), word(6), tf.constant(0, tf.int64), start >= end)
+    _, _, height, width, pixels, _ = tf.while_loop(lambda *state: tf.logical_not(state[-1]), step, state)
+    return tf.stack([height, width, pixels])
 
 
 def header_size(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -125,18 +183,21 @@ def header_size(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _header_size(raw: tf.Tensor) -> tf.Tensor:
-    """header_size as one int64 [2] tensor (fewer nodes in every image's decode)."""
+    """int64 [3]: height, width, and a third figure under the pixel limit unless the image
+    decodes more than its canvas (a GIF's frames: _gif_extent; a JPEG's channel count)."""
     is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
-    return tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(raw, tf.int64)[:2], lambda: _other_size(raw))
+    return tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(raw, tf.int64), lambda: _other_size(raw))
 
 
 def _within_limit(raw: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """`raw`, or no bytes at all if its header's size (height, width) is over the pixel
-    limit: decoding then fails at once, allocating nothing, and the failure is explained
-    the way every failed decode is (trainer.data.diagnose decodes the file again in
-    Python, and `image_problem` names the limit). A tf.debugging.Assert here cost ~10% of
-    a streamed 32x32 image's decode."""
-    return tf.where(tf.reduce_prod(size) <= MAX_IMAGE_PIXELS, raw, "")
+    """`raw`, or no bytes at all unless its header's size (_header_size) is known and
+    within the pixel limit: decoding then fails at once, allocating nothing, and the
+    failure is explained the way every failed decode is (trainer.data.diagnose decodes the
+    file again in Python, and `image_problem` names the limit). A tf.debugging.Assert here
+    cost ~10% of a streamed 32x32 image's decode. Each figure is bounded before the
+    product, which could otherwise wrap (a PNG header of 2^32-1 x 2^32-1)."""
+    known = tf.reduce_all((size > [0, 0, -1]) & (size <= MAX_IMAGE_PIXELS))
+    return tf.where(known & (size[0] * size[1] <= MAX_IMAGE_PIXELS), raw, "")
 
 
 def _decode_all(raw: tf.Tensor) -> tf.Tensor:
@@ -153,8 +214,9 @@ def decode_window(raw: tf.Tensor, window: Callable[[tf.Tensor, tf.Tensor], tf.Te
     """Only the part of an encoded image that `window(height, width)` -> [top, left, h, w]
     (int32) picks. A JPEG decodes just that part (decode_and_crop_jpeg: a random crop of a
     photo costs a fraction of a full decode); other formats are decoded whole, then cut."""
-    height, width = header_size(raw)
-    raw = _within_limit(raw, tf.stack([height, width]))
+    size = _header_size(raw)
+    height, width = size[0], size[1]
+    raw = _within_limit(raw, size)
     is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
 
     def jpeg() -> tf.Tensor:
@@ -289,16 +351,30 @@ def image_problem(raw: bytes) -> str | None:
     encoded = tf.constant(raw)
     try:
         with native_stderr_quiet():
-            height, width = (int(value) for value in header_size(encoded))
-            if height * width > MAX_IMAGE_PIXELS:
-                return (
-                    f"{width}x{height} pixels ({height * width / 2**20:.0f} MP), over the "
-                    f"{MAX_IMAGE_PIXELS // 2**20} MP limit for one image; shrink it first"
-                )
+            refusal = _refusal(*(int(value) for value in _header_size(encoded)), raw)
+            if refusal:
+                return refusal
             decode(encoded)
     except tf.errors.OpError as err:
         return _why_not(raw, err.message)
     return None
+
+
+def _refusal(height: int, width: int, frame_pixels: int, raw: bytes) -> str | None:
+    """Why the header refuses an image before decoding (over the limit, or no size to
+    check: unknown, or a known format without one), or None."""
+    limit = f"the {MAX_IMAGE_PIXELS // 2**20} MP limit for one image; shrink it first"
+    if height * width > MAX_IMAGE_PIXELS:
+        return f"{width}x{height} pixels ({height * width / 2**20:.0f} MP), over {limit}"
+    if raw[:3] == b"GIF" and frame_pixels > MAX_IMAGE_PIXELS:
+        return f"its frames hold {frame_pixels / 2**20:.0f} MP (every frame is decoded), over {limit}"
+    if height * width:
+        return None
+    if not raw:
+        return "an empty file, not an image"
+    if raw[:3] == b"GIF" or raw[:4] in (b"\x89PNG", b"RIFF") or raw[:2] == b"BM":
+        return "its header gives no size (0x0) to check against the pixel limit, so it is not decoded; save it again"
+    return f"not an image: its first bytes ({raw[:8]!r}) are no JPEG, PNG, GIF, BMP or WebP header"
 
 
 def _why_not(raw: bytes, message: str) -> str:

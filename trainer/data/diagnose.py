@@ -132,6 +132,8 @@ def undecodable(split: RecordSplit, ordinal: int, raw: bytes) -> str:
     except tf.errors.OpError:
         return f"{split.place(int(ordinal))} is not a tf.train.Example with {IMAGE_KEY} and {LABEL_KEY}"
     named = name.decode("utf-8", "backslashreplace")
+    if not named.isprintable():  # the record's own file name: a line break would forge a second line
+        named = named.encode("unicode_escape").decode("ascii")
     problem = image_problem(encoded) or "it decodes on its own (a passing failure?)"
     return f"{split.place(int(ordinal))} ({named}) is not a decodable image: {problem}"
 
