@@ -51,6 +51,23 @@ def test_augmentation_changes_with_epoch_and_seed():
     assert not np.array_equal(base, _augment(indices, 0, seed=1))
 
 
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_augmentation_is_exactly_numpys_pad_crop_and_flip_at_the_drawn_offsets(pad_mode):
+    from trainer.data.augment import augmentation_draws
+
+    for padding in (1, 3):
+        spec = InputSpec(global_batch=1, seed=5, augment=True, crop_padding=padding, pad_mode=pad_mode)
+        indices, epoch = tf.range(N, dtype=tf.int64), tf.constant(1, tf.int64)
+        out = augment_batch(tf.constant(IMAGES), indices, epoch, spec).numpy()
+        rows, columns, flips = (t.numpy() for t in augmentation_draws(indices, epoch, spec))
+        mode = "reflect" if pad_mode == "reflect" else "constant"
+        padded = np.pad(IMAGES, [(0, 0), (padding,) * 2, (padding,) * 2, (0, 0)], mode=mode)
+        for i in range(N):
+            crop = padded[i, rows[i] : rows[i] + 8, columns[i] : columns[i] + 8]
+            np.testing.assert_array_equal(out[i], crop[:, ::-1] if flips[i] else crop)
+        assert 0 < flips.sum() < N and len(set(rows)) > 1
+
+
 def test_augmentation_is_a_crop_of_the_padded_image_or_its_mirror():
     out = _augment(list(range(N)), 0, padding=2)
     padded = np.pad(IMAGES, [(0, 0), (2, 2), (2, 2), (0, 0)])

@@ -58,19 +58,36 @@ def apply_augmentation(
 ) -> tf.Tensor:
     """Pad-and-crop at the given offsets, then flip where `flip`: vectorised over the batch.
 
-    Only gathers, pads and selects: cheap wherever the images are, host or accelerator.
+    One gather of whole pixels from the unpadded batch, at indices that do the padding
+    (reflected, or a zero pixel appended once), the crop and the flip: the same pixels as
+    `tf.pad` then a crop, without the pad's copy, which on a CPU cost 0.23 ms (zeros) and
+    2.3-2.8 ms (REFLECT) per batch of 128 32x32 images: more than the gather itself.
     """
-    crop_padding = spec.crop_padding
-    if not crop_padding:
+    padding = spec.crop_padding
+    if not padding:
         return flipped(images, flip)
-    height, width = images.shape[1], images.shape[2]
-    pad = [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]]
-    padded = tf.pad(images, pad, mode="REFLECT" if spec.pad_mode == "reflect" else "CONSTANT")
-    rows = offset_y[:, None] + tf.range(height)[None, :]
-    # The flip is folded into the column gather (right to left), saving two passes over the batch.
+    batch, (height, width, channels) = tf.shape(images)[0], images.shape[1:]
+    rows = offset_y[:, None] - padding + tf.range(height)[None, :]
     columns = tf.where(flip[:, None], tf.range(width - 1, -1, -1)[None, :], tf.range(width)[None, :])
-    images = tf.gather(padded, rows, axis=1, batch_dims=1)
-    return tf.gather(images, offset_x[:, None] + columns, axis=2, batch_dims=1)
+    columns = columns + offset_x[:, None] - padding
+    pixels = tf.reshape(images, [-1, channels])
+    if spec.pad_mode == "reflect":  # as tf.pad's REFLECT: -1 -> 1, n -> n - 2 (the edge not repeated)
+        rows, columns = _reflected(rows, height), _reflected(columns, width)
+    flat = (tf.range(batch)[:, None, None] * height + rows[:, :, None]) * width + columns[:, None, :]
+    if spec.pad_mode != "reflect":  # zeros: outside the image, the one zero pixel after the batch
+        inside = _within(rows, height)[:, :, None] & _within(columns, width)[:, None, :]
+        flat = tf.where(inside, flat, batch * height * width)
+        pixels = tf.concat([pixels, tf.zeros([1, channels], images.dtype)], axis=0)
+    return tf.gather(pixels, flat)
+
+
+def _reflected(positions: tf.Tensor, size: int) -> tf.Tensor:
+    positions = tf.abs(positions)
+    return tf.where(positions >= size, 2 * (size - 1) - positions, positions)
+
+
+def _within(positions: tf.Tensor, size: int) -> tf.Tensor:
+    return (positions >= 0) & (positions < size)
 
 
 def augment_batch(images: tf.Tensor, indices: tf.Tensor, epoch: tf.Tensor, spec: InputSpec) -> tf.Tensor:
