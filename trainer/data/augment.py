@@ -73,10 +73,12 @@ def apply_augmentation(
     pixels = tf.reshape(images, [-1, channels])
     if spec.pad_mode == "reflect":  # as tf.pad's REFLECT: -1 -> 1, n -> n - 2 (the edge not repeated)
         rows, columns = _reflected(rows, height), _reflected(columns, width)
-    flat = (tf.range(batch)[:, None, None] * height + rows[:, :, None]) * width + columns[:, None, :]
+    # int64: a batch of 8,192 512x512 images has more pixels than int32 counts.
+    rows, columns = tf.cast(rows, tf.int64), tf.cast(columns, tf.int64)
+    flat = (tf.range(tf.cast(batch, tf.int64))[:, None, None] * height + rows[:, :, None]) * width + columns[:, None, :]
     if spec.pad_mode != "reflect":  # zeros: outside the image, the one zero pixel after the batch
         inside = _within(rows, height)[:, :, None] & _within(columns, width)[:, None, :]
-        flat = tf.where(inside, flat, batch * height * width)
+        flat = tf.where(inside, flat, tf.cast(batch, tf.int64) * height * width)
         pixels = tf.concat([pixels, tf.zeros([1, channels], images.dtype)], axis=0)
     return tf.gather(pixels, flat)
 
