@@ -55,7 +55,7 @@ def test_augmentation_changes_with_epoch_and_seed():
 def test_augmentation_is_exactly_numpys_pad_crop_and_flip_at_the_drawn_offsets(pad_mode):
     from trainer.data.augment import augmentation_draws
 
-    for padding in (1, 3):
+    for padding in (1, 3, 7) if pad_mode == "reflect" else (1, 3, 9):  # 7: the widest mirror of 8 pixels
         spec = InputSpec(global_batch=1, seed=5, augment=True, crop_padding=padding, pad_mode=pad_mode)
         indices, epoch = tf.range(N, dtype=tf.int64), tf.constant(1, tf.int64)
         out = augment_batch(tf.constant(IMAGES), indices, epoch, spec).numpy()
@@ -66,6 +66,21 @@ def test_augmentation_is_exactly_numpys_pad_crop_and_flip_at_the_drawn_offsets(p
             crop = padded[i, rows[i] : rows[i] + 8, columns[i] : columns[i] + 8]
             np.testing.assert_array_equal(out[i], crop[:, ::-1] if flips[i] else crop)
         assert 0 < flips.sum() < N and len(set(rows)) > 1
+
+
+def test_a_mirror_wider_than_the_image_is_one_error_line_before_anything_is_written(tmp_path):
+    from click.testing import CliRunner
+
+    from launch.cli import cli
+
+    workdir = tmp_path / "w"
+    args = ["train", "--config", "configs/smoke.yaml", "--workdir", str(workdir)]
+    result = CliRunner().invoke(cli, [*args, "--set", "data.pad_mode=reflect", "--set", "data.crop_padding=32"])
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
+    assert "data.crop_padding=32 with data.pad_mode=reflect needs images larger than 32 pixels (these are 32x32)" in (
+        result.output
+    )
+    assert not workdir.exists()
 
 
 def test_augmentation_is_a_crop_of_the_padded_image_or_its_mirror():

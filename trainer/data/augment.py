@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from trainer.config import DataConfig
 from trainer.data.decode import random_resized_crop
-from trainer.data.plan import AUGMENT_STREAM, FLIP_STREAM, InputSpec, example_draws
+from trainer.data.plan import AUGMENT_STREAM, FLIP_STREAM, InputSpec, check_reflect_padding, example_draws
 
 # Draws per example of the random_resized recipe: 4 for the window, 1 for the flip.
 RANDOM_RESIZED_DRAWS = 5
@@ -72,6 +72,7 @@ def apply_augmentation(
     columns = columns + offset_x[:, None] - padding
     pixels = tf.reshape(images, [-1, channels])
     if spec.pad_mode == "reflect":  # as tf.pad's REFLECT: -1 -> 1, n -> n - 2 (the edge not repeated)
+        check_reflect_padding(padding, height, width)  # images of their own size (image_size 0)
         rows, columns = _reflected(rows, height), _reflected(columns, width)
     # int64: a batch of 8,192 512x512 images has more pixels than int32 counts.
     rows, columns = tf.cast(rows, tf.int64), tf.cast(columns, tf.int64)

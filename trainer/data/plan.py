@@ -43,6 +43,20 @@ class InputSpec:
     image_size: int = 0  # the training resolution; 0: the in-memory images' own
     service: str = ""  # a tf.data service dispatcher that makes training batches; "": this process
 
+    def __post_init__(self) -> None:
+        if self.augment and self.crop == "pad" and self.pad_mode == "reflect" and self.image_size:
+            check_reflect_padding(self.crop_padding, self.image_size, self.image_size)
+
+
+def check_reflect_padding(padding: int, height: int, width: int) -> None:
+    """A mirrored border reaches at most the image's size less one pixel (tf.pad's REFLECT
+    rule); past that the crop's indices would leave the image: refused, before training."""
+    if padding >= min(height, width):
+        raise ConfigError(
+            f"data.crop_padding={padding} with data.pad_mode=reflect needs images larger than {padding} pixels "
+            f"(these are {height}x{width}); lower data.crop_padding or set data.pad_mode=zeros"
+        )
+
 
 def input_spec(config, image_size: int = 0) -> InputSpec:
     """The pipeline settings of a Config (global batch, seed, `data.*` augmentation) for a
