@@ -66,7 +66,8 @@ def apply_augmentation(
     padding = spec.crop_padding
     if not padding:
         return flipped(images, flip)
-    batch, (height, width, channels) = tf.shape(images)[0], images.shape[1:]
+    # int64: a batch of 8,192 512x512 images has more pixels than int32 counts.
+    batch, (height, width, channels) = tf.shape(images, out_type=tf.int64)[0], images.shape[1:]
     rows = offset_y[:, None] - padding + tf.range(height)[None, :]
     columns = tf.where(flip[:, None], tf.range(width - 1, -1, -1)[None, :], tf.range(width)[None, :])
     columns = columns + offset_x[:, None] - padding
@@ -74,12 +75,11 @@ def apply_augmentation(
     if spec.pad_mode == "reflect":  # as tf.pad's REFLECT: -1 -> 1, n -> n - 2 (the edge not repeated)
         check_reflect_padding(padding, height, width)  # images of their own size (image_size 0)
         rows, columns = _reflected(rows, height), _reflected(columns, width)
-    # int64: a batch of 8,192 512x512 images has more pixels than int32 counts.
     rows, columns = tf.cast(rows, tf.int64), tf.cast(columns, tf.int64)
-    flat = (tf.range(tf.cast(batch, tf.int64))[:, None, None] * height + rows[:, :, None]) * width + columns[:, None, :]
+    flat = (tf.range(batch)[:, None, None] * height + rows[:, :, None]) * width + columns[:, None, :]
     if spec.pad_mode != "reflect":  # zeros: outside the image, the one zero pixel after the batch
         inside = _within(rows, height)[:, :, None] & _within(columns, width)[:, None, :]
-        flat = tf.where(inside, flat, tf.cast(batch, tf.int64) * height * width)
+        flat = tf.where(inside, flat, batch * height * width)
         pixels = tf.concat([pixels, tf.zeros([1, channels], images.dtype)], axis=0)
     return tf.gather(pixels, flat)
 

@@ -175,18 +175,21 @@ def header_size(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(height, width) read from an encoded image's header, without decoding it.
 
     JPEG's size sits after a variable run of markers (TensorFlow's extract_jpeg_shape
-    finds it); the other formats' at fixed offsets. Unknown formats give (0, 0): decoding
-    them fails next, with TensorFlow's message.
+    finds it); the other formats' at fixed offsets, but a GIF's is the canvas its frames
+    need (_gif_extent). Unknown formats give (0, 0), and decoding refuses them.
     """
     size = _header_size(raw)
     return size[0], size[1]
 
 
+def _is_jpeg(raw: tf.Tensor) -> tf.Tensor:
+    return tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
+
+
 def _header_size(raw: tf.Tensor) -> tf.Tensor:
     """int64 [3]: height, width, and a third figure under the pixel limit unless the image
     decodes more than its canvas (a GIF's frames: _gif_extent; a JPEG's channel count)."""
-    is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
-    return tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(raw, tf.int64), lambda: _other_size(raw))
+    return tf.cond(_is_jpeg(raw), lambda: tf.io.extract_jpeg_shape(raw, tf.int64), lambda: _other_size(raw))
 
 
 def _within_limit(raw: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -217,7 +220,6 @@ def decode_window(raw: tf.Tensor, window: Callable[[tf.Tensor, tf.Tensor], tf.Te
     size = _header_size(raw)
     height, width = size[0], size[1]
     raw = _within_limit(raw, size)
-    is_jpeg = tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
 
     def jpeg() -> tf.Tensor:
         return tf.image.decode_and_crop_jpeg(raw, window(height, width), channels=3)
@@ -228,7 +230,7 @@ def decode_window(raw: tf.Tensor, window: Callable[[tf.Tensor, tf.Tensor], tf.Te
         top, left, crop_height, crop_width = tf.unstack(window(shape[0], shape[1]))
         return image[top : top + crop_height, left : left + crop_width]
 
-    return tf.ensure_shape(tf.cond(is_jpeg, jpeg, other), [None, None, 3])
+    return tf.ensure_shape(tf.cond(_is_jpeg(raw), jpeg, other), [None, None, 3])
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -366,7 +368,7 @@ def _refusal(height: int, width: int, frame_pixels: int, raw: bytes) -> str | No
     limit = f"the {MAX_IMAGE_PIXELS // 2**20} MP limit for one image; shrink it first"
     if height * width > MAX_IMAGE_PIXELS:
         return f"{width}x{height} pixels ({height * width / 2**20:.0f} MP), over {limit}"
-    if raw[:3] == b"GIF" and frame_pixels > MAX_IMAGE_PIXELS:
+    if frame_pixels > MAX_IMAGE_PIXELS:  # a GIF's frames (for a JPEG this is its channel count)
         return f"its frames hold {frame_pixels / 2**20:.0f} MP (every frame is decoded), over {limit}"
     if height * width:
         return None
@@ -378,10 +380,8 @@ def _refusal(height: int, width: int, frame_pixels: int, raw: bytes) -> str | No
 
 
 def _why_not(raw: bytes, message: str) -> str:
-    if not raw:
-        return "an empty file, not an image"
+    """Why an image whose header passed (`_refusal`: empty, unknown and unsized are said
+    there) failed to decode."""
     if raw[:2] == b"\xff\xd8" and b"\xff\xd9" not in raw[-64:]:
         return f"not a whole JPEG ({len(raw)} bytes)"
-    if "Unknown image file format" in message:
-        return f"not an image: its first bytes ({raw[:8]!r}) are no JPEG, PNG, GIF, BMP or WebP header"
     return tf_reason(message)
