@@ -233,6 +233,18 @@ def decode_window(raw: tf.Tensor, window: Callable[[tf.Tensor, tf.Tensor], tf.Te
     return tf.ensure_shape(tf.cond(_is_jpeg(raw), jpeg, other), [None, None, 3])
 
 
+def each_example(fn: Callable, elements, signature) -> tf.Tensor:
+    """`fn` on each example of a batch (`elements`: a tensor or a tuple of tensors, split
+    along their first axis), one after the other, within one call: decode a batch inside
+    one tf.data map call, tf.data running several batches at once.
+
+    Why not tf.data's unbatch, a parallel map per example and batch: tf.data's own cost per
+    element is larger than a 32x32 JPEG's decode. Streaming the CIFAR-10 folder on 2 cores
+    went from 16k img/s that way to 32k img/s this way (issue #26), the same pixels.
+    """
+    return tf.map_fn(fn, elements, fn_output_signature=signature, parallel_iterations=1)
+
+
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 

@@ -6,12 +6,21 @@ keeps host work and host-to-device traffic small.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tensorflow as tf
 
 from trainer.data.augment import augment_batch, augmented, flipped, flips, random_resized_draws
-from trainer.data.decode import decode, decode_random_resized, decode_view, random_resized_crop, resize
+from trainer.data.decode import (
+    decode,
+    decode_random_resized,
+    decode_view,
+    each_example,
+    random_resized_crop,
+    resize,
+)
 from trainer.data.plan import InputSpec
-from trainer.data.records import checked_label, parse_record
+from trainer.data.records import checked_labels, padding_record, parse_records
 from trainer.data.splits import Examples, FileSplit, RecordSplit, Split
 
 
@@ -19,9 +28,10 @@ class ExampleLoader:
     """Turns slices of (epoch, example indices) into (uint8 images, labels[, mask]) batches.
 
     Pixels in memory with the pad recipe: one batched gather and augmentation per slice
-    (the fast path). Anything else goes example by example through a parallel map (read,
-    decode, crop, resize), then is batched again: tf.data keeps the order, so batches are
-    the same whatever the parallelism. TFRecord slices carry each raw record beside its
+    (the fast path). Anything else is read, decoded, cropped and resized example by
+    example within one call per slice (trainer.data.decode.each_example), then augmented
+    as a batch; tf.data runs slices in parallel and keeps their order, so batches are the
+    same whatever the parallelism. TFRecord slices carry each raw record beside its
     ordinal (no random access), files are read by index.
     """
 
@@ -30,6 +40,7 @@ class ExampleLoader:
         self.in_memory = isinstance(examples, Split)
         self.size = spec.image_size
         self.random_resized = spec.augment and spec.crop == "random_resized"
+        self.records = isinstance(examples, RecordSplit)
         if isinstance(examples, RecordSplit):
             self.num_classes = examples.num_classes  # labels are read per record: checked there
             return
@@ -42,16 +53,10 @@ class ExampleLoader:
 
     def batches(self, slices: tf.data.Dataset, training: bool) -> tf.data.Dataset:
         if self.in_memory and not (training and self.random_resized):
-            gather = self._gather_train if training else self._gather_eval
-            return slices.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-        per_replica = slices.element_spec[1].shape[0]
-        examples = slices.map(lambda epoch, *columns: (tf.fill(tf.shape(columns[0]), epoch), *columns)).unbatch()
-        one = self._train_example if training else self._eval_example
-        batched = examples.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(
-            per_replica, drop_remainder=True
-        )
-        finish = self._finish_train if training else self._finish_eval
-        return batched.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+            make = self._gather_train if training else self._gather_eval
+        else:
+            make = self._decode_train if training else self._decode_eval
+        return slices.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
     # In-memory batches.
     @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
@@ -65,53 +70,58 @@ class ExampleLoader:
         safe = tf.where(mask, indices, tf.zeros_like(indices))
         return tf.gather(self.images, safe), tf.gather(self.labels, safe), tf.cast(mask, tf.float32)
 
-    # One example at a time.
-    def _source(self, index: tf.Tensor, raw: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
-        """(encoded image, label) of a file or TFRecord example. A failed decode is named
-        afterwards (trainer.data.diagnose), so nothing here carries the file's name."""
-        if raw is not None:
-            encoded, _, label = parse_record(raw)
-            return encoded, checked_label(label, index, self.num_classes)
-        return tf.io.read_file(tf.gather(self.paths, index)), tf.gather(self.labels, index)
-
-    def _train_example(self, epoch, index, raw=None):
+    # Batches decoded (or cropped) example by example.
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
+    def _decode_train(self, epoch, indices, raws=None):
         spec = self.spec
-        draws = random_resized_draws(index[None], epoch, spec)[0] if self.random_resized else None
+        sources, labels = self._sources(indices, raws)
+        if not self.random_resized:
+            images = self._each_example(lambda source: resize(decode(self._bytes(source)), self.size), sources)
+            return (augment_batch(images, indices, epoch, spec) if spec.augment else images), labels
+        draws = random_resized_draws(indices, epoch, spec)
+        images = self._each_example(lambda pair: self._random_resized(*pair), (sources, draws))
+        return flipped(images, flips(indices, epoch, spec, draws[:, 4])), labels
+
+    def _random_resized(self, source: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
         if self.in_memory:
-            image, label = self.images[index], self.labels[index]
-            if self.random_resized:
-                image = random_resized_crop(image, self.size, draws, spec.crop_min_area)
+            return random_resized_crop(self.images[source], self.size, draws, self.spec.crop_min_area)
+        return decode_random_resized(
+            self._bytes(source), self.size, draws, self.spec.crop_min_area
+        )  # a JPEG decodes only the crop
+
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
+    def _decode_eval(self, _, indices, raws=None):
+        mask = indices >= 0  # the last batch's padding (-1): file 0 is decoded in its place, a record not at all
+        if raws is not None:
+            raws = tf.where(mask, raws, padding_record())
+        sources, labels = self._sources(tf.maximum(indices, 0), raws)
+
+        def view(source: tf.Tensor) -> tf.Tensor:
+            return decode_view(self._bytes(source), self.size, self.spec.crop)
+
+        if raws is None:
+            images = self._each_example(view, sources)
         else:
-            encoded, label = self._source(index, raw)
-            if self.random_resized:  # a JPEG decodes only the crop
-                image = decode_random_resized(encoded, self.size, draws, spec.crop_min_area)
-            else:
-                image = resize(decode(encoded), self.size)
-        return epoch, index, image, label
-
-    def _finish_train(self, epochs, indices, images, labels):
-        if not self.spec.augment:
-            return images, labels
-        if self.random_resized:
-            draws = random_resized_draws(indices, epochs[0], self.spec)
-            return flipped(images, flips(indices, epochs[0], self.spec, draws[:, 4])), labels
-        return augment_batch(images, indices, epochs[0], self.spec), labels
-
-    def _eval_example(self, _, index, raw=None):
-        mask = index >= 0
-        if raw is not None:  # padding has no record to decode
-            image, label = tf.cond(
-                mask,
-                lambda: self._viewed(index, raw),
-                lambda: (tf.zeros([self.size, self.size, 3], tf.uint8), tf.constant(0, tf.int32)),
+            blank = tf.zeros([self.size, self.size, 3], tf.uint8)
+            images = self._each_example(
+                lambda pair: tf.cond(pair[1], lambda: view(pair[0]), lambda: blank), (sources, mask)
             )
-        else:
-            image, label = self._viewed(tf.maximum(index, 0), raw)
-        return image, label, tf.cast(mask, tf.float32)
+        return images, labels, tf.cast(mask, tf.float32)
 
-    def _viewed(self, index, raw):
-        encoded, label = self._source(index, raw)
-        return decode_view(encoded, self.size, self.spec.crop), label
+    def _sources(self, indices: tf.Tensor, raws: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(what each example's pixels come from, labels) of a slice: encoded images of
+        records, paths of files, indices of images in memory. A failed decode is named
+        afterwards (trainer.data.diagnose), so nothing here carries a file's name."""
+        if raws is not None:
+            encoded, labels = parse_records(raws)
+            return encoded, checked_labels(labels, indices, self.num_classes)
+        labels = tf.gather(self.labels, indices)
+        return (indices, labels) if self.in_memory else (tf.gather(self.paths, indices), labels)
 
-    def _finish_eval(self, images, labels, mask):
-        return images, labels, mask
+    def _bytes(self, source: tf.Tensor) -> tf.Tensor:
+        """One example's encoded image: a record's as parsed, a file's read here."""
+        return source if self.records else tf.io.read_file(source)
+
+    def _each_example(self, fn: Callable[[tf.Tensor], tf.Tensor], elements) -> tf.Tensor:
+        """uint8 [B, size, size, 3]: `fn` on each example of the slice, in one call."""
+        return each_example(fn, elements, tf.TensorSpec([self.size, self.size, 3], tf.uint8))

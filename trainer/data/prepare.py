@@ -13,13 +13,14 @@ same ones and sees the same batches.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import tensorflow as tf
 
 from trainer.config import DataConfig
-from trainer.data.decode import decode_view, eval_view, header_size, native_stderr_quiet
+from trainer.data.decode import decode_view, each_example, eval_view, header_size, native_stderr_quiet
 from trainer.data.diagnose import (
     describe_unreadable,
     first_unreadable,
@@ -238,25 +239,40 @@ def use_memory_cache(dataset: Dataset, config: DataConfig, crop: str, say: Say) 
     return True
 
 
-def _views(split: FileSplit | RecordSplit, size: int, crop: str) -> tf.data.Dataset:
-    """(view, label, index) of every example, in the split's order, decoded in parallel."""
+def _view_batches(split: FileSplit | RecordSplit, size: int, crop: str, drop_failures: bool) -> tf.data.Dataset:
+    """Batches of (views, labels, indices) of every example, in the split's order, decoded
+    in parallel: a batch in one call (each_example), or example by example when failures
+    are dropped (ignore_errors drops the failed element: a batch's good images with the bad)."""
+    view, items = _view_of(split, size, crop)
+    if drop_failures:
+        views = items.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return views.ignore_errors().batch(_DECODE_BATCH)
+    signature = (tf.TensorSpec([size, size, 3], tf.uint8), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int64))
+
+    @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
+    def views(*batch: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        return each_example(lambda item: view(*item), batch, signature)
+
+    return items.batch(_DECODE_BATCH).map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _view_of(split: FileSplit | RecordSplit, size: int, crop: str) -> tuple[Callable, tf.data.Dataset]:
+    """(one item -> (view, label, index), the split's items in order)."""
     if isinstance(split, RecordSplit):
 
         @tf.autograph.experimental.do_not_convert  # tensor-only (tf.cond, tf.where): tracing needs no AutoGraph
-        def view(ordinal, raw):
+        def record_view(ordinal, raw):
             encoded, _, label = parse_record(raw)
             return decode_view(encoded, size, crop), label, ordinal
 
-        items = split.raw_records()
-    else:
-        paths, labels = split.paths(), tf.constant(split.labels, tf.int32)
+        return record_view, split.raw_records()
+    paths, labels = split.paths(), tf.constant(split.labels, tf.int32)
 
-        @tf.autograph.experimental.do_not_convert  # AutoGraph converted ~50 decode functions per pipeline built
-        def view(index):
-            return decode_view(tf.io.read_file(tf.gather(paths, index)), size, crop), tf.gather(labels, index), index
+    @tf.autograph.experimental.do_not_convert  # AutoGraph converted ~50 decode functions per pipeline built
+    def file_view(index):
+        return decode_view(tf.io.read_file(tf.gather(paths, index)), size, crop), tf.gather(labels, index), index
 
-        items = tf.data.Dataset.range(len(split))
-    return items.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return file_view, tf.data.Dataset.range(len(split))
 
 
 def decode_all(
@@ -269,11 +285,10 @@ def decode_all(
     failure is one DataError naming the file or record."""
     images, labels = np.empty((len(split), size, size, 3), np.uint8), np.empty(len(split), np.int32)
     indices = np.empty(len(split), np.int64)
-    views = _views(split, size, crop)
     start = 0
     try:
         with native_stderr_quiet() if drop_failures else contextlib.nullcontext():
-            batches = (views.ignore_errors() if drop_failures else views).batch(_DECODE_BATCH).prefetch(2)
+            batches = _view_batches(split, size, crop, drop_failures).prefetch(2)
             for batch_images, batch_labels, batch_indices in batches.as_numpy_iterator():
                 end = start + len(batch_labels)
                 images[start:end], labels[start:end], indices[start:end] = batch_images, batch_labels, batch_indices

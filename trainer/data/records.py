@@ -27,17 +27,23 @@ SPLIT_PREFIXES = {"train": ("train",), "test": ("test", "validation", "val")}
 LABEL_RANGE_MESSAGE = "TFRecord label outside labels.txt"
 
 
+_FEATURES = {
+    IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+    LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+    FILENAME_KEY: tf.io.FixedLenFeature([], tf.string, default_value="a record"),
+}
+
+
 def parse_record(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(encoded image, its file name or "a record", int32 label) of one tf.train.Example."""
-    features = tf.io.parse_single_example(
-        raw,
-        {
-            IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
-            LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
-            FILENAME_KEY: tf.io.FixedLenFeature([], tf.string, default_value="a record"),
-        },
-    )
+    features = tf.io.parse_single_example(raw, _FEATURES)
     return features[IMAGE_KEY], features[FILENAME_KEY], tf.cast(features[LABEL_KEY], tf.int32)
+
+
+def parse_records(raws: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(encoded images, int32 labels) of a batch of tf.train.Examples, in one op."""
+    features = tf.io.parse_example(raws, {key: _FEATURES[key] for key in (IMAGE_KEY, LABEL_KEY)})
+    return features[IMAGE_KEY], tf.cast(features[LABEL_KEY], tf.int32)
 
 
 def label_of(raw: tf.Tensor) -> tf.Tensor:
@@ -46,14 +52,14 @@ def label_of(raw: tf.Tensor) -> tf.Tensor:
     return features[LABEL_KEY]
 
 
-def checked_label(label: tf.Tensor, ordinal: tf.Tensor, num_classes: int) -> tf.Tensor:
-    """`label`, asserted to be in [0, num_classes): a label past labels.txt would index no
-    class (training on it silently, then failing at evaluation). Two scalar compares a record."""
+def checked_labels(labels: tf.Tensor, ordinals: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """`labels`, asserted to be in [0, num_classes): a label past labels.txt would index no
+    class (training on it silently, then failing at evaluation). Two compares a batch."""
     if not num_classes:
-        return label
-    valid = tf.logical_and(label >= 0, label < num_classes)
-    with tf.control_dependencies([tf.debugging.Assert(valid, [LABEL_RANGE_MESSAGE, ordinal, label])]):
-        return tf.identity(label)
+        return labels
+    valid = tf.reduce_all((labels >= 0) & (labels < num_classes))
+    with tf.control_dependencies([tf.debugging.Assert(valid, [LABEL_RANGE_MESSAGE, ordinals, labels])]):
+        return tf.identity(labels)
 
 
 def example(data: bytes, label: int, filename: bytes) -> bytes:
@@ -77,3 +83,9 @@ def label_error(split: RecordSplit, where: str, label: int, num_classes: int) ->
         "from 0): add the missing class names, one per line in label order, or use the labels.txt these shards "
         "came with"
     )
+
+
+def padding_record() -> bytes:
+    """A record that parses (no image bytes, label 0): what stands in for an evaluation
+    batch's padding before a batch of records is parsed; its image is never decoded."""
+    return example(b"", 0, b"")
