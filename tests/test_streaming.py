@@ -7,6 +7,7 @@ import io
 import json
 import os
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,8 +19,9 @@ from launch.cli import cli
 from tests.conftest import smoke_config
 from tests.test_fault_tolerance import _checkpoint_tensors
 from trainer.config import DataConfig
+from trainer.data import loader
 from trainer.data.convert import convert
-from trainer.data.pipeline import train_dataset_fn
+from trainer.data.pipeline import eval_dataset_fn, train_dataset_fn
 from trainer.data.plan import InputSpec
 from trainer.data.prepare import prepare_dataset
 from trainer.data.skips import SkipMemo
@@ -183,6 +185,47 @@ def test_streamed_and_cached_batches_are_identical(tmp_path):
     for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
         np.testing.assert_array_equal(images_a, images_b)
         np.testing.assert_array_equal(labels_a, labels_b)
+
+
+def _evaluated(dataset_fn) -> list[np.ndarray]:
+    return [np.asarray(column) for column in zip(*(e for e in dataset_fn(tf.distribute.InputContext())))]
+
+
+def test_streamed_batches_do_not_depend_on_the_chunks_a_slice_is_decoded_in(tmp_path, monkeypatch):
+    """A slice is decoded a chunk of examples per call (trainer.data.loader.CHUNK), joined
+    in order: chunks of 1, 5 (a batch of 12 in 3 of 4, of 10 in 2 of 5) and all at once
+    give the cached pixels (pad), the same crops (random_resized) and the same padded
+    evaluation."""
+    root = write_mixed_folder(str(tmp_path / "photos"), per_class=8)
+    data = DataConfig(source="folder", path=root, image_size=24, cache="none")
+    streamed = prepare_dataset(load_dataset(data, 0), data, quiet)
+    cached = DataConfig(source="folder", path=root, image_size=24, cache="memory")
+    in_memory = prepare_dataset(load_dataset(cached, 0), cached, quiet)
+    pad = InputSpec(global_batch=12, seed=5, augment=True, crop_padding=2, image_size=24)
+    resized = replace(pad, crop="random_resized")
+    expected_pad = global_batches(train_dataset_fn(in_memory.train, pad, 0, 4))
+    evaluation = replace(pad, global_batch=10, augment=False)
+    expected_eval = _evaluated(eval_dataset_fn(in_memory.test, evaluation))
+    assert len(streamed.test) % 10 and len(expected_eval[0]) == -(-len(streamed.test) // 10)  # a padded last batch
+    runs = []
+    for chunk in (1, 5, 1000):
+        monkeypatch.setattr(loader, "CHUNK", chunk)
+        pad_batches = global_batches(train_dataset_fn(streamed.train, pad, 0, 4))
+        runs.append(global_batches(train_dataset_fn(streamed.train, resized, 0, 4)))
+        evaluated = _evaluated(eval_dataset_fn(streamed.test, evaluation))
+        for (images, labels), (expected_images, expected_labels) in zip(pad_batches, expected_pad, strict=True):
+            np.testing.assert_array_equal(images, expected_images)
+            np.testing.assert_array_equal(labels, expected_labels)
+        for column, expected in zip(evaluated, expected_eval, strict=True):
+            np.testing.assert_array_equal(column, expected)
+    for run in runs[:2]:
+        for (images, labels), (expected_images, expected_labels) in zip(run, runs[2], strict=True):
+            np.testing.assert_array_equal(images, expected_images)
+            np.testing.assert_array_equal(labels, expected_labels)
+
+
+def test_a_slice_is_cut_into_the_fewest_even_chunks_of_at_most_chunk_examples():
+    assert [loader._parts(size) for size in (128, 32, 33, 96, 30, 37, 64, 1, None)] == [4, 1, 3, 3, 1, 37, 2, 1, 1]
 
 
 @pytest.mark.parametrize("crop", ["pad", "random_resized"])
