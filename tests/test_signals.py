@@ -17,7 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests import test_safety
 from tests.conftest import REPO, launch_train
@@ -259,3 +261,35 @@ def test_export_stopped_by_a_signal_leaves_no_temporary_folder(trained):
     _assert_signal_line(done, signal.SIGTERM, "the previous export is kept")
     left = sorted(p.name for p in Path(trained).iterdir() if p.name == "export" or p.name.startswith(".export.tmp"))
     assert left == []
+
+
+def test_a_signal_during_an_evaluation_is_heard_while_the_pass_runs():
+    """An evaluation is one compiled pass over the test set: a call into TensorFlow that
+    Python does not interrupt, so SIGTERM's handler (the announcement, and a second signal's
+    exit at once) ran only when the pass ended, minutes later on a large test set. Here a
+    model that waits 2 s inside the pass (a py_function) stands for a long one; the pass is
+    traced first, so the signal lands inside the compiled call."""
+    from trainer.data.splits import Split
+    from trainer.evaluation import Evaluator
+    from trainer.preemption import StopRequest
+
+    def slow_logits(images: tf.Tensor) -> tf.Tensor:
+        time.sleep(2.0 if slow else 0.0)
+        return tf.zeros([images.shape[0], 2])
+
+    def model(images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return tf.ensure_shape(tf.py_function(slow_logits, [images], tf.float32), [None, 2])
+
+    split = Split(np.zeros([4, 8, 8, 3], np.uint8), np.array([0, 1, 0, 1], np.int32))
+    evaluator = Evaluator(tf.distribute.get_strategy(), model, split, 4, ["ant", "bee"])
+    slow = False
+    assert evaluator(0).examples == 4  # traced
+    slow, heard = True, []
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    with StopRequest(announce=lambda _line: heard.append(time.perf_counter())) as stop:
+        timer.start()
+        metrics = evaluator(0)
+        ended = time.perf_counter()
+    assert stop.requested and bool(stop.flag.numpy())
+    assert len(heard) == 1 and ended - heard[0] > 1.0  # heard while the pass ran
+    assert metrics.examples == 4  # and the pass went on to its end

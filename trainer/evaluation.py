@@ -15,6 +15,7 @@ from trainer import files
 from trainer.data.pipeline import eval_dataset_fn
 from trainer.data.plan import InputSpec, check_batch_divides
 from trainer.data.splits import Examples
+from trainer.signals import waited_on
 
 
 @dataclass
@@ -117,7 +118,9 @@ class Evaluator:
 
     def __call__(self, step: int, tta: str = "none") -> EvalMetrics:
         """Metrics over the whole test set; `tta` as in `eval.tta`."""
-        loss_sum, confusion = self._eval_pass(tta)(self.dataset)
+        eval_pass = self._eval_pass(tta)
+        # In another thread: signals are handled at once while the pass runs (trainer.signals).
+        loss_sum, confusion = waited_on(lambda: eval_pass(self.dataset), "evaluation")
         confusion = confusion.numpy()
         seen = int(confusion.sum())
         if seen != self.examples:  # a broken pipeline must not report a plausible number

@@ -185,6 +185,22 @@ class Wait:
             each(elapsed)
 
 
+def waited_on(call: Callable[[], T], thread: str) -> T:
+    """`call()`'s result (or its error), called in a daemon thread named `thread` while this
+    one waits on it.
+
+    Python runs a signal's handler only when the main thread is between bytecodes: inside
+    one long call into TensorFlow (an evaluation's compiled pass over a test set, minutes on
+    a large one) SIGTERM and Ctrl-C waited for the call to end, so neither the first
+    signal's announcement nor the second's exit came. A wait on a future lets handlers run
+    at once; the call itself goes on (every worker of a cluster makes it, so it is not cut
+    short), and a handler that raises leaves it to its daemon thread.
+    """
+    future: Future = Future()
+    threading.Thread(target=_settle, args=(future, call), name=thread, daemon=True).start()
+    return future.result()
+
+
 def _settle(future: Future, call: Callable[[], object]) -> None:
     try:
         future.set_result(call())
