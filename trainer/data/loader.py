@@ -37,8 +37,8 @@ class ExampleLoader:
     (the fast path). Anything else is read, decoded, cropped and resized example by
     example, a chunk of up to CHUNK examples per call (trainer.data.decode.each_example),
     then joined and augmented as a batch; tf.data runs chunks in parallel and keeps their
-    order, so batches are the same whatever the parallelism. TFRecord slices carry each raw record beside its
-    ordinal (no random access), files are read by index.
+    order, so batches are the same whatever the parallelism. TFRecord slices carry each
+    raw record beside its ordinal (no random access), files are read by index.
     """
 
     def __init__(self, examples: Examples, spec: InputSpec):
@@ -107,9 +107,8 @@ class ExampleLoader:
     def _random_resized(self, source: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
         if self.in_memory:
             return random_resized_crop(self.images[source], self.size, draws, self.spec.crop_min_area)
-        return decode_random_resized(
-            self._bytes(source), self.size, draws, self.spec.crop_min_area
-        )  # a JPEG decodes only the crop
+        # A JPEG decodes only the crop's part of the file.
+        return decode_random_resized(self._bytes(source), self.size, draws, self.spec.crop_min_area)
 
     @tf.autograph.experimental.do_not_convert  # no Python control flow on tensors: tracing needs no AutoGraph
     def _decode_eval(self, _, indices, raws=None):
