@@ -158,7 +158,7 @@ class Wait:
         try:
             with self._stopped_by(recorded(self.signals)) as received:
                 # Started once the handlers record: a signal as the call begins is not the old handler's.
-                threading.Thread(target=_settle, args=(future, call), name=thread, daemon=True).start()
+                future = _started(call, thread)
                 self._poll(lambda left: _settled(future, left, received), _nothing)
                 received.raise_if_any()  # one that came as the call finished still stops the run
         except TrainerError as err:  # timed_out() or stopped(): nothing else raises in there
@@ -196,9 +196,14 @@ def waited_on(call: Callable[[], T], thread: str) -> T:
     at once; the call itself goes on (every worker of a cluster makes it, so it is not cut
     short), and a handler that raises leaves it to its daemon thread.
     """
+    return _started(call, thread).result()
+
+
+def _started(call: Callable[[], T], thread: str) -> Future:
+    """The future of `call()`, run in a new daemon thread named `thread`."""
     future: Future = Future()
     threading.Thread(target=_settle, args=(future, call), name=thread, daemon=True).start()
-    return future.result()
+    return future
 
 
 def _settle(future: Future, call: Callable[[], object]) -> None:
