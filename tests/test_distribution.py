@@ -157,13 +157,16 @@ def test_gradient_accumulation_trains_alike_on_one_and_two_replicas(tmp_path, mo
     overrides = (*EQUIVALENCE_RUN, "data.augment=false", "optimizer.gradient_accumulation_steps=4")
     one, two = _train_on_one_and_two_replicas(tmp_path, overrides)
     assert one.keys() == two.keys() and len(one) > 26
-    # Measured: 9.7e-5 apart at most after 8 steps (augmentation off).
+    # Measured after 8 steps (augmentation off), at most: 9.7e-5 (Intel, AVX-512), 1.1e-4 (AMD
+    # EPYC, AVX2 kernels), 1.9e-3 (the same AMD with oneDNN's AVX-512 kernels, in a BatchNorm
+    # moving mean): the sibling test's bound above.
     for name in one:
-        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-3, err_msg=name)
-    # The key reached the step: BatchNorm over micro-batches of 8 trains other weights.
+        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=4e-3, err_msg=name)
+    # The key reached the step: BatchNorm over micro-batches of 8 trains other weights
+    # (0.46 apart measured, far beyond the rounding above).
     train(smoke_config(*EQUIVALENCE_RUN, "data.augment=false"), tmp_path / "plain", echo=lambda _: None)
     plain = _weights(tmp_path / "plain" / "checkpoints", 8)
-    assert max(np.abs(plain[name] - one[name]).max() for name in one) > 0.01
+    assert max(np.abs(plain[name] - one[name]).max() for name in one) > 0.1
 
 
 def _fake_worker(script: str) -> list[str]:
