@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -117,24 +118,48 @@ def _spellings(workdir: Path, cwd: Path) -> list[str]:
     return [str(workdir), f"file://{workdir}", str(link), os.path.relpath(workdir, cwd)]
 
 
-def _one_round(rng: random.Random, trained_once: Path, tmp_path: Path) -> str:
-    """Two trainers (one with --fresh in odd draws) and an export on one workdir, spelled
-    at random, started in random order a random moment apart. Returns what happened."""
+@dataclass(frozen=True)
+class _Round:
+    """One round's draws: the trainers' and the export's spellings (indices into
+    `_spellings`), whether B starts with --fresh, the start order and the pause after each start."""
+
+    spelling: dict[str, int]
+    fresh: bool
+    order: list[str]
+    pauses: list[float]
+
+
+def _drawn_rounds(count: int) -> list[_Round]:
+    """The first `count` rounds drawn from LOCK_ROUNDS_SEED (24): drawn up front, so a
+    slice of them (one test of the slow suite) is the same rounds whichever test runs it."""
+    rng = random.Random(int(os.environ.get("LOCK_ROUNDS_SEED", "24")))
+    rounds = []
+    for _ in range(count):
+        fresh = rng.random() < 0.5
+        spelling = {name: rng.randrange(4) for name in ("A", "B", "E")}
+        order = rng.sample(["A", "B", "E"], 3)
+        rounds.append(_Round(spelling, fresh, order, [rng.uniform(0, 1.5) for _ in order]))
+    return rounds
+
+
+def _one_round(plan: _Round, trained_once: Path, tmp_path: Path) -> str:
+    """Two trainers (B with --fresh in the rounds that draw it) and an export on one workdir,
+    spelled as drawn, started in the drawn order a drawn moment apart. Returns what happened."""
     workdir = Path(shutil.copytree(trained_once, tmp_path / "run"))
     (workdir / "notes.txt").write_text("mine")
     spellings = _spellings(workdir, tmp_path)
-    fresh = rng.random() < 0.5
+    fresh = plan.fresh
     commands = {
-        "A": ["train", "--config", SMOKE, "--workdir", rng.choice(spellings), "--set", "train.max_steps=24"],
-        "B": ["train", "--config", SMOKE, "--workdir", rng.choice(spellings), "--set", "train.max_steps=24"]
+        "A": ["train", "--config", SMOKE, "--workdir", spellings[plan.spelling["A"]], "--set", "train.max_steps=24"],
+        "B": ["train", "--config", SMOKE, "--workdir", spellings[plan.spelling["B"]], "--set", "train.max_steps=24"]
         + (["--fresh"] if fresh else []),
-        "E": ["export", "--workdir", rng.choice(spellings)],
+        "E": ["export", "--workdir", spellings[plan.spelling["E"]]],
     }
-    order = rng.sample(sorted(commands), 3)
+    order = plan.order
     processes = {}
-    for name in order:
+    for name, pause in zip(order, plan.pauses, strict=True):
         processes[name] = _Process(commands[name], cwd=tmp_path)
-        time.sleep(rng.uniform(0, 1.5))
+        time.sleep(pause)
     codes = {name: process.wait() for name, process in processes.items()}
     trainers = [processes["A"], processes["B"]]
 
@@ -160,21 +185,28 @@ def _one_round(rng: random.Random, trained_once: Path, tmp_path: Path) -> str:
     return f"order {''.join(order)}, fresh B {fresh}, trained {len(ran)}, export exit {codes['E']} {error[:90]}"
 
 
-def _rounds(count: int, trained_once: Path, tmp_path: Path) -> list[str]:
-    rng = random.Random(int(os.environ.get("LOCK_ROUNDS_SEED", "24")))
+def _rounds(first: int, stop: int, trained_once: Path, tmp_path: Path) -> list[str]:
     outcomes = []
-    for index in range(count):
+    for index, plan in enumerate(_drawn_rounds(stop)[first:], start=first):
         folder = tmp_path / f"round-{index}"
         folder.mkdir()
-        outcomes.append(_one_round(rng, trained_once, folder))
+        outcomes.append(f"round {index}: " + _one_round(plan, trained_once, folder))
     return outcomes
 
 
-@pytest.mark.parametrize("rounds", [2, pytest.param(20, marks=pytest.mark.slow)])
-def test_two_trainers_and_an_export_in_random_orders_and_spellings(trained_once, tmp_path, rounds):
-    outcomes = _rounds(rounds, trained_once, tmp_path)
+# The slow suite's 20 rounds in four tests of five: the same 20 rounds as one test of 20
+# (drawn up front from the seed), but spread over the suite's workers instead of one
+# 200-second test at its end.
+SLOW_ROUNDS = [
+    pytest.param(first, first + 5, marks=pytest.mark.slow, id=f"{first}-{first + 4}") for first in (0, 5, 10, 15)
+]
+
+
+@pytest.mark.parametrize(("first", "stop"), [pytest.param(0, 2, id="0-1"), *SLOW_ROUNDS])
+def test_two_trainers_and_an_export_in_random_orders_and_spellings(trained_once, tmp_path, first, stop):
+    outcomes = _rounds(first, stop, trained_once, tmp_path)
     print("\n".join(outcomes))
-    assert len(outcomes) == rounds
+    assert len(outcomes) == stop - first
 
 
 @pytest.fixture
