@@ -37,6 +37,12 @@ def _cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run without $SUITE_CPU rather than fail every test at its end."""
+    if not os.environ.get("SUITE_CPU"):
+        raise pytest.UsageError("-p bench.suite_cpu needs SUITE_CPU=<file to append each test's CPU seconds to>")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """Setup, call and teardown of `item`, measured around; one line appended to $SUITE_CPU."""
